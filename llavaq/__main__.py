@@ -1,0 +1,3 @@
+from llavaq.cli import main
+
+main()

@@ -1,0 +1,187 @@
+"""The library API: ``calibrate`` once, ``export`` many times, or ``quantize`` (both).
+
+The CLI is a thin shell over these functions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llavaq.calib.cache import SessionCache, default_cache_dir
+from llavaq.calib.engine import CalibrationEngine
+from llavaq.calib.images import load_images
+from llavaq.calib.samples import build_samples, load_processor, samples_digest
+from llavaq.device import resolve_device
+from llavaq.errors import CacheError, LlavaqError
+from llavaq.formats import ExportContext, get_format
+from llavaq.formats.base import AtomicOutputDir
+from llavaq.formats.sharding import GB
+from llavaq.model.checkpoint import Checkpoint
+from llavaq.model.llava import LlavaArch
+from llavaq.progress import NullProgress, Progress
+from llavaq.quant.state import iter_quantized_tensors
+from llavaq.recipe import QuantRecipe
+
+
+def open_model(model_path: str | Path, *, trust_remote_code: bool = False) -> LlavaArch:
+    return LlavaArch(Checkpoint(model_path), trust_remote_code=trust_remote_code)
+
+
+@dataclass
+class CalibrationResult:
+    cache: SessionCache
+    num_samples: int
+    images_summary: str
+    reused: bool
+    seconds: float
+    forward_passes: int
+
+
+@dataclass
+class ExportResult:
+    save_directory: Path
+    format: str
+    files: list[str]
+    num_tensors: int
+    bytes_written: int
+    quantized: int
+    float_modules: int
+    derived: bool
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def calibrate(
+    model_path: str | Path,
+    calib_images: str | Path,
+    recipe: QuantRecipe | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    device_type: str = "cpu",
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> CalibrationResult:
+    """Run the anti-outlier + calibration passes once and fill the session cache (resumable)."""
+    t0 = time.perf_counter()
+    recipe = recipe or QuantRecipe()
+    progress = progress or NullProgress()
+    arch = open_model(model_path, trust_remote_code=trust_remote_code)
+    device = resolve_device(device_type)
+    loaded = load_images(calib_images)
+    processor = load_processor(model_path, trust_remote_code=trust_remote_code)
+    samples = build_samples(processor, loaded.images, recipe.prompt, recipe.text_prompts,
+                            labels=[p.name for p in loaded.paths])
+    identity = {
+        "model_path": str(Path(model_path).resolve()),
+        "fingerprint": arch.ckpt.fingerprint(),
+        "calibration": {
+            "images": [p.name for p in loaded.paths],
+            "images_digest": loaded.digest(),
+            "samples_digest": samples_digest(samples),
+            "num_samples": len(samples),
+        },
+        "recipe": recipe.to_dict(),
+        "recipe_calibration": recipe.calibration_dict(),
+    }
+    cache = SessionCache.create_or_resume(Path(cache_dir) if cache_dir else default_cache_dir(), identity)
+    reused = cache.complete
+    if not reused:
+        if cache.manifest["stages_done"]:
+            progress.log(f"resuming calibration at layer {len(cache.manifest['stages_done']) + 1} "
+                         f"from {cache.path}")
+        CalibrationEngine(arch, samples, recipe, cache, progress=progress, device=device).run()
+    return CalibrationResult(cache, len(samples), loaded.summary(), reused, time.perf_counter() - t0,
+                             int(cache.manifest.get("forward_passes", 0)))
+
+
+def _float_dtype(name: str) -> torch.dtype | None:
+    return None if name == "auto" else getattr(torch, name)
+
+
+def export(
+    model_path: str | Path,
+    cache: str | Path | SessionCache,
+    save_directory: str | Path,
+    *,
+    format: str = "msmodelslim",
+    recipe: QuantRecipe | None = None,
+    part_file_size: float | None = None,
+    overwrite: bool = False,
+    device_type: str = "cpu",
+    trust_remote_code: bool = False,
+) -> ExportResult:
+    """Write a quantized model from a session cache: no forward pass.
+
+    ``recipe`` defaults to the cache's. A recipe whose calibration fields differ is *derived* from
+    the cached float statistics (anti_outlier ``none`` or ``m1``, min-max ranges); anything else
+    needs a new ``calibrate``.
+    """
+    t0 = time.perf_counter()
+    fmt = get_format(format)
+    if part_file_size is not None and part_file_size <= 0:
+        raise LlavaqError(f"--part_file_size must be a positive number of GB, not {part_file_size}")
+    AtomicOutputDir.check(Path(save_directory), overwrite)
+    arch = open_model(model_path, trust_remote_code=trust_remote_code)
+    cache = cache if isinstance(cache, SessionCache) else SessionCache.load(cache)
+    cache.check_model(arch.ckpt.fingerprint(), Path(model_path))
+    if not cache.complete:
+        raise CacheError(f"cache {cache.path} is incomplete (calibration was interrupted); run calibrate to resume")
+    cached_recipe = QuantRecipe.from_dict(cache.manifest["recipe"])
+    recipe = recipe or cached_recipe
+    derived = recipe.calibration_dict() != cached_recipe.calibration_dict()
+    if derived:
+        if recipe.anti_outlier not in ("none", "m1") or recipe.modules != cached_recipe.modules:
+            raise CacheError(
+                f"recipe differs from the cache's ({_diff(recipe, cached_recipe)}) and only "
+                "--anti_outlier none|m1 with the same module set can be derived without a forward pass; "
+                "run calibrate with this recipe"
+            )
+    ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,
+                        device_type=device_type, derived=derived, float_dtype=_float_dtype(recipe.float_dtype),
+                        extra_record={"cache": str(cache.path)})
+    with AtomicOutputDir(Path(save_directory), overwrite) as tmp:
+        tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype)
+        info = fmt.write(tmp, tensors, ctx)
+    out = Path(save_directory)
+    files = sorted(p.name for p in out.iterdir())
+    size = sum((out / f).stat().st_size for f in files)
+    nq = len(arch.quantized_linears(recipe.modules))
+    return ExportResult(out, format, files, info.get("tensors", 0), size, nq, len(arch.linear_names) - nq,
+                        derived, time.perf_counter() - t0, info)
+
+
+def _diff(a: QuantRecipe, b: QuantRecipe) -> str:
+    da, db = a.calibration_dict(), b.calibration_dict()
+    return ", ".join(f"{k}: {db.get(k)!r} -> {da.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k))
+
+
+def quantize(
+    model_path: str | Path,
+    calib_images: str | Path,
+    save_directory: str | Path,
+    recipe: QuantRecipe | None = None,
+    *,
+    format: str = "msmodelslim",
+    part_file_size: float | None = None,
+    overwrite: bool = False,
+    cache_dir: str | Path | None = None,
+    device_type: str = "cpu",
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> tuple[CalibrationResult, ExportResult]:
+    """calibrate (reusing a matching cache) + export."""
+    if part_file_size is not None and part_file_size <= 0:
+        raise LlavaqError(f"--part_file_size must be a positive number of GB, not {part_file_size}")
+    get_format(format)
+    AtomicOutputDir.check(Path(save_directory), overwrite)
+    cal = calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
+                    trust_remote_code=trust_remote_code, progress=progress)
+    exp = export(model_path, cal.cache, save_directory, format=format, recipe=recipe,
+                 part_file_size=part_file_size, overwrite=overwrite, device_type=device_type,
+                 trust_remote_code=trust_remote_code)
+    return cal, exp

@@ -1,0 +1,173 @@
+"""The session cache: everything calibration learned, so exports never run the model again.
+
+Layout (one directory per session)::
+
+    <cache_dir>/<session_id>/
+        manifest.json              identity (model fingerprint, calibration inputs, recipe), progress
+        stage-<name>.safetensors   per layer: smoothing scales/shifts, observer states, input
+                                   scale/offset per quantized Linear, float per-channel min/max and
+                                   a sample of activation rows per Linear input
+        streams.safetensors        hidden states between layers (only while incomplete: resume)
+
+Safetensors + JSON only, never pickle. Every file is written to a temporary name and renamed, so
+an interrupted calibration leaves a consistent cache that resumes at the first unfinished layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llavaq import __version__
+from llavaq.errors import CacheError
+
+CACHE_FORMAT = "llavaq-session-cache"
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("LLAVAQ_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llavaq"
+
+
+def session_id(fingerprint: dict, samples_digest: str, calibration: dict) -> str:
+    blob = json.dumps([fingerprint, samples_digest, calibration], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
+    _atomic_write_bytes(path, data)
+
+
+class SessionCache:
+    """A directory holding one calibration session."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create_or_resume(cls, cache_dir: Path, identity: dict[str, Any]) -> SessionCache:
+        sid = session_id(identity["fingerprint"], identity["calibration"]["samples_digest"],
+                         identity["recipe_calibration"])
+        path = Path(cache_dir) / sid
+        if (path / "manifest.json").exists():
+            cache = cls.load(path)
+            if cache.manifest.get("fingerprint") == identity["fingerprint"]:
+                return cache
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create cache directory {path} ({e.strerror})") from None
+        manifest = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "llavaq_version": __version__,
+            **identity,
+            "stages_done": [],
+            "complete": False,
+            "forward_passes": 0,
+        }
+        cache = cls(path, manifest)
+        cache.save_manifest()
+        return cache
+
+    @classmethod
+    def load(cls, path: str | Path) -> SessionCache:
+        path = Path(path)
+        mf = path / "manifest.json"
+        if not path.exists():
+            raise CacheError(f"cache {path} does not exist")
+        if not mf.is_file():
+            raise CacheError(f"{path} is not a llavaq session cache (no manifest.json)")
+        try:
+            manifest = json.loads(mf.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CacheError(f"{mf}: corrupted cache manifest; delete {path} and run calibrate again") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+            raise CacheError(f"{mf}: not a llavaq session cache manifest")
+        if manifest.get("version") != CACHE_VERSION:
+            raise CacheError(
+                f"{mf}: cache format version {manifest.get('version')} (llavaq {manifest.get('llavaq_version')}) "
+                f"is not supported by llavaq {__version__} (version {CACHE_VERSION}); run calibrate again"
+            )
+        return cls(path, manifest)
+
+    # ------------------------------------------------------------------ identity checks
+    def check_model(self, fingerprint: dict[str, str], model_path: Path) -> None:
+        mine = self.manifest.get("fingerprint", {})
+        for part, label in (("layout", "tensor names/shapes"), ("config", "config.json"), ("weights", "weights")):
+            if mine.get(part) != fingerprint.get(part):
+                raise CacheError(
+                    f"cache {self.path} was made for another model ({label} differ from {model_path}; "
+                    f"cache model: {self.manifest.get('model_path')})"
+                )
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    # ------------------------------------------------------------------ stages
+    def stage_file(self, stage: str) -> Path:
+        return self.path / f"stage-{stage}.safetensors"
+
+    def write_stage(self, stage: str, tensors: dict[str, torch.Tensor], forward_passes: int) -> None:
+        _atomic_save_tensors(self.stage_file(stage), tensors)
+        if stage not in self.manifest["stages_done"]:
+            self.manifest["stages_done"].append(stage)
+        self.manifest["forward_passes"] = forward_passes
+        self.save_manifest()
+
+    def read_stage(self, stage: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        f = self.stage_file(stage)
+        if stage not in self.manifest.get("stages_done", []) or not f.is_file():
+            raise CacheError(f"cache {self.path} has no data for {stage}; run calibrate to complete it")
+        try:
+            return load_file(str(f))
+        except Exception:
+            raise CacheError(f"{f}: corrupted cache file; delete {self.path} and run calibrate again") from None
+
+    def save_streams(self, tensors: dict[str, torch.Tensor]) -> None:
+        _atomic_save_tensors(self.path / "streams.safetensors", tensors)
+
+    def load_streams(self) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        f = self.path / "streams.safetensors"
+        if not f.is_file():
+            return None
+        try:
+            return load_file(str(f))
+        except Exception:
+            raise CacheError(f"{f}: corrupted cache file; delete {self.path} and run calibrate again") from None
+
+    def finish(self, forward_passes: int) -> None:
+        self.manifest["complete"] = True
+        self.manifest["forward_passes"] = forward_passes
+        self.save_manifest()
+        (self.path / "streams.safetensors").unlink(missing_ok=True)
+
+    def save_manifest(self) -> None:
+        _atomic_write_bytes(self.path / "manifest.json", json.dumps(self.manifest, indent=2).encode())

@@ -1,0 +1,117 @@
+"""Robust loading of calibration / evaluation photos.
+
+Every readable image is used (EXIF orientation applied, converted to 8-bit RGB); unreadable files
+are reported together in one summary line; zero usable images is an error. Files are taken
+from the folder itself, sorted by name (msModelSlim uses unsorted ``os.listdir``: the order decides
+which photo drives the anti-outlier pass, so we make it deterministic). Sub-folders are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from llavaq.errors import ImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+#: Images with more pixels than this are refused as possible decompression bombs (≈ 8k × 8k).
+MAX_PIXELS = 64_000_000
+#: Larger images are downscaled (aspect kept) before the processor sees them: it resizes to
+#: 336 px anyway, and this bounds memory.
+MAX_SIDE = 4096
+
+
+@dataclass
+class LoadedImages:
+    images: list[Image.Image]
+    paths: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for p, im in zip(self.paths, self.images, strict=True):
+            h.update(p.name.encode())
+            h.update(im.tobytes())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> str:
+        s = f"{len(self.images)} image(s) used"
+        if self.skipped:
+            s += f"; skipped {len(self.skipped)}: " + ", ".join(f"{p.name} ({why})" for p, why in self.skipped)
+        return s
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    if not folder.exists():
+        raise ImageError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ImageError(f"image folder {folder} is not a directory")
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise ImageError(f"cannot list image folder {folder} ({e.strerror})") from None
+    files = []
+    for e in entries:
+        try:
+            if e.is_file():  # follows symlinks; loops and dangling links are not files
+                files.append(Path(e.path))
+        except OSError:
+            continue
+    return files
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open one image as upright 8-bit RGB, or raise ImageError with the reason."""
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ImageError(
+                        f"{path}: {im.width}x{im.height} pixels is too large (limit {MAX_PIXELS} pixels)"
+                    )
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                    rgba = im.convert("RGBA")
+                    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    im = Image.alpha_composite(bg, rgba)
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    im = im.point(lambda v: v / 256).convert("L")
+                im = im.convert("RGB")
+                if max(im.size) > MAX_SIDE:
+                    im.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BICUBIC)
+                return im
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path}: image is too large (decompression bomb guard)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: unreadable image ({str(e) or e.__class__.__name__})") from None
+
+
+def load_images(folder: str | Path) -> LoadedImages:
+    folder = Path(folder)
+    files = list_image_files(folder)
+    images, paths, skipped = [], [], []
+    for f in files:
+        try:
+            images.append(load_image(f))
+            paths.append(f)
+        except ImageError as e:
+            reason = e.message.split(": ", 1)[-1]
+            skipped.append((f, reason))
+    if not images:
+        detail = f" ({len(skipped)} unreadable: " + ", ".join(f"{p.name}: {r}" for p, r in skipped[:3]) + ")" \
+            if skipped else ""
+        raise ImageError(f"no usable images in {folder}{detail}")
+    return LoadedImages(images, paths, skipped)

@@ -1,0 +1,32 @@
+"""Reading prompt files (text-only calibration prompts, evaluation prompts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llavaq.errors import LlavaqError
+
+
+def read_text_prompts(path: str | Path) -> tuple[str, ...]:
+    """A JSON list of strings, or a text file with one prompt per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlavaqError(f"prompt file {path} does not exist")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlavaqError(f"prompt file {path}: cannot read ({e.__class__.__name__})") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LlavaqError(f"prompt file {path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise LlavaqError(f"prompt file {path}: expected a JSON list of strings")
+        prompts = tuple(data)
+    else:
+        prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not prompts:
+        raise LlavaqError(f"prompt file {path} has no prompts")
+    return prompts

@@ -1,0 +1,276 @@
+"""``llavaq`` console app: a thin Typer + rich shell over :mod:`llavaq.api`.
+
+Flags keep msModelSlim's LLaVA script names (``--model_path --calib_images --save_directory
+--part_file_size --w_bit --a_bit --device_type --trust_remote_code --mindie_format``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llavaq.errors import Interrupted, LlavaqError
+from llavaq.recipe import DEFAULT_PROMPT, QuantRecipe
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Quantize LLaVA vision-language models to W8A8 (int8 weights, int8 static activations).",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+DEFAULT_CALIB = "calibImages"
+
+
+def _bool(value: str, flag: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("true", "1", "yes", "y", "on"):
+        return True
+    if v in ("false", "0", "no", "n", "off"):
+        return False
+    raise LlavaqError(f"{flag} takes True or False, not {value!r}")
+
+
+def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: int, modules: str,
+            m2_search: str, float_dtype: str, text_prompts: Path | None) -> QuantRecipe:
+    prompts: tuple[str, ...] = ()
+    if text_prompts is not None:
+        from llavaq.calib.prompts import read_text_prompts
+
+        prompts = read_text_prompts(text_prompts)
+    return QuantRecipe(w_bit=w_bit, a_bit=a_bit, anti_outlier=anti_outlier, alpha=alpha, act_method=act_method,
+                       modules=modules, m2_search=m2_search, float_dtype=float_dtype, text_prompts=prompts,
+                       prompt=DEFAULT_PROMPT)
+
+
+# Options shared by calibrate / quantize / export ------------------------------------------------
+ModelPath = typer.Option(..., "--model_path", help="llava-hf LLaVA model directory (safetensors).")
+CalibImages = typer.Option(Path(DEFAULT_CALIB), "--calib_images",
+                           help="Folder of calibration photos (every image file in it, sorted by name).")
+WBit = typer.Option(8, "--w_bit", help="Weight bits (only 8 is supported).")
+ABit = typer.Option(8, "--a_bit", help="Activation bits (only 8 is supported).")
+DeviceType = typer.Option("auto", "--device_type", help="cpu | cuda | npu | auto (npu, else cuda, else cpu).")
+TrustRemote = typer.Option("False", "--trust_remote_code", help="True/False: allow custom model code (off).")
+AntiOutlier = typer.Option("m2", "--anti_outlier", help="m2 (msModelSlim OS+ search), m1 (SmoothQuant), none.")
+Alpha = typer.Option("0.5", "--alpha", help="SmoothQuant alpha for m1: a number in [0,1] or 'auto'.")
+ActMethod = typer.Option(2, "--act_method", help="Activation observer: 2 = histogram (msModelSlim), 1 = min-max.")
+Modules = typer.Option("msmodelslim", "--modules",
+                       help="Quantized set: msmodelslim (down_proj float), with_down_proj, language_only.")
+M2Search = typer.Option("full", "--m2_search", help="m2 threshold search: full (msModelSlim grid) or fast.")
+FloatDtype = typer.Option("auto", "--float_dtype", help="Dtype of float tensors in the output (auto = model's).")
+TextPrompts = typer.Option(None, "--text_prompts", help="JSON list or text file (one per line) of text-only "
+                           "calibration prompts, added after the image samples.")
+CacheDir = typer.Option(None, "--cache_dir", help="Session cache root (default $LLAVAQ_CACHE_DIR or ~/.cache/llavaq).")
+PartFileSize = typer.Option(None, "--part_file_size", help="Shard size in GB (default: one file).")
+Overwrite = typer.Option(False, "--overwrite", help="Replace a non-empty save directory.")
+
+
+def _progress():
+    from llavaq.progress import RichProgress
+
+    return RichProgress(err)
+
+
+def _print_calibration(cal) -> None:
+    state = "reused cached calibration" if cal.reused else f"calibrated in {cal.seconds:.1f}s"
+    err.print(f"[green]✓[/] {state}: {cal.num_samples} sample(s), {cal.images_summary}")
+    err.print(f"  session cache: {cal.cache.path}")
+
+
+def _print_export(res, peak_rss: bool = True) -> None:
+    t = Table(title=f"llavaq → {res.save_directory}", show_header=False)
+    t.add_row("format", res.format + (" (derived from cached float statistics)" if res.derived else ""))
+    t.add_row("quantized Linears (W8A8)", str(res.quantized))
+    t.add_row("float Linears", str(res.float_modules))
+    t.add_row("tensors", str(res.num_tensors))
+    t.add_row("output size", f"{res.bytes_written / 2**20:.1f} MiB in {len(res.files)} files")
+    t.add_row("export time", f"{res.seconds:.1f}s")
+    if peak_rss:
+        t.add_row("peak RSS", f"{_peak_rss_mib():.0f} MiB")
+    out.print(t)
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _device_line(device_type: str) -> None:
+    from llavaq.device import resolve_device
+
+    dev = resolve_device(device_type)
+    err.print(f"device: [bold]{dev.type}[/] (--device_type {device_type})")
+
+
+@app.command()
+def quantize(
+    model_path: Path = ModelPath,
+    save_directory: Path = typer.Option(..., "--save_directory", help="Output directory."),
+    calib_images: Path = CalibImages,
+    part_file_size: float = PartFileSize,
+    w_bit: int = WBit,
+    a_bit: int = ABit,
+    device_type: str = DeviceType,
+    trust_remote_code: str = TrustRemote,
+    mindie_format: bool = typer.Option(False, "--mindie_format", help="MindIE-compatible output (safe_tensor)."),
+    format: str = typer.Option(None, "--format", help="msmodelslim | mindie | compressed-tensors | fakequant."),
+    anti_outlier: str = AntiOutlier,
+    alpha: str = Alpha,
+    act_method: int = ActMethod,
+    modules: str = Modules,
+    m2_search: str = M2Search,
+    float_dtype: str = FloatDtype,
+    text_prompts: Path = TextPrompts,
+    cache_dir: Path = CacheDir,
+    overwrite: bool = Overwrite,
+) -> None:
+    """Calibrate (reusing a matching session cache) and write the W8A8 model."""
+    from llavaq import api
+
+    recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts)
+    trust = _bool(trust_remote_code, "--trust_remote_code")
+    fmt = format or ("mindie" if mindie_format else "msmodelslim")
+    _device_line(device_type)
+    with _progress() as progress:
+        cal, res = api.quantize(model_path, calib_images, save_directory, recipe, format=fmt,
+                                part_file_size=part_file_size, overwrite=overwrite, cache_dir=cache_dir,
+                                device_type=device_type, trust_remote_code=trust, progress=progress)
+    _print_calibration(cal)
+    _print_export(res)
+
+
+@app.command()
+def calibrate(
+    model_path: Path = ModelPath,
+    calib_images: Path = CalibImages,
+    cache_dir: Path = CacheDir,
+    w_bit: int = WBit,
+    a_bit: int = ABit,
+    device_type: str = DeviceType,
+    trust_remote_code: str = TrustRemote,
+    anti_outlier: str = AntiOutlier,
+    alpha: str = Alpha,
+    act_method: int = ActMethod,
+    modules: str = Modules,
+    m2_search: str = M2Search,
+    text_prompts: Path = TextPrompts,
+) -> None:
+    """Run calibration once and store the session cache (resumes if interrupted)."""
+    from llavaq import api
+
+    recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, "auto", text_prompts)
+    _device_line(device_type)
+    with _progress() as progress:
+        cal = api.calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
+                            trust_remote_code=_bool(trust_remote_code, "--trust_remote_code"), progress=progress)
+    _print_calibration(cal)
+    out.print(str(cal.cache.path))
+
+
+@app.command()
+def export(
+    model_path: Path = ModelPath,
+    cache: Path = typer.Option(..., "--cache", help="Session cache directory (printed by calibrate)."),
+    save_directory: Path = typer.Option(..., "--save_directory", help="Output directory."),
+    format: str = typer.Option("msmodelslim", "--format",
+                               help="msmodelslim | mindie | compressed-tensors | fakequant."),
+    part_file_size: float = PartFileSize,
+    anti_outlier: str = typer.Option(None, "--anti_outlier", help="Derive none/m1 from cached float statistics."),
+    alpha: str = Alpha,
+    float_dtype: str = FloatDtype,
+    device_type: str = typer.Option("cpu", "--device_type", help="Recorded in MindIE's quantization_config."),
+    trust_remote_code: str = TrustRemote,
+    overwrite: bool = Overwrite,
+) -> None:
+    """Write any format from a session cache, with no forward pass."""
+    from llavaq import api
+    from llavaq.calib.cache import SessionCache
+
+    sc = SessionCache.load(cache)
+    recipe = QuantRecipe.from_dict(sc.manifest["recipe"]).replace(float_dtype=float_dtype)
+    if anti_outlier is not None:
+        recipe = recipe.replace(anti_outlier=anti_outlier, alpha=alpha)
+    res = api.export(model_path, sc, save_directory, format=format, recipe=recipe, part_file_size=part_file_size,
+                     overwrite=overwrite, device_type=device_type,
+                     trust_remote_code=_bool(trust_remote_code, "--trust_remote_code"))
+    _print_export(res)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="An output directory (any format) or a session cache."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
+) -> None:
+    """Audit a quantized model or session cache: modules, scales, consistency checks."""
+    from llavaq.inspect import run_inspect
+
+    raise typer.Exit(run_inspect(path, json_out=json_out, console=out))
+
+
+@app.command()
+def verify(
+    model_path: Path = typer.Option(..., "--model_path", help="The float model."),
+    quantized: Path = typer.Option(..., "--quantized", help="A quantized output directory (any format)."),
+    images: Path = typer.Option(None, "--images", help="Evaluation photos (default: the shipped held-out set)."),
+    prompts: Path = typer.Option(None, "--prompts", help="JSON list of {image, question} / text prompts."),
+    text: Path = typer.Option(None, "--text", help="Held-out plain text for perplexity."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
+    max_ppl_increase: float = typer.Option(None, "--max-ppl-increase", help="Fail if Δppl % exceeds this."),
+    min_top1: float = typer.Option(None, "--min-top1", help="Fail if top-1 agreement (0..1) is below this."),
+) -> None:
+    """Measure W8A8 fidelity against the float model with integer-exact kernel emulation."""
+    from llavaq.verify import run_verify
+
+    raise typer.Exit(run_verify(model_path, quantized, images=images, prompts=prompts, text=text,
+                                json_out=json_out, max_ppl_increase=max_ppl_increase, min_top1=min_top1,
+                                console=out))
+
+
+def main() -> None:
+    """Entry point: one-line errors, exit 130 on Ctrl-C, never a traceback (LLAVAQ_DEBUG=1 shows it)."""
+    debug = os.environ.get("LLAVAQ_DEBUG") == "1"
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        app(standalone_mode=False)
+    except LlavaqError as e:
+        if debug:
+            raise
+        err.print(f"[red]error:[/] {e.message}", highlight=False, soft_wrap=True)
+        if isinstance(e, Interrupted):
+            sys.exit(130)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/] the session cache keeps every finished layer; run the same "
+                  "command again to resume", soft_wrap=True)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        err.print(f"[red]error:[/] {e.__class__.__name__}: {msg} (set LLAVAQ_DEBUG=1 for the traceback)",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

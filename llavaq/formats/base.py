@@ -1,0 +1,129 @@
+"""Format registry, the export context shared by writers, and atomic output directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from llavaq.errors import OutputError
+from llavaq.model.llava import LlavaArch
+from llavaq.recipe import QuantRecipe
+
+TensorStream = Iterator[tuple[str, torch.Tensor, str]]
+
+
+@dataclass
+class ExportContext:
+    arch: LlavaArch
+    recipe: QuantRecipe
+    model_path: Path
+    part_file_size: int | None = None  # bytes per shard; None = one file
+    device_type: str = "cpu"
+    derived: bool = False
+    float_dtype: torch.dtype | None = None
+    extra_record: dict[str, Any] = field(default_factory=dict)
+
+
+class FormatWriter(Protocol):
+    name: str
+    description: str
+
+    def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]: ...
+
+    def detect(self, path: Path) -> bool: ...
+
+
+FORMATS: dict[str, FormatWriter] = {}
+
+
+def register_format(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        inst = cls()
+        inst.name = name
+        FORMATS[name] = inst
+        return cls
+
+    return deco
+
+
+def get_format(name: str) -> FormatWriter:
+    if name not in FORMATS:
+        raise OutputError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def detect_format(path: Path) -> str | None:
+    for name, fmt in FORMATS.items():
+        if fmt.detect(path):
+            return name
+    return None
+
+
+def write_json(path: Path, obj: Any, indent: int = 2) -> None:
+    path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False))
+
+
+COPY_EXCLUDE = {"config.json", "model.safetensors.index.json"}
+
+
+def copy_model_files(model_path: Path, out_dir: Path) -> list[str]:
+    """Tokenizer/processor/generation files (every *.json and *.py but config/index, plus tokenizer.model)."""
+    copied = []
+    for f in sorted(model_path.iterdir()):
+        if not f.is_file() or f.name in COPY_EXCLUDE:
+            continue
+        if f.suffix in (".json", ".py") or f.name in ("tokenizer.model",):
+            shutil.copyfile(f, out_dir / f.name)
+            copied.append(f.name)
+    return copied
+
+
+class AtomicOutputDir:
+    """Write into a hidden sibling directory; move it into place only when everything succeeded."""
+
+    def __init__(self, target: Path, overwrite: bool = False) -> None:
+        self.target = Path(target)
+        self.overwrite = overwrite
+        self.tmp = self.target.parent / f".{self.target.name}.llavaq-tmp-{uuid.uuid4().hex[:8]}"
+
+    @staticmethod
+    def check(target: Path, overwrite: bool) -> None:
+        target = Path(target)
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"save directory {target} exists and is a file")
+        if target.is_dir() and any(target.iterdir()) and not overwrite:
+            raise OutputError(f"save directory {target} exists and is not empty; pass --overwrite to replace it")
+        parent = target.parent if str(target.parent) else Path(".")
+        probe = parent
+        while not probe.exists():
+            probe = probe.parent
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise OutputError(f"save directory {target}: {probe} is not writable")
+
+    def __enter__(self) -> Path:
+        self.check(self.target, self.overwrite)
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"cannot create {self.tmp} ({e.strerror})") from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        backup = None
+        if self.target.exists():
+            backup = self.target.parent / f".{self.target.name}.llavaq-old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.target, backup)
+        os.replace(self.tmp, self.target)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""msModelSlim's output formats: ``ascendV1`` (default) and ``safe_tensor`` (``--mindie_format``).
+
+Files: ``quant_model_weight_w8a8.safetensors`` (or ``-0000i-of-0000N`` shards + index json),
+``quant_model_description.json`` (``"version": "1.0.0"`` first) or, for MindIE,
+``quant_model_description_w8a8.json`` plus ``quantize`` / ``vision_config.quantize`` /
+``quantization_config`` edits in config.json; tokenizer/processor/generation files copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llavaq.formats.base import ExportContext, TensorStream, copy_model_files, register_format, write_json
+from llavaq.formats.sharding import write_safetensors
+
+WEIGHT_PREFIX = "quant_model_weight_w8a8"
+RECORD = "llavaq_record.json"
+
+
+def quantization_config(ctx: ExportContext) -> dict[str, Any]:
+    r = ctx.recipe
+    return {
+        "group_size": 0,
+        "act_method": r.act_method,
+        "anti_method": r.anti_outlier if r.anti_outlier != "none" else "",
+        "is_lowbit": False,
+        "mm_tensor": False,
+        "w_sym": True,
+        "open_outlier": True,
+        "is_dynamic": False,
+        "w_bit": r.w_bit,
+        "a_bit": r.a_bit,
+        "dev_type": ctx.device_type,
+    }
+
+
+def write_record(out_dir: Path, ctx: ExportContext, fmt: str) -> None:
+    from llavaq import __version__
+
+    rec = {
+        "tool": "llavaq",
+        "version": __version__,
+        "format": fmt,
+        "recipe": ctx.recipe.to_dict(),
+        "derived_from_cache": ctx.derived,
+        "float_dtype": str(ctx.float_dtype or ctx.arch.ckpt.torch_dtype).replace("torch.", ""),
+        "quantized_modules": ctx.arch.quantized_linears(ctx.recipe.modules),
+        **ctx.extra_record,
+    }
+    write_json(out_dir / RECORD, rec)
+
+
+class _MsModelSlimBase:
+    name = "msmodelslim"
+    description = "msModelSlim ascendV1: quant_model_weight_w8a8.safetensors + quant_model_description.json"
+    mindie = False
+
+    @property
+    def description_file(self) -> str:
+        return "quant_model_description_w8a8.json" if self.mindie else "quant_model_description.json"
+
+    def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]:
+        desc: dict[str, str] = {} if self.mindie else {"version": "1.0.0"}
+        desc["model_quant_type"] = "W8A8"
+
+        def named():
+            for name, t, tag in tensors:
+                desc[name] = tag
+                yield name, t
+
+        weight_map = write_safetensors(out_dir, WEIGHT_PREFIX, named(), ctx.part_file_size)
+        write_json(out_dir / self.description_file, desc)
+        cfg = dict(ctx.arch.ckpt.config_dict)
+        cfg["torch_dtype"] = str(ctx.arch.ckpt.torch_dtype).replace("torch.", "")
+        if self.mindie:
+            cfg["quantize"] = "w8a8"
+            vc = dict(cfg.get("vision_config") or {})
+            vc["quantize"] = "w8a8"
+            cfg["vision_config"] = vc
+            cfg["quantization_config"] = quantization_config(ctx)
+        copy_model_files(ctx.model_path, out_dir)
+        (out_dir / "config.json").write_text(json.dumps(cfg, indent=4, ensure_ascii=False))
+        write_record(out_dir, ctx, self.name)
+        return {"tensors": len(weight_map), "files": sorted(set(weight_map.values()))}
+
+    def detect(self, path: Path) -> bool:
+        return (path / self.description_file).is_file()
+
+
+@register_format("msmodelslim")
+class MsModelSlimFormat(_MsModelSlimBase):
+    pass
+
+
+@register_format("mindie")
+class MindIEFormat(_MsModelSlimBase):
+    description = "msModelSlim safe_tensor (MindIE): quant_model_description_w8a8.json + config.json quantize keys"
+    mindie = True

@@ -1,0 +1,194 @@
+"""A llava-hf checkpoint on disk: validated config, lazily memory-mapped safetensors weights.
+
+Nothing here unpickles: ``*.bin`` / ``*.pt`` weights are refused with a conversion hint.
+Tensors are read one at a time (``safe_open`` memory-maps the file), so a 7B model never has to
+fit in memory at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from llavaq.errors import ModelError
+
+_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+_DTYPE_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and validate a safetensors header (names, dtypes, shapes, offsets) without loading data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ModelError(f"{path}: not a safetensors file (truncated header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n <= 0 or n > _MAX_HEADER or 8 + n > size:
+                raise ModelError(f"{path}: corrupted safetensors header (header length {n})")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelError(f"{path}: corrupted safetensors header (not valid JSON)") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: corrupted safetensors header")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            nbytes = _DTYPE_SIZES[dtype] * math.prod(shape)
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{path}: corrupted safetensors header entry for {name!r}") from None
+        if end - start != nbytes or end > data_len:
+            raise ModelError(
+                f"{path}: file is truncated or corrupted (tensor {name!r} needs bytes {start}..{end}, "
+                f"file has {data_len})"
+            )
+    return header
+
+
+class Checkpoint:
+    """Read-only view of a llava-hf model directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._validate_dir()
+        self.config_dict = self._read_config()
+        self._index = self._build_index()
+        self._handles: dict[Path, object] = {}
+
+    # ---------------------------------------------------------------- validation
+    def _validate_dir(self) -> None:
+        p = self.path
+        if not p.exists():
+            raise ModelError(f"model path {p} does not exist")
+        if not p.is_dir():
+            raise ModelError(f"model path {p} is a file; give the model directory (with config.json)")
+        if not any(p.iterdir()):
+            raise ModelError(f"model path {p} is empty")
+
+    def _read_config(self) -> dict:
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise ModelError(f"{cfg_path} is missing: {self.path} is not a Hugging Face model directory")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelError(f"{cfg_path}: invalid JSON ({e.__class__.__name__}: {e})") from None
+        if not isinstance(cfg, dict):
+            raise ModelError(f"{cfg_path}: invalid config (not a JSON object)")
+        return cfg
+
+    def _build_index(self) -> dict[str, tuple[Path, dict]]:
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            pickles = [f.name for f in self.path.iterdir() if f.suffix in _PICKLE_SUFFIXES]
+            if pickles:
+                raise ModelError(
+                    f"{self.path} has only pickle weights ({', '.join(sorted(pickles)[:3])}); llavaq never "
+                    "unpickles. Convert them to safetensors first: load with transformers in a trusted "
+                    "environment and call model.save_pretrained(dir, safe_serialization=True)"
+                )
+            raise ModelError(f"{self.path} has no *.safetensors weight files")
+        index: dict[str, tuple[Path, dict]] = {}
+        for f in files:
+            for name, info in read_safetensors_header(f).items():
+                if name != "__metadata__":
+                    index[name] = (f, info)
+        return index
+
+    # ---------------------------------------------------------------- access
+    @property
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def has(self, name: str) -> bool:
+        return name in self._index
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._index[name][1]["shape"])
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return _DTYPES[self._index[name][1]["dtype"]]
+
+    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Read one tensor (memory-mapped), optionally cast. Raises ModelError if missing."""
+        from safetensors import safe_open
+
+        if name not in self._index:
+            raise ModelError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        file, _ = self._index[name]
+        h = self._handles.get(file)
+        if h is None:
+            try:
+                h = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise ModelError(f"{file}: cannot open safetensors file ({e})") from None
+            self._handles[file] = h
+        t = h.get_tensor(name)
+        return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+    def tensors(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """All tensors under ``prefix`` (with the prefix stripped from their names)."""
+        return {n[len(prefix):]: self.tensor(n, dtype) for n in self._index if n.startswith(prefix)}
+
+    def iter_tensors(self, names: Iterable[str], dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+        for n in names:
+            yield self.tensor(n, dtype)
+
+    @cached_property
+    def torch_dtype(self) -> torch.dtype:
+        """The checkpoint's declared dtype (config.json ``torch_dtype``), default float32."""
+        name = self.config_dict.get("torch_dtype") or "float32"
+        dt = getattr(torch, str(name).replace("torch.", ""), None)
+        if not isinstance(dt, torch.dtype):
+            raise ModelError(f"{self.path / 'config.json'}: unknown torch_dtype {name!r}")
+        return dt
+
+    @cached_property
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in {f for f, _ in self._index.values()})
+
+    def fingerprint(self) -> dict[str, str]:
+        """A cheap identity of the model: config, tensor names/shapes/dtypes and a sampled weight digest.
+
+        The weight digest hashes, per file, its size and 64 KiB windows at 16 evenly spaced offsets,
+        so it is fast on a 14 GB model yet changes when weights are replaced.
+        """
+        cfg = dict(self.config_dict)
+        cfg.pop("quantization_config", None)
+        cfg_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+        layout = hashlib.sha256()
+        for name in sorted(self._index):
+            info = self._index[name][1]
+            layout.update(f"{name}:{info['dtype']}:{info['shape']};".encode())
+        digest = hashlib.sha256()
+        for f in sorted({f for f, _ in self._index.values()}):
+            size = f.stat().st_size
+            digest.update(f"{f.name}:{size};".encode())
+            with open(f, "rb") as fh:
+                for k in range(16):
+                    fh.seek(size * k // 16)
+                    digest.update(fh.read(65536))
+        return {
+            "config": cfg_hash,
+            "layout": layout.hexdigest()[:16],
+            "weights": digest.hexdigest()[:16],
+        }

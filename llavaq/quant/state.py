@@ -1,0 +1,193 @@
+"""The quantized model as an ordered stream of tensors, built from the float checkpoint + session cache.
+
+No forward pass happens here: float weights are re-read from the checkpoint one layer at a time,
+the cached smoothing is folded in with the same operations calibration used, and each quantized
+Linear gets its int8 weight and integer-kernel parameters:
+
+``W_q = clamp(round(W/ws), −127, 127)``, ``deq_scale = input_scale·ws``,
+``quant_bias = round(b/deq_scale − input_offset·ΣW_q)``, so that
+``y = deq_scale·(x_q·W_qᵀ + quant_bias)`` with ``x_q = clamp(round(x/input_scale + input_offset))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from llavaq.algorithms.smoothing import fold_scale, fold_shift, smoothquant_group
+from llavaq.calib.cache import SessionCache
+from llavaq.model.llava import LlavaArch, SmoothGroup, Stage
+from llavaq.quant.int8 import activation_qparams, quantize_weight, weight_qparams
+from llavaq.recipe import QuantRecipe
+
+W8A8, FLOAT = "W8A8", "FLOAT"
+
+
+def pack_deq_scale(deq: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
+    """msModelSlim's deq_scale: float32 for bf16 models, else the float32 bits widened to int64."""
+    deq = deq.float().contiguous()
+    if model_dtype == torch.bfloat16:
+        return deq
+    return torch.from_numpy(np.frombuffer(deq.numpy().tobytes(), np.int32).astype(np.int64))
+
+
+def unpack_deq_scale(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.int64:
+        return torch.from_numpy(t.numpy().astype(np.int32).view(np.float32).copy())
+    return t.float()
+
+
+@dataclass
+class LinearQuant:
+    """Everything an integer kernel needs for one Linear."""
+
+    weight: torch.Tensor  # int8 [out, in]
+    weight_scale: torch.Tensor  # [out, 1]
+    input_scale: torch.Tensor  # fp32 [1]
+    input_offset: torch.Tensor  # fp32 [1]
+    bias: torch.Tensor | None  # float [out]
+    deq_scale: torch.Tensor  # fp32 [out]
+    quant_bias: torch.Tensor  # int32 [out]
+
+
+def quantize_linear(
+    w: torch.Tensor, b: torch.Tensor | None, input_scale: torch.Tensor, input_offset: torch.Tensor,
+    scale_dtype: torch.dtype,
+) -> LinearQuant:
+    ws = weight_qparams(w).to(scale_dtype)
+    wq = quantize_weight(w, ws.float())
+    input_scale = input_scale.reshape(1).float()
+    input_offset = input_offset.reshape(1).float()
+    deq = (input_scale * ws.float()).squeeze(1).float()
+    bias32 = b.float() if b is not None else torch.zeros(w.shape[0])
+    qb = torch.round(bias32 / deq - input_offset * wq.float().sum(1)).to(torch.int32)
+    return LinearQuant(wq, ws, input_scale, input_offset, b, deq, qb)
+
+
+@dataclass
+class ActivationParams:
+    input_scale: torch.Tensor
+    input_offset: torch.Tensor
+    derived: bool = False
+
+
+@dataclass
+class StagePlan:
+    """The smoothing and activation parameters to apply to one stage."""
+
+    smooth: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    acts: dict[str, ActivationParams] = field(default_factory=dict)
+
+
+def plan_stage(
+    arch: LlavaArch, stage: Stage, record: dict[str, torch.Tensor], recipe: QuantRecipe, derive: bool,
+    quantized: set[str], weights: dict[str, torch.Tensor],
+) -> StagePlan:
+    """Smoothing + activation params for a stage: as calibrated, or derived from float statistics."""
+    plan = StagePlan()
+    groups = arch.smooth_groups(stage)
+    if not derive:
+        for g in groups:
+            if f"smooth.{g.name}.scale" in record:
+                plan.smooth[g.name] = (record[f"smooth.{g.name}.scale"], record.get(f"smooth.{g.name}.shift"))
+        for name in quantized:
+            if name.startswith(stage.prefix):
+                plan.acts[name] = ActivationParams(record[f"act.{name}.input_scale"],
+                                                   record[f"act.{name}.input_offset"])
+        return plan
+    # derived: smoothing and min-max ranges from the cached float per-channel statistics
+    group_of: dict[str, SmoothGroup] = {}
+    for g in groups:
+        for n in g.linears:
+            group_of[n] = g
+        if recipe.anti_outlier == "m1":
+            key = g.linears[0]
+            plan.smooth[g.name] = smoothquant_group(
+                g, record[f"float.{key}.min"], record[f"float.{key}.max"],
+                [weights[n + ".weight"] for n in g.linears], recipe.alpha, record.get(f"float.{key}.rows"),
+            )
+    for name in quantized:
+        if not name.startswith(stage.prefix):
+            continue
+        mn, mx = record[f"float.{name}.min"], record[f"float.{name}.max"]
+        g = group_of.get(name)
+        if g is not None and g.name in plan.smooth:
+            scale, shift = plan.smooth[g.name]
+            z = shift if shift is not None else torch.zeros_like(scale)
+            lo, hi = ((mn - z) / scale).min(), ((mx - z) / scale).max()
+        else:
+            lo, hi = mn.min(), mx.max()
+        s, o = activation_qparams(lo.reshape(1), hi.reshape(1))
+        plan.acts[name] = ActivationParams(s, o, derived=True)
+    return plan
+
+
+def apply_smoothing(arch: LlavaArch, stage: Stage, weights: dict[str, torch.Tensor], plan: StagePlan) -> None:
+    """Fold the plan's smoothing into a stage's float tensors, in calibration's operation order."""
+    for g in arch.smooth_groups(stage):
+        if g.name not in plan.smooth:
+            continue
+        scale, shift = plan.smooth[g.name]
+        ws = [weights[n + ".weight"] for n in g.linears]
+        if shift is not None:
+            fold_shift(ws, [weights.get(n + ".bias") for n in g.linears], shift)
+        fold_scale(weights[g.norm + ".weight"], weights.get(g.norm + ".bias") if g.shift else None, ws, scale, shift)
+
+
+def iter_quantized_tensors(
+    arch: LlavaArch,
+    cache: SessionCache,
+    recipe: QuantRecipe,
+    *,
+    derive: bool = False,
+    float_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Yield ``(name, tensor, "W8A8"|"FLOAT")`` in msModelSlim's save order (``named_modules`` order)."""
+    ckpt = arch.ckpt
+    out_dtype = float_dtype or ckpt.torch_dtype
+    quantized = set(arch.quantized_linears(recipe.modules))
+    stages = {s.prefix: s for s in arch.stages()}
+    current: tuple[Stage | None, dict[str, torch.Tensor], StagePlan] = (None, {}, StagePlan())
+
+    def stage_for(module: str) -> Stage | None:
+        for prefix, s in stages.items():
+            if module.startswith(prefix):
+                return s
+        return None
+
+    for module, cls_name, params in arch.parameter_order():
+        st = stage_for(module + ".")
+        if st is not None and current[0] is not st:
+            weights = ckpt.tensors(st.prefix)
+            weights = {st.prefix + k: v for k, v in weights.items()}
+            record = cache.read_stage(st.name)
+            plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
+            apply_smoothing(arch, st, weights, plan)
+            current = (st, weights, plan)
+        if module in quantized:
+            weights, plan = current[1], current[2]
+            act = plan.acts[module]
+            lq = quantize_linear(weights[module + ".weight"], weights.get(module + ".bias"),
+                                 act.input_scale, act.input_offset, out_dtype)
+            yield module + ".weight", lq.weight, W8A8
+            if lq.bias is not None:
+                yield module + ".bias", lq.bias.to(out_dtype), FLOAT
+            yield module + ".weight_scale", lq.weight_scale, W8A8
+            yield module + ".weight_offset", torch.zeros_like(lq.weight_scale), W8A8
+            yield module + ".input_scale", lq.input_scale, W8A8
+            yield module + ".input_offset", lq.input_offset, W8A8
+            yield module + ".quant_bias", lq.quant_bias, W8A8
+            yield module + ".deq_scale", pack_deq_scale(lq.deq_scale, ckpt.torch_dtype), W8A8
+            continue
+        for p in params:
+            name = f"{module}.{p}"
+            if st is not None:
+                t = current[1][name]
+            elif name == "language_model.lm_head.weight" and arch.tied_embeddings:
+                t = arch.lm_head_weight()
+            else:
+                t = ckpt.tensor(name)
+            yield name, t.to(out_dtype).contiguous().clone(), FLOAT

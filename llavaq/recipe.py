@@ -1,0 +1,112 @@
+"""QuantRecipe: every knob of a quantization, validated, serialisable to JSON.
+
+The recipe is the single source of truth shared by the CLI, the library API, the session cache key
+and the output's own record of how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from llavaq.errors import LlavaqError
+
+ANTI_OUTLIER_METHODS = ("m2", "m1", "none")
+ACT_METHODS = {1: "minmax", 2: "histogram"}
+MODULE_PRESETS = ("msmodelslim", "with_down_proj", "language_only")
+M2_SEARCH_MODES = ("full", "fast")
+FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEFAULT_PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How to quantize. Defaults reproduce msModelSlim's LLaVA-1.5 W8A8 case exactly."""
+
+    w_bit: int = 8
+    a_bit: int = 8
+    anti_outlier: str = "m2"
+    #: SmoothQuant migration strength for m1: a float in [0, 1] or "auto" (per-group search).
+    alpha: float | str = 0.5
+    #: Activation observer: 1 = msModelSlim StatMinMax (mean of per-batch min/max), 2 = histogram.
+    act_method: int = 2
+    modules: str = "msmodelslim"
+    m2_search: str = "full"
+    prompt: str = DEFAULT_PROMPT
+    #: Text-only calibration prompts added after the image samples (the LM sees both in use).
+    text_prompts: tuple[str, ...] = field(default_factory=tuple)
+    #: Float tensors in the output: "auto" = the checkpoint's dtype (what MindIE/vLLM load).
+    float_dtype: str = "auto"
+    #: Activation rows kept per Linear input in the session cache (for derived recipes).
+    activation_sample_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.w_bit != 8 or self.a_bit != 8:
+            raise LlavaqError(
+                f"w_bit={self.w_bit} a_bit={self.a_bit} is not supported: llavaq quantizes W8A8 only "
+                "(--w_bit 8 --a_bit 8)"
+            )
+        if self.anti_outlier not in ANTI_OUTLIER_METHODS:
+            raise LlavaqError(
+                f"unknown anti-outlier method {self.anti_outlier!r}; choose one of {', '.join(ANTI_OUTLIER_METHODS)}"
+            )
+        if isinstance(self.alpha, str):
+            if self.alpha != "auto":
+                try:
+                    object.__setattr__(self, "alpha", float(self.alpha))
+                except ValueError:
+                    raise LlavaqError(f"--alpha must be a number in [0, 1] or 'auto', not {self.alpha!r}") from None
+        if not isinstance(self.alpha, str) and not 0.0 <= float(self.alpha) <= 1.0:
+            raise LlavaqError(f"--alpha must be in [0, 1], not {self.alpha}")
+        if self.act_method not in ACT_METHODS:
+            raise LlavaqError(f"--act_method must be 1 (min-max) or 2 (histogram), not {self.act_method}")
+        if self.modules not in MODULE_PRESETS:
+            raise LlavaqError(f"unknown module preset {self.modules!r}; choose one of {', '.join(MODULE_PRESETS)}")
+        if self.m2_search not in M2_SEARCH_MODES:
+            raise LlavaqError(f"--m2_search must be one of {', '.join(M2_SEARCH_MODES)}")
+        if self.float_dtype not in FLOAT_DTYPES:
+            raise LlavaqError(f"--float_dtype must be one of {', '.join(FLOAT_DTYPES)}")
+        if self.activation_sample_tokens < 0:
+            raise LlavaqError("--activation_sample_tokens must be >= 0")
+        object.__setattr__(self, "text_prompts", tuple(self.text_prompts))
+
+    @property
+    def observer(self) -> str:
+        return ACT_METHODS[self.act_method]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["text_prompts"] = list(self.text_prompts)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantRecipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LlavaqError(f"unknown recipe fields: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "text_prompts" in d:
+            d["text_prompts"] = tuple(d["text_prompts"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> QuantRecipe:
+        return dataclasses.replace(self, **changes)
+
+    #: Fields that change what the calibration pass computes (and so key the session cache).
+    CALIBRATION_FIELDS = ("anti_outlier", "act_method", "modules", "m2_search", "prompt", "text_prompts",
+                          "activation_sample_tokens")
+
+    def calibration_dict(self) -> dict[str, Any]:
+        d = self.to_dict()
+        out = {k: d[k] for k in self.CALIBRATION_FIELDS}
+        if self.anti_outlier == "m1":
+            out["alpha"] = self.alpha
+        return out
+
+    def calibration_key(self) -> str:
+        blob = json.dumps(self.calibration_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

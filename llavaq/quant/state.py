@@ -137,6 +137,45 @@ def apply_smoothing(arch: LlavaArch, stage: Stage, weights: dict[str, torch.Tens
         fold_scale(weights[g.norm + ".weight"], weights.get(g.norm + ".bias") if g.shift else None, ws, scale, shift)
 
 
+@dataclass
+class ModuleTensors:
+    """One module's parameters, smoothing folded, with its activation params if it is quantized."""
+
+    module: str
+    params: list[str]
+    tensors: dict[str, torch.Tensor]  # full parameter name -> float32 tensor
+    act: ActivationParams | None
+
+
+def iter_modules(
+    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False
+) -> Iterator[ModuleTensors]:
+    """Walk modules in ``named_modules`` order, re-reading each layer once and folding its smoothing."""
+    ckpt = arch.ckpt
+    quantized = set(arch.quantized_linears(recipe.modules))
+    stages = arch.stages()
+    cur_stage: Stage | None = None
+    weights: dict[str, torch.Tensor] = {}
+    plan = StagePlan()
+    for module, _cls, params in arch.parameter_order():
+        st = next((s for s in stages if module.startswith(s.prefix)), None)
+        if st is not None and st is not cur_stage:
+            weights = {st.prefix + k: v for k, v in ckpt.tensors(st.prefix).items()}
+            plan = plan_stage(arch, st, cache.read_stage(st.name), recipe, derive, quantized, weights)
+            apply_smoothing(arch, st, weights, plan)
+            cur_stage = st
+        tensors = {}
+        for p in params:
+            name = f"{module}.{p}"
+            if st is not None:
+                tensors[name] = weights[name]
+            elif name == "language_model.lm_head.weight" and arch.tied_embeddings:
+                tensors[name] = arch.lm_head_weight()
+            else:
+                tensors[name] = ckpt.tensor(name)
+        yield ModuleTensors(module, params, tensors, plan.acts.get(module) if module in quantized else None)
+
+
 def iter_quantized_tensors(
     arch: LlavaArch,
     cache: SessionCache,
@@ -146,48 +185,43 @@ def iter_quantized_tensors(
     float_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Yield ``(name, tensor, "W8A8"|"FLOAT")`` in msModelSlim's save order (``named_modules`` order)."""
-    ckpt = arch.ckpt
-    out_dtype = float_dtype or ckpt.torch_dtype
-    quantized = set(arch.quantized_linears(recipe.modules))
-    stages = {s.prefix: s for s in arch.stages()}
-    current: tuple[Stage | None, dict[str, torch.Tensor], StagePlan] = (None, {}, StagePlan())
-
-    def stage_for(module: str) -> Stage | None:
-        for prefix, s in stages.items():
-            if module.startswith(prefix):
-                return s
-        return None
-
-    for module, cls_name, params in arch.parameter_order():
-        st = stage_for(module + ".")
-        if st is not None and current[0] is not st:
-            weights = ckpt.tensors(st.prefix)
-            weights = {st.prefix + k: v for k, v in weights.items()}
-            record = cache.read_stage(st.name)
-            plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
-            apply_smoothing(arch, st, weights, plan)
-            current = (st, weights, plan)
-        if module in quantized:
-            weights, plan = current[1], current[2]
-            act = plan.acts[module]
-            lq = quantize_linear(weights[module + ".weight"], weights.get(module + ".bias"),
-                                 act.input_scale, act.input_offset, out_dtype)
-            yield module + ".weight", lq.weight, W8A8
+    out_dtype = float_dtype or arch.ckpt.torch_dtype
+    for m in iter_modules(arch, cache, recipe, derive=derive):
+        if m.act is not None:
+            w, b = m.tensors[m.module + ".weight"], m.tensors.get(m.module + ".bias")
+            lq = quantize_linear(w, b, m.act.input_scale, m.act.input_offset, out_dtype)
+            yield m.module + ".weight", lq.weight, W8A8
             if lq.bias is not None:
-                yield module + ".bias", lq.bias.to(out_dtype), FLOAT
-            yield module + ".weight_scale", lq.weight_scale, W8A8
-            yield module + ".weight_offset", torch.zeros_like(lq.weight_scale), W8A8
-            yield module + ".input_scale", lq.input_scale, W8A8
-            yield module + ".input_offset", lq.input_offset, W8A8
-            yield module + ".quant_bias", lq.quant_bias, W8A8
-            yield module + ".deq_scale", pack_deq_scale(lq.deq_scale, ckpt.torch_dtype), W8A8
+                yield m.module + ".bias", lq.bias.to(out_dtype), FLOAT
+            yield m.module + ".weight_scale", lq.weight_scale, W8A8
+            yield m.module + ".weight_offset", torch.zeros_like(lq.weight_scale), W8A8
+            yield m.module + ".input_scale", lq.input_scale, W8A8
+            yield m.module + ".input_offset", lq.input_offset, W8A8
+            yield m.module + ".quant_bias", lq.quant_bias, W8A8
+            yield m.module + ".deq_scale", pack_deq_scale(lq.deq_scale, arch.ckpt.torch_dtype), W8A8
             continue
-        for p in params:
-            name = f"{module}.{p}"
-            if st is not None:
-                t = current[1][name]
-            elif name == "language_model.lm_head.weight" and arch.tied_embeddings:
-                t = arch.lm_head_weight()
-            else:
-                t = ckpt.tensor(name)
+        for name, t in m.tensors.items():
             yield name, t.to(out_dtype).contiguous().clone(), FLOAT
+
+
+def iter_float_tensors(
+    arch: LlavaArch,
+    cache: SessionCache,
+    recipe: QuantRecipe,
+    *,
+    dequantize: bool = True,
+    derive: bool = False,
+    float_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named float tensors with smoothing folded; quantized weights dequantized (``W_q·ws``) if asked.
+
+    With ``dequantize=False`` this is the smoothed float model, which must compute what the original
+    does (smoothing is an exact re-parametrisation up to float rounding).
+    """
+    out_dtype = float_dtype or arch.ckpt.torch_dtype
+    for m in iter_modules(arch, cache, recipe, derive=derive):
+        for name, t in m.tensors.items():
+            if dequantize and m.act is not None and name == m.module + ".weight":
+                ws = weight_qparams(t).to(out_dtype).float()
+                t = quantize_weight(t, ws).float() * ws
+            yield name, t.to(out_dtype).contiguous().clone()

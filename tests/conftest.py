@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny LLaVA checkpoints and photos built in-process (no hub, no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llavaq.testing import build_tiny_llava, write_test_images
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """fp16 LLaVA with GQA (4 heads / 2 kv heads), CLIP with biases, 2+2 layers."""
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_gqa"), kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_mha(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_mha"), kv_heads=4, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_tied(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_tied"), tie_word_embeddings=True, seed=2)
+
+
+@pytest.fixture(scope="session")
+def calib_dir(tmp_path_factory):
+    return write_test_images(tmp_path_factory.mktemp("calib"))
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def quantized(tiny_model, calib_dir, cache_root, tmp_path_factory):
+    """(calibration, export) of the GQA tiny model with the default (msModelSlim) recipe."""
+    from llavaq import api
+
+    out = tmp_path_factory.mktemp("q") / "out"
+    return api.quantize(tiny_model, calib_dir, out, cache_dir=cache_root, device_type="cpu")

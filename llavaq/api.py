@@ -159,7 +159,8 @@ def export(
 
 def _diff(a: QuantRecipe, b: QuantRecipe) -> str:
     da, db = a.calibration_dict(), b.calibration_dict()
-    return ", ".join(f"{k}: {db.get(k)!r} -> {da.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k))
+    keys = sorted(set(da) | set(db))
+    return ", ".join(f"{k}: {db.get(k)!r} -> {da.get(k)!r}" for k in keys if da.get(k) != db.get(k))
 
 
 def quantize(

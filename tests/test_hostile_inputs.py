@@ -81,6 +81,8 @@ def assert_error(res: Run, *needles: str, code: int | None = None) -> str:
     errors = [ln for ln in res.err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, res.err
     assert res.error_line == errors[0], res.err  # nothing (no wrapped continuation) after it
+    if os.environ.get("LLAVAQ_PRINT_ERRORS"):  # to refresh docs/readme/troubleshooting.md
+        print("\nMSG", errors[0], file=sys.__stderr__)
     low = errors[0].lower()
     for n in needles:
         assert str(n).lower() in low, (n, errors[0])
@@ -592,8 +594,8 @@ def _missing_stage(c: Path) -> None:
 CACHE_CASES = {
     "stage_garbage": (_garbage_stage, ["stage-", "corrupted", "calibrate"]),
     "manifest_invalid_json": (_garbage_manifest, ["manifest.json", "corrupted", "calibrate"]),
-    "older_llavaq": (_old_version, ["manifest.json", "version 0", "0.0.1", "calibrate"]),
-    "stage_missing": (_missing_stage, ["text_layer.1", "calibrate"]),
+    "older_llavaq": (_old_version, ["manifest.json", "version 0", "0.0.1", "delete", "calibrate"]),
+    "stage_missing": (_missing_stage, ["stage-text_layer.1.safetensors is missing", "delete", "calibrate"]),
     "not_a_cache": (lambda c: (c / "manifest.json").unlink(), ["not a llavaq session cache"]),
 }
 
@@ -615,13 +617,17 @@ def test_cache_from_another_model(tiny_model_mha, full_cache, io_dirs, capsys):
     assert_no_output(save)
 
 
-def test_corrupt_cache_on_quantize_names_the_fix(tiny_model, calib_dir, full_cache, io_dirs, capsys):
-    """quantize resumes the matching cache; if it is corrupted the error says what to delete."""
-    _garbage_manifest(full_cache)
+@pytest.mark.parametrize("case", ["manifest_invalid_json", "older_llavaq"])
+def test_bad_cache_on_quantize_then_follow_the_advice(case, tiny_model, calib_dir, full_cache, io_dirs, capsys):
+    """quantize reuses the matching cache; if it is unusable the error says what to delete, and doing so works."""
+    CACHE_CASES[case][0](full_cache)
     _, save = io_dirs
-    res = cli(capsys, *quantize_args(tiny_model, calib_dir, save, full_cache.parent))
-    assert_error(res, str(full_cache / "manifest.json"), "delete", code=2)
+    args = quantize_args(tiny_model, calib_dir, save, full_cache.parent)
+    res = cli(capsys, *args)
+    assert_error(res, str(full_cache / "manifest.json"), f"delete {full_cache} and run calibrate again", code=2)
     assert_no_output(save)
+    shutil.rmtree(full_cache)
+    assert cli(capsys, *args).code == 0
 
 
 # --------------------------------------------------------------------------------------------- unexpected / usage

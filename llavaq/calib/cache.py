@@ -115,7 +115,8 @@ class SessionCache:
         if manifest.get("version") != CACHE_VERSION:
             raise CacheError(
                 f"{mf}: cache format version {manifest.get('version')} (llavaq {manifest.get('llavaq_version')}) "
-                f"is not supported by llavaq {__version__} (version {CACHE_VERSION}); run calibrate again"
+                f"is not supported by llavaq {__version__} (version {CACHE_VERSION}); delete {path} and run "
+                "calibrate again"
             )
         return cls(path, manifest)
 
@@ -149,8 +150,10 @@ class SessionCache:
         from safetensors.torch import load_file
 
         f = self.stage_file(stage)
-        if stage not in self.manifest.get("stages_done", []) or not f.is_file():
+        if stage not in self.manifest.get("stages_done", []):
             raise CacheError(f"cache {self.path} has no data for {stage}; run calibrate to complete it")
+        if not f.is_file():
+            raise CacheError(f"{f} is missing from the cache; delete {self.path} and run calibrate again")
         try:
             return load_file(str(f))
         except Exception:

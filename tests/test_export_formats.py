@@ -152,7 +152,8 @@ def test_fakequant_loads_with_from_pretrained(exports, quantized, sharded):
         if k.endswith(".deq_scale"):
             n = k[: -len(".deq_scale")]
             n_q += 1
-            assert torch.equal(sd[n + ".weight"], (ref[n + ".weight"].float() * ref[n + ".weight_scale"].float()).half())
+            want = (ref[n + ".weight"].float() * ref[n + ".weight_scale"].float()).half()
+            assert torch.equal(sd[n + ".weight"], want), n
             assert torch.tensor([acts[n]["input_scale"]], dtype=torch.float32).equal(ref[n + ".input_scale"])
             assert acts[n]["input_offset"] == ref[n + ".input_offset"].item()
     assert n_q == len(acts) == 26

@@ -27,6 +27,8 @@ Deliberate deviations from upstream:
   (and possibly other scratch files) into the cwd;
 - if the model ties input and output embeddings, ``lm_head`` gets its own copy of the weight
   before anything runs (msModelSlim's safetensors writer crashes on shared tensors);
+- ``--part_unit_bytes N`` (tests only) redefines msModelSlim's shard unit (1 GiB) as N bytes so that
+  tiny models can be sharded; msModelSlim itself only accepts an integer ``part_file_size >= 1`` (GB);
 - ``--dtype`` can override the float32 CPU load dtype (upstream: float32 on CPU).
 
 The last stdout line is a JSON object with timings (seconds) and peak RSS (bytes) of this process.
@@ -55,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--calib_images", required=True)
     p.add_argument("--save_directory", required=True)
     p.add_argument("--part_file_size", type=int, default=None, help="GB per shard (msModelSlim: int >= 1)")
+    p.add_argument("--part_unit_bytes", type=int, default=None,
+                   help="TEST ONLY: bytes per 'GB' of --part_file_size (patches the 1 GiB constant)")
     p.add_argument("--mindie_format", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--dev_type", default="cpu", help="only recorded in quantization_config (runs on CPU)")
@@ -163,6 +167,10 @@ def main(argv=None) -> int:
             timings["calibrate_s"] = time.perf_counter() - t
 
             t = time.perf_counter()
+            if args.part_unit_bytes is not None:
+                from msmodelslim.pytorch.llm_ptq.llm_ptq_tools.save.writer import buffered_safetensor
+
+                buffered_safetensor.ONE_GB_FILE_BYTES = args.part_unit_bytes
             save_type = ["safe_tensor"] if args.mindie_format else ["ascendV1"]
             calibrator.save(str(out), save_type=save_type, part_file_size=args.part_file_size)
             timings["save_s"] = time.perf_counter() - t

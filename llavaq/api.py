@@ -73,6 +73,8 @@ def calibrate(
     arch = open_model(model_path, trust_remote_code=trust_remote_code)
     device = resolve_device(device_type)
     loaded = load_images(calib_images)
+    if loaded.skipped_line():
+        progress.log(f"warning: {loaded.skipped_line()}")
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
     samples = build_samples(processor, loaded.images, recipe.prompt, recipe.text_prompts,
                             labels=[p.name for p in loaded.paths])
@@ -157,7 +159,8 @@ def export(
 
 def _diff(a: QuantRecipe, b: QuantRecipe) -> str:
     da, db = a.calibration_dict(), b.calibration_dict()
-    return ", ".join(f"{k}: {db.get(k)!r} -> {da.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k))
+    keys = sorted(set(da) | set(db))
+    return ", ".join(f"{k}: {db.get(k)!r} -> {da.get(k)!r}" for k in keys if da.get(k) != db.get(k))
 
 
 def quantize(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llavaq.errors import Interrupted, LlavaqError
@@ -81,8 +82,8 @@ def _progress():
 
 def _print_calibration(cal) -> None:
     state = "reused cached calibration" if cal.reused else f"calibrated in {cal.seconds:.1f}s"
-    err.print(f"[green]✓[/] {state}: {cal.num_samples} sample(s), {cal.images_summary}")
-    err.print(f"  session cache: {cal.cache.path}")
+    err.print(f"[green]✓[/] {state}: {cal.num_samples} sample(s), {escape(cal.images_summary)}", soft_wrap=True)
+    err.print(f"  session cache: {escape(str(cal.cache.path))}", soft_wrap=True, highlight=False)
 
 
 def _print_range_drivers(cache) -> None:
@@ -246,41 +247,65 @@ def verify(
                                 console=out))
 
 
+_INTERRUPTED = ("[yellow]interrupted:[/] no output was written; the session cache keeps every finished layer: "
+                "run the same command again to resume")
+
+
 def main() -> None:
     """Entry point: one-line errors, exit 130 on Ctrl-C, never a traceback (LLAVAQ_DEBUG=1 shows it)."""
     debug = os.environ.get("LLAVAQ_DEBUG") == "1"
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        app(standalone_mode=False)
+        # Non-standalone Typer turns KeyboardInterrupt into a *returned* 130 and ``typer.Exit(n)`` into a
+        # returned n, so the return value is the exit status.
+        rv = app(standalone_mode=False)
+        if rv == 130:
+            err.print(_INTERRUPTED, soft_wrap=True)
+            sys.exit(130)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
     except LlavaqError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/] {e.message}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
         if isinstance(e, Interrupted):
             sys.exit(130)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] the session cache keeps every finished layer; run the same "
-                  "command again to resume", soft_wrap=True)
+        err.print(_INTERRUPTED, soft_wrap=True)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except SystemExit:
         raise
     except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, _click_exceptions("ClickException")):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, _click_exceptions("Abort")):  # click's wrapper of KeyboardInterrupt / EOF
+            err.print(_INTERRUPTED, soft_wrap=True)
             sys.exit(130)
         if debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        err.print(f"[red]error:[/] {e.__class__.__name__}: {msg} (set LLAVAQ_DEBUG=1 for the traceback)",
+        err.print(f"[red]error:[/] {e.__class__.__name__}: {escape(msg)} (set LLAVAQ_DEBUG=1 for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """``name`` from click and from the copy of click that newer Typer releases vendor (``typer._click``)."""
+    import importlib
+
+    found = []
+    for mod in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
 
 
 if __name__ == "__main__":

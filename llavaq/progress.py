@@ -82,4 +82,6 @@ class RichProgress:
             self._p.advance(self._sub, n)
 
     def log(self, message: str) -> None:
-        self._p.console.print(message)
+        from rich.markup import escape
+
+        self._p.console.print(escape(message), soft_wrap=True, highlight=False)

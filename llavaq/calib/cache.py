@@ -44,11 +44,17 @@ def session_id(fingerprint: dict, samples_digest: str, calibration: dict) -> str
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C or a full disk: never leave the temp file behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CacheError(f"cannot write cache file {path} ({e.strerror or e})") from None
+        raise
 
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -109,7 +115,8 @@ class SessionCache:
         if manifest.get("version") != CACHE_VERSION:
             raise CacheError(
                 f"{mf}: cache format version {manifest.get('version')} (llavaq {manifest.get('llavaq_version')}) "
-                f"is not supported by llavaq {__version__} (version {CACHE_VERSION}); run calibrate again"
+                f"is not supported by llavaq {__version__} (version {CACHE_VERSION}); delete {path} and run "
+                "calibrate again"
             )
         return cls(path, manifest)
 
@@ -120,7 +127,8 @@ class SessionCache:
             if mine.get(part) != fingerprint.get(part):
                 raise CacheError(
                     f"cache {self.path} was made for another model ({label} differ from {model_path}; "
-                    f"cache model: {self.manifest.get('model_path')})"
+                    f"cache model: {self.manifest.get('model_path')}); run calibrate for this model and "
+                    "export with the cache it prints"
                 )
 
     @property
@@ -142,8 +150,10 @@ class SessionCache:
         from safetensors.torch import load_file
 
         f = self.stage_file(stage)
-        if stage not in self.manifest.get("stages_done", []) or not f.is_file():
+        if stage not in self.manifest.get("stages_done", []):
             raise CacheError(f"cache {self.path} has no data for {stage}; run calibrate to complete it")
+        if not f.is_file():
+            raise CacheError(f"{f} is missing from the cache; delete {self.path} and run calibrate again")
         try:
             return load_file(str(f))
         except Exception:

@@ -1,7 +1,9 @@
 """Robust loading of calibration / evaluation photos.
 
 Every readable image is used (EXIF orientation applied, converted to 8-bit RGB); unreadable files
-are reported together in one summary line; zero usable images is an error. Files are taken
+are reported together in one summary line; zero usable images is an error. Images over
+``MAX_PIXELS`` are refused (decompression-bomb guard), images wider/taller than ``MAX_SIDE`` are
+downscaled, images under ``MIN_SIDE`` px are refused. Files are taken
 from the folder itself, sorted by name (msModelSlim uses unsorted ``os.listdir``: the order decides
 which photo drives the anti-outlier pass, so we make it deterministic). Sub-folders are ignored.
 """
@@ -19,11 +21,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from llavaq.errors import ImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-#: Images with more pixels than this are refused as possible decompression bombs (≈ 8k × 8k).
+#: Images with more pixels than this are refused as possible decompression bombs (≈ 8k × 8k), from
+#: the header alone, before any pixel is decoded. This is stricter than PIL's own guard
+#: (``Image.MAX_IMAGE_PIXELS`` ≈ 89.5 MP warns, twice that raises), so PIL's warning never fires.
 MAX_PIXELS = 64_000_000
 #: Larger images are downscaled (aspect kept) before the processor sees them: it resizes to
 #: 336 px anyway, and this bounds memory.
 MAX_SIDE = 4096
+#: Smaller images are refused: they carry no calibration signal, and the CLIP processor cannot tell
+#: the channel axis of an image 1 or 3 pixels high.
+MIN_SIDE = 8
 
 
 @dataclass
@@ -31,6 +38,7 @@ class LoadedImages:
     images: list[Image.Image]
     paths: list[Path]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    folder: Path | None = None
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -42,11 +50,23 @@ class LoadedImages:
     def summary(self) -> str:
         s = f"{len(self.images)} image(s) used"
         if self.skipped:
-            s += f"; skipped {len(self.skipped)}: " + ", ".join(f"{p.name} ({why})" for p, why in self.skipped)
+            s += f", {len(self.skipped)} skipped"
         return s
 
+    def skipped_line(self) -> str | None:
+        """ONE line naming every unreadable file and why (None when all files were used)."""
+        if not self.skipped:
+            return None
+        where = f" in {self.folder}" if self.folder is not None else ""
+        return (f"skipped {len(self.skipped)} unreadable file(s){where}: "
+                + ", ".join(f"{p.name} ({why})" for p, why in self.skipped))
 
-def list_image_files(folder: Path) -> list[Path]:
+
+def list_image_files(folder: Path, skipped: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Regular files (or symlinks to them) directly in ``folder``, sorted by name; sub-folders are ignored.
+
+    Broken or looping symlinks are appended to ``skipped`` (when given) with the reason.
+    """
     if not folder.exists():
         raise ImageError(f"image folder {folder} does not exist")
     if not folder.is_dir():
@@ -58,10 +78,19 @@ def list_image_files(folder: Path) -> list[Path]:
     files = []
     for e in entries:
         try:
-            if e.is_file():  # follows symlinks; loops and dangling links are not files
+            if e.is_file():  # follows symlinks
                 files.append(Path(e.path))
+                continue
+            broken = e.is_symlink() and not e.is_dir()
         except OSError:
-            continue
+            broken = True
+        if broken and skipped is not None:
+            try:
+                os.stat(e.path)
+                why = "broken or looping symlink"
+            except OSError as err:
+                why = f"broken or looping symlink ({err.strerror})"
+            skipped.append((Path(e.path), why))
     return files
 
 
@@ -71,11 +100,15 @@ def load_image(path: Path) -> Image.Image:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file")
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our MAX_PIXELS check is stricter
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise ImageError(
                         f"{path}: {im.width}x{im.height} pixels is too large (limit {MAX_PIXELS} pixels)"
+                    )
+                if min(im.size) < MIN_SIDE:
+                    raise ImageError(
+                        f"{path}: {im.width}x{im.height} pixels is too small (minimum {MIN_SIDE} px per side)"
                     )
                 im.load()
                 im = ImageOps.exif_transpose(im)
@@ -91,8 +124,8 @@ def load_image(path: Path) -> Image.Image:
                 return im
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: image is too large (decompression bomb guard)") from None
+    except Image.DecompressionBombError as e:  # > 2 x PIL's MAX_IMAGE_PIXELS, refused by Image.open itself
+        raise ImageError(f"{path}: image is too large ({str(e).split(',')[0]}; limit {MAX_PIXELS} pixels)") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -101,8 +134,9 @@ def load_image(path: Path) -> Image.Image:
 
 def load_images(folder: str | Path) -> LoadedImages:
     folder = Path(folder)
-    files = list_image_files(folder)
-    images, paths, skipped = [], [], []
+    skipped: list[tuple[Path, str]] = []
+    files = list_image_files(folder, skipped)
+    images, paths = [], []
     for f in files:
         try:
             images.append(load_image(f))
@@ -111,7 +145,10 @@ def load_images(folder: str | Path) -> LoadedImages:
             reason = e.message.split(": ", 1)[-1]
             skipped.append((f, reason))
     if not images:
-        detail = f" ({len(skipped)} unreadable: " + ", ".join(f"{p.name}: {r}" for p, r in skipped[:3]) + ")" \
-            if skipped else ""
-        raise ImageError(f"no usable images in {folder}{detail}")
-    return LoadedImages(images, paths, skipped)
+        if not skipped:
+            subdirs = any(p.is_dir() for p in folder.iterdir())
+            raise ImageError(f"no image files in {folder}" + (" (sub-folders are not searched)" if subdirs else ""))
+        shown = ", ".join(f"{p.name}: {r}" for p, r in skipped[:5])
+        more = f", and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        raise ImageError(f"no usable images in {folder} ({len(skipped)} unreadable: {shown}{more})")
+    return LoadedImages(images, paths, skipped, folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -103,8 +104,10 @@ class AtomicOutputDir:
             raise OutputError(f"save directory {target} exists and is not empty; pass --overwrite to replace it")
         parent = target.parent if str(target.parent) else Path(".")
         probe = parent
-        while not probe.exists():
+        while not probe.exists() and not probe.is_symlink():
             probe = probe.parent
+        if not probe.is_dir():
+            raise OutputError(f"save directory {target}: {probe} is not a directory")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise OutputError(f"save directory {target}: {probe} is not writable")
 
@@ -119,11 +122,33 @@ class AtomicOutputDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            return
+            if isinstance(exc, OutputError | OSError):
+                raise self._user_error(exc) from None
+            return  # KeyboardInterrupt and others propagate unchanged, the temp dir is gone
         backup = None
-        if self.target.exists():
-            backup = self.target.parent / f".{self.target.name}.llavaq-old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.target, backup)
-        os.replace(self.tmp, self.target)
+        try:
+            if self.target.exists():
+                backup = self.target.parent / f".{self.target.name}.llavaq-old-{uuid.uuid4().hex[:8]}"
+                os.replace(self.target, backup)
+            os.replace(self.tmp, self.target)
+        except OSError as e:
+            if backup is not None and not self.target.exists():
+                os.replace(backup, self.target)  # put the previous output back
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise OutputError(f"cannot move the finished output into {self.target} ({e.strerror})") from None
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
+
+    def _user_error(self, exc: BaseException) -> OutputError:
+        """Name the user's save directory (not our temp dir) and say that it was left as it was."""
+        if isinstance(exc, OutputError):
+            msg = exc.message
+        elif exc.errno == errno.ENOSPC:
+            msg = f"no space left on device while writing {exc.filename or self.tmp}"
+        else:
+            msg = f"cannot write {exc.filename or self.tmp} ({exc.strerror or exc})"
+        msg = msg.replace(str(self.tmp), str(self.target))
+        kept = "was left unchanged" if self.target.exists() else "was not created"
+        hint = "; free some space and run the same command again (calibration is cached)" \
+            if "no space left" in msg else ""
+        return OutputError(f"{msg}; {self.target} {kept}{hint}")

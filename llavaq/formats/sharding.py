@@ -8,6 +8,7 @@ goes to ``<prefix>.safetensors``. Files are made read-only (0o400) like msModelS
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterable
@@ -25,11 +26,13 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None, label: str) -> None:
     try:
         save_file(tensors, str(path), metadata=metadata)
     except OSError as e:
-        raise OutputError(f"cannot write {path} ({e.strerror or e})") from None
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"no space left on device while writing {label}") from None
+        raise OutputError(f"cannot write {label} ({e.strerror or e})") from None
 
 
 def write_safetensors(
@@ -49,7 +52,7 @@ def write_safetensors(
         for name, t in tensors:
             allt[name] = t.contiguous()
         fname = f"{prefix}.safetensors"
-        _save(allt, out_dir / fname, metadata)
+        _save(allt, out_dir / fname, metadata, str(out_dir / fname))
         weight_map = {n: fname for n in allt}
         files = [fname]
         total = sum(_nbytes(t) for t in allt.values())
@@ -65,7 +68,7 @@ def write_safetensors(
             if not pending:
                 return
             tmp = f".{prefix}-part{len(tmp_names):05d}.safetensors"
-            _save(pending, out_dir / tmp, metadata)
+            _save(pending, out_dir / tmp, metadata, f"{out_dir / prefix} shard {len(tmp_names) + 1}")
             tmp_names.append(tmp)
             shards.append(list(pending))
             pending, pending_size = {}, 0

@@ -73,6 +73,7 @@ class Checkpoint:
         self.config_dict = self._read_config()
         self._index = self._build_index()
         self._handles: dict[Path, object] = {}
+        self._finite: set[str] = set()  # float tensors already checked for NaN/Inf
 
     # ---------------------------------------------------------------- validation
     def _validate_dir(self) -> None:
@@ -142,7 +143,20 @@ class Checkpoint:
             except Exception as e:  # safetensors raises its own error types
                 raise ModelError(f"{file}: cannot open safetensors file ({e})") from None
             self._handles[file] = h
-        t = h.get_tensor(name)
+        try:
+            t = h.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types
+            raise ModelError(f"{file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
+        if name not in self._finite and t.is_floating_point():
+            # One cheap pass per tensor as it is first read: a NaN/Inf weight would silently poison the
+            # calibration statistics of every later layer.
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ModelError(
+                    f"{file}: tensor {name!r} contains {bad} NaN/Inf value(s); the checkpoint is corrupted "
+                    "(re-download or re-convert it)"
+                )
+            self._finite.add(name)
         return t.to(dtype) if dtype is not None and t.dtype != dtype else t
 
     def tensors(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:

@@ -186,7 +186,7 @@ class LlavaArch:
     # ------------------------------------------------------------------ builders
     def _materialise(self, module: nn.Module, prefix: str, dtype: torch.dtype = torch.float32) -> nn.Module:
         sd = {}
-        for name, p in module.state_dict().items():
+        for name in module.state_dict():
             full = prefix + name
             if full == LM_HEAD and self.tied_embeddings:
                 full = EMBED

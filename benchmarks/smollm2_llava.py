@@ -52,10 +52,10 @@ def build(out_dir: str | Path, *, seed: int = 0, vision_layers: int = 4, vision_
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
         CLIPImageProcessor,
+        LlamaTokenizerFast,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        LlamaTokenizerFast,
     )
 
     out = Path(out_dir)
@@ -106,7 +106,8 @@ def build(out_dir: str | Path, *, seed: int = 0, vision_layers: int = 4, vision_
                            intermediate_size=vision_hidden * 4, num_hidden_layers=vision_layers,
                            num_attention_heads=4, image_size=image_size, patch_size=patch_size,
                            projection_dim=vision_hidden, hidden_act="quick_gelu"),
-        text_config=dict(model_type="llama", hidden_size=hidden, intermediate_size=_field(r, "llama.feed_forward_length"),
+        text_config=dict(model_type="llama", hidden_size=hidden,
+                         intermediate_size=_field(r, "llama.feed_forward_length"),
                          num_hidden_layers=n_layers, num_attention_heads=n_head, num_key_value_heads=n_kv,
                          vocab_size=vocab, max_position_embeddings=_field(r, "llama.context_length"),
                          rms_norm_eps=_field(r, "llama.attention.layer_norm_rms_epsilon"),

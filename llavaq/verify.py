@@ -593,7 +593,7 @@ def print_report(report: FidelityReport, console) -> None:
     s.add_row("time", f"{report.seconds:.1f}s")
     console.print(s)
     w = Table(title="worst quantized Linears (emulated output vs float Linear, same input)")
-    for c in ("Linear", "rel. MSE", "MSE", "clipped"):
+    for c in ("Linear", "rel. MSE", "MSE", "saturated"):
         w.add_column(c)
     for e in report.worst_layers:
         w.add_row(e.name, f"{e.rel_mse:.2e}", f"{e.mse:.2e}", f"{e.clip_fraction:.2e}")

@@ -1,50 +1,126 @@
-"""PROVISIONAL (replaced by the kernels branch)."""
+"""Block functions ``f(x, w)`` whose output error drives the m2 (OS+) range search.
+
+Each factory returns ``block_fn(x, w)`` with ``x`` ``[B, N, C]`` and ``w`` the concatenated
+weight ``[sum_out, C]`` of the smoothed linears, mirroring msModelSlim's migration module types
+``llama_qkv``, ``up_and_gate``, ``llava_vit_qkv`` and ``c_fc`` (transformers 4.37 semantics).
+"""
+
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "causal_mask",
+    "llama_qkv_block",
+    "gate_up_block",
+    "clip_qkv_block",
+    "clip_fc1_block",
+    "rotate_half",
+]
+
+BlockFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _rot(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
+def rotate_half(x: Tensor) -> Tensor:
+    """Rotate half the hidden dims (LLaMA RoPE helper)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-def llama_qkv_block(num_heads, num_kv_heads, head_dim, cos_cached, sin_cached, position_ids, attention_mask):
-    def fn(x, w):
+
+def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    if n_rep == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
+
+
+def causal_mask(n: int, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    """Additive causal mask ``[1, 1, n, n]``: 0 on/below the diagonal, ``finfo(dtype).min`` above."""
+    m = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+    return m[None, None]
+
+
+def llama_qkv_block(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    cos_cached: Tensor,
+    sin_cached: Tensor,
+    position_ids: Tensor,
+    attention_mask: Tensor | None,
+) -> BlockFn:
+    """LLaMA self-attention up to (excluding) ``o_proj``: ``[B, N, num_heads*head_dim]``.
+
+    ``attention_mask`` is the 4-D additive mask transformers 4.37 passes to the layer
+    (``[B, 1, N, N]``).  With ``None`` a causal mask is used, which is what msModelSlim's kernel does
+    (verified: with ``None`` it matches an explicit causal mask, not "no mask").
+    """
+    n_rep = num_heads // num_kv_heads
+
+    def block_fn(x: Tensor, w: Tensor) -> Tensor:
         b, n, _ = x.shape
-        y = x @ w.T
-        q, k, v = y.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+        y = F.linear(x, w)
+        q, k, v = torch.split(y, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
         q = q.view(b, n, num_heads, head_dim).transpose(1, 2)
         k = k.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
         v = v.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
-        cos = cos_cached[position_ids].unsqueeze(1); sin = sin_cached[position_ids].unsqueeze(1)
-        q = q * cos + _rot(q) * sin; k = k * cos + _rot(k) * sin
-        rep = num_heads // num_kv_heads
-        k = k.repeat_interleave(rep, 1); v = v.repeat_interleave(rep, 1)
-        a = q @ k.transpose(2, 3) / head_dim ** 0.5
-        if attention_mask is not None:
-            a = a + attention_mask
-        a = torch.softmax(a.float(), -1)
-        return (a @ v).transpose(1, 2).reshape(b, n, -1)
-    return fn
+        cos = cos_cached[position_ids].unsqueeze(1)
+        sin = sin_cached[position_ids].unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k = _repeat_kv(k, n_rep)
+        v = _repeat_kv(v, n_rep)
+        attn = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)
+        mask = attention_mask if attention_mask is not None else causal_mask(n, attn.dtype, attn.device)
+        attn = attn + mask
+        attn = F.softmax(attn, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(attn, v)
+        return out.transpose(1, 2).reshape(b, n, num_heads * head_dim)
 
-def gate_up_block(act_fn):
-    def fn(x, w):
-        y = x @ w.T
-        g, u = y.chunk(2, -1)
-        return act_fn(g) * u
-    return fn
+    return block_fn
 
-def clip_qkv_block(embed_dim, num_heads, head_dim, bias):
-    def fn(x, w):
+
+def gate_up_block(act_fn: Callable[[Tensor], Tensor]) -> BlockFn:
+    """``act(x W_gate^T) * (x W_up^T)`` with ``w = cat(W_gate, W_up)``."""
+
+    def block_fn(x: Tensor, w: Tensor) -> Tensor:
+        y = F.linear(x, w)
+        inter = y.shape[-1] // 2
+        return act_fn(y[..., :inter]) * y[..., inter:]
+
+    return block_fn
+
+
+def clip_qkv_block(embed_dim: int, num_heads: int, head_dim: int, bias: Tensor) -> BlockFn:
+    """CLIP self-attention up to (excluding) ``out_proj``, no mask: ``[B, N, embed_dim]``."""
+    scale = head_dim**-0.5
+
+    def block_fn(x: Tensor, w: Tensor) -> Tensor:
         b, n, _ = x.shape
-        y = x @ w.T + bias
-        q, k, v = y.split(embed_dim, -1)
-        q = q * head_dim ** -0.5
-        sh = lambda t: t.view(b, n, num_heads, head_dim).transpose(1, 2).reshape(b * num_heads, n, head_dim)
-        a = torch.softmax(torch.bmm(sh(q), sh(k).transpose(1, 2)), -1)
-        return torch.bmm(a, sh(v))
-    return fn
+        y = F.linear(x, w, bias)
+        q, k, v = torch.split(y, embed_dim, -1)
+        q = q * scale
 
-def clip_fc1_block(bias):
-    return lambda x, w: F.gelu(x @ w.T + bias)
+        def heads(t: Tensor) -> Tensor:
+            return t.view(b, n, num_heads, head_dim).transpose(1, 2).reshape(b * num_heads, n, head_dim)
+
+        q, k, v = heads(q), heads(k), heads(v)
+        attn = F.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+        out = torch.bmm(attn, v)
+        return out.view(b, num_heads, n, head_dim).transpose(1, 2).reshape(b, n, embed_dim)
+
+    return block_fn
+
+
+def clip_fc1_block(bias: Tensor) -> BlockFn:
+    """Exact-erf GELU of ``x W^T + b`` (the kernel ignores CLIP's quick_gelu ``act_fn``)."""
+
+    def block_fn(x: Tensor, w: Tensor) -> Tensor:
+        return F.gelu(F.linear(x, w, bias))
+
+    return block_fn

@@ -1,27 +1,106 @@
-"""PROVISIONAL (replaced by the kernels branch)."""
+"""msModelSlim anti-outlier "m2" = Outlier Suppression+ 1-D range search (per-channel scaling).
+
+Given the (possibly shifted) activation ``x`` ``[B, N, C]`` feeding a group of linears whose
+concatenated weight is ``weight`` ``[sum_out, C]``, search a clipping threshold ``t`` and derive the
+per-channel scale ``s = scale_for_threshold(cmax, cmin, t)``.  The loss of a candidate is the MSE
+between the float block output ``block_fn(x, weight)`` and the output with fake-quantized
+``x / s`` (per-tensor asymmetric uint8 over ``[-t, t]``) and ``weight * s`` (per-row symmetric).
+Smoothing is then applied as ``x / s`` (into the preceding norm) and ``W * s`` (columns).
+"""
+
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
+
+from llavaq.quant.int8 import EPS
+
+__all__ = [
+    "scale_for_threshold",
+    "migration_fake_quant_act",
+    "migration_fake_quant_weight",
+    "os_plus_search",
+]
+
+BlockFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def os_plus_search(x, weight, block_fn, *, mode="full", steps_min=100):
-    y = block_fn(x, weight)
-    cmx = x.amax((0, 1)); cmn = x.amin((0, 1))
-    amx = max(x.max().item(), 0.0); amn = min(x.min().item(), 0.0)
-    num = max(steps_min, int(amx / 0.5)); hi = max(-amn, amx); lo = 0.1; step = (hi - lo) / num
-    best = None; best_t = hi; t = hi
-    def scale(t):
-        return torch.maximum(torch.where(cmx > t, cmx / t, torch.ones_like(cmx)), torch.where(cmn < -t, cmn / -t, torch.ones_like(cmn)))
-    while t >= lo:
-        s = scale(t)
-        xs = x / s
-        sc = max(2 * t / 255, 1.1920929e-07); zp = min(max(0 - round(-t / sc), 0), 255)
-        xq = (torch.clamp(torch.round(xs / sc) + zp, 0, 255) - zp) * sc
-        ws = weight * s
-        wsc = torch.clamp(ws.abs().amax(1, keepdim=True) / 127, min=1.1920929e-07)
-        wq = torch.clamp(torch.round(ws / wsc), -127, 127) * wsc
-        loss = ((block_fn(xq, wq) - y) ** 2).sum(-1).mean().item()
-        if best is None or loss < best:
-            best, best_t = loss, t
-        t -= step
-    return scale(best_t)
+def scale_for_threshold(cmx: Tensor, cmn: Tensor, t: float) -> Tensor:
+    """Per-channel scale (>= 1) that brings channel ranges ``[cmn, cmx]`` inside ``[-t, t]``.
+
+    ``t`` is a python float (as in the kernel's search loop).
+    """
+    one = torch.ones_like(cmx)
+    up = torch.where(cmx > t, cmx / t, one)
+    down = torch.where(cmn < -t, cmn / (-t), one)
+    return torch.max(up, down)
+
+
+def migration_fake_quant_act(x: Tensor, t: float, bits: int = 8) -> Tensor:
+    """Asymmetric per-tensor uint8 fake quant over ``[-t, t]`` (division-based, as in the kernel).
+
+    ``t`` is first cast to ``x.dtype``; scale and zero point are computed in that dtype.
+    """
+    qmax = 2**bits - 1
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    scale = torch.clamp((t + t) / qmax, min=EPS)
+    zp = torch.clamp(0 - torch.round(-t / scale), 0, qmax)
+    q = torch.clamp(torch.round(x / scale) + zp, 0, qmax)
+    return (q - zp) * scale
+
+
+def migration_fake_quant_weight(w: Tensor, bits: int = 8) -> Tensor:
+    """Symmetric per-output-row fake quant with ``scale = max(|min|, |max|) / 127`` (>= EPS)."""
+    qmax = 2 ** (bits - 1) - 1
+    zero = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    mn = torch.minimum(w.amin(dim=1), zero)
+    mx = torch.maximum(w.amax(dim=1), zero)
+    scale = torch.clamp(torch.maximum(-mn, mx) / qmax, min=EPS).unsqueeze(1)
+    q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+    return q * scale
+
+
+def os_plus_search(
+    x: Tensor,
+    weight: Tensor,
+    block_fn: BlockFn,
+    *,
+    steps_min: int = 100,
+    mode: str = "full",
+) -> Tensor:
+    """Return the per-channel migration scale ``[C]`` chosen by the OS+ 1-D range search.
+
+    ``num = max(steps_min, int(amax / 0.5))`` candidate thresholds are visited from
+    ``max(-amin, amax)`` down to 0.1 in equal steps; the first minimum of
+    ``((block_fn(fq(x/s), fq(W*s)) - block_fn(x, W))**2).sum(-1).mean()`` wins.
+    ``mode="full"`` is the faithful exhaustive search (the only mode implemented so far).
+    """
+    if mode != "full":
+        raise ValueError(f"unsupported mode {mode!r}")
+    with torch.no_grad():
+        cmx = x.amax(dim=(0, 1))
+        cmn = x.amin(dim=(0, 1))
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        amx = torch.maximum(x.max(), zero)
+        amn = torch.minimum(x.min(), zero)
+        y_ref = block_fn(x, weight)
+        num = max(steps_min, int(amx / 0.5))
+        # The threshold walk is done in python floats (float64), like the kernel; an fp32 tensor
+        # walk drifts by ~1e-6 relative and is not bit-exact.
+        hi = float(torch.maximum(-amn, amx).item())
+        lo = 0.1
+        step = (hi - lo) / num
+        t = hi
+        best_loss = None
+        best_t = hi
+        while t >= lo:
+            s = scale_for_threshold(cmx, cmn, t)
+            xq = migration_fake_quant_act(x / s, t)
+            wq = migration_fake_quant_weight(weight * s)
+            loss = ((block_fn(xq, wq) - y_ref) ** 2).sum(-1).mean()
+            if best_loss is None or loss < best_loss:
+                best_loss, best_t = loss, t
+            t = t - step
+        return scale_for_threshold(cmx, cmn, best_t)

@@ -4,5 +4,6 @@ from llavaq.formats.base import FORMATS, ExportContext, detect_format, get_forma
 
 # Importing the modules registers them.
 from llavaq.formats import msmodelslim  # noqa: E402,F401  isort: skip
+from llavaq.formats import compressed_tensors, fakequant  # noqa: E402,F401  isort: skip
 
 __all__ = ["FORMATS", "ExportContext", "detect_format", "get_format", "register_format"]

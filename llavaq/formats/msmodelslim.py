@@ -36,20 +36,31 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
     }
 
 
-def write_record(out_dir: Path, ctx: ExportContext, fmt: str) -> None:
+def write_record(out_dir: Path, ctx: ExportContext, fmt: str, extra: dict[str, Any] | None = None) -> None:
+    """``llavaq_record.json``: tool, format, recipe, whether the params were derived, module lists."""
     from llavaq import __version__
 
     rec = {
         "tool": "llavaq",
         "version": __version__,
         "format": fmt,
+        "model_path": str(Path(ctx.model_path).resolve()),
         "recipe": ctx.recipe.to_dict(),
         "derived_from_cache": ctx.derived,
+        **({"derivation": derivation_note(ctx.recipe)} if ctx.derived else {}),
         "float_dtype": str(ctx.float_dtype or ctx.arch.ckpt.torch_dtype).replace("torch.", ""),
         "quantized_modules": ctx.arch.quantized_linears(ctx.recipe.modules),
         **ctx.extra_record,
+        **(extra or {}),
     }
     write_json(out_dir / RECORD, rec)
+
+
+def derivation_note(recipe) -> str:
+    """How a derived export got its smoothing and activation ranges (no forward pass)."""
+    smooth = (f"SmoothQuant (m1, alpha={recipe.alpha}) scales from the cached float per-channel min/max"
+              if recipe.anti_outlier == "m1" else "no smoothing")
+    return f"{smooth}; activation ranges = min-max of the cached float statistics; no forward pass"
 
 
 class _MsModelSlimBase:

@@ -51,78 +51,25 @@ class QuantizedCheckpoint:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_msmodelslim(path: Path) -> QuantizedCheckpoint:
-    """msmodelslim (ascendV1) / mindie (safe_tensor) outputs: description json + (sharded) safetensors."""
-    from safetensors.torch import load_file
-
-    from llavaq.quant.state import unpack_deq_scale
-
-    desc_file = next((path / n for n in ("quant_model_description.json", "quant_model_description_w8a8.json")
-                      if (path / n).is_file()), None)
-    if desc_file is None:
-        raise OutputError(f"{path}: not a quantized llavaq/msModelSlim output (no quant_model_description*.json)")
-    fmt = "msmodelslim" if desc_file.name == "quant_model_description.json" else "mindie"
-    try:
-        desc = json.loads(desc_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise OutputError(f"{desc_file}: invalid JSON") from None
-    index = path / "quant_model_weight_w8a8.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise OutputError(f"{index}: invalid index json") from None
-    else:
-        files = ["quant_model_weight_w8a8.safetensors"]
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        fp = path / f
-        if not fp.is_file():
-            raise OutputError(f"{fp}: weight file is missing")
-        try:
-            tensors.update(load_file(str(fp)))
-        except Exception as e:
-            raise OutputError(f"{fp}: cannot read safetensors ({str(e).splitlines()[0]})") from None
-    quant_modules = sorted({k.rsplit(".", 1)[0] for k, tag in desc.items()
-                            if tag == "W8A8" and k.endswith(".deq_scale")})
-    linears: dict[str, QuantLinearParams] = {}
-    for m in quant_modules:
-        missing = [s for s in ("weight",) + QUANT_SUFFIXES if f"{m}.{s}" not in tensors]
-        if missing:
-            raise OutputError(f"{path}: quantized Linear {m} lacks {', '.join(missing)}")
-        linears[m] = QuantLinearParams(
-            weight=tensors.pop(f"{m}.weight"),
-            weight_scale=tensors.pop(f"{m}.weight_scale").float(),
-            input_scale=tensors.pop(f"{m}.input_scale").float(),
-            input_offset=tensors.pop(f"{m}.input_offset").float(),
-            quant_bias=tensors.pop(f"{m}.quant_bias"),
-            deq_scale=unpack_deq_scale(tensors.pop(f"{m}.deq_scale")),
-            bias=tensors.pop(f"{m}.bias", None),
-        )
-        tensors.pop(f"{m}.weight_offset")
-    record = {}
-    if (path / "llavaq_record.json").is_file():
-        try:
-            record = json.loads((path / "llavaq_record.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            record = {}
-    return QuantizedCheckpoint(path, fmt, tensors, linears, record)
-
-
 def read_quantized_output(path: str | Path) -> QuantizedCheckpoint:
-    """Read any W8A8 output llavaq writes (the shared format reader when present, else msmodelslim/mindie)."""
+    """Read any W8A8 output llavaq writes (msmodelslim, mindie, compressed-tensors, fakequant)."""
+    from llavaq.formats.reader import read_quantized
+
     path = Path(path)
     if not path.is_dir():
         raise OutputError(f"quantized model directory {path} does not exist")
-    try:
-        from llavaq.formats.reader import read_quantized  # type: ignore[attr-defined]
-    except ImportError:
-        return _read_msmodelslim(path)
-    return _from_shared_reader(read_quantized(path), path)
-
-
-def _from_shared_reader(q: Any, path: Path) -> QuantizedCheckpoint:  # pragma: no cover - until formats lands
-    return _read_msmodelslim(path)
+    view = read_quantized(path)
+    floats = {n: view.tensor(n) for n in view.float_names}
+    linears: dict[str, QuantLinearParams] = {}
+    for lv in view.linears():
+        if lv.quant_bias is not None:  # msModelSlim formats: bias folded into the int32 quant_bias
+            qb, post = lv.quant_bias, None
+        else:  # zero point subtracted in integers, float bias added after rescaling
+            qb = (-lv.input_offset.double() * lv.weight.double().sum(1)).round().to(torch.int32)
+            post = lv.bias
+        linears[lv.name] = QuantLinearParams(lv.weight, lv.weight_scale.float(), lv.input_scale.float(),
+                                             lv.input_offset.float(), qb, lv.deq_scale.float(), lv.bias, post)
+    return QuantizedCheckpoint(path, view.format, floats, linears, view.record or {})
 
 
 # ---------------------------------------------------------------------------------------------- models

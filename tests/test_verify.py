@@ -19,7 +19,7 @@ from llavaq.calib.coverage import range_drivers
 from llavaq.quant.emulate import EmulatedW8A8Linear, QuantLinearParams, int8_linear
 from llavaq.quant.state import quantize_linear
 from llavaq.recipe import QuantRecipe
-from llavaq.verify import _read_msmodelslim, check_thresholds, read_quantized_output, verify
+from llavaq.verify import check_thresholds, read_quantized_output, verify
 
 HELDOUT = ("The cat sat on the table next to a cup of coffee. A rocket stands on the launch pad under a "
            "blue sky. The quick brown fox jumps over the lazy dog. ") * 6
@@ -76,16 +76,24 @@ def test_emulation_matches_numpy_reference_from_saved_tensors(quantized):
     assert (xq == 127).any() or (xq == -128).any()  # the sample exercises clamping too
 
 
-def test_reader_msmodelslim_and_mindie_agree(quantized, tiny_model, tmp_path):
+@pytest.mark.parametrize("fmt", ["mindie", "compressed-tensors", "fakequant"])
+def test_every_format_emulates_like_msmodelslim(quantized, tiny_model, tmp_path, fmt):
     cal, res = quantized
-    out = api.export(tiny_model, cal.cache, tmp_path / "mindie", format="mindie", part_file_size=0.00005)
-    a, b = _read_msmodelslim(res.save_directory), _read_msmodelslim(out.save_directory)
-    assert (a.format, b.format) == ("msmodelslim", "mindie")
-    assert a.linears.keys() == b.linears.keys() and len(a.linears) == 26
-    for n in a.linears:
-        assert torch.equal(a.linears[n].weight, b.linears[n].weight)
-        assert torch.equal(a.linears[n].deq_scale, b.linears[n].deq_scale)
-    assert a.float_tensors.keys() == b.float_tensors.keys()
+    out = api.export(tiny_model, cal.cache, tmp_path / fmt, format=fmt)
+    a, b = read_quantized_output(res.save_directory), read_quantized_output(out.save_directory)
+    assert b.format == fmt and a.linears.keys() == b.linears.keys() and len(a.linears) == 26
+    torch.manual_seed(0)
+    for n, pa in a.linears.items():
+        pb = b.linears[n]
+        assert torch.equal(pa.weight, pb.weight)
+        x = torch.randn(5, pa.in_features) * 3
+        ya, yb = EmulatedW8A8Linear(pa)(x), EmulatedW8A8Linear(pb)(x)
+        if pa.bias is None:  # the same integers and the same deq_scale: identical
+            assert torch.equal(ya, yb), n
+        else:  # msModelSlim rounds bias/deq_scale into quant_bias; others add the float bias after
+            tol = 0.5 * pa.deq_scale.max() + 2e-3 * pa.bias.float().abs().max()  # + fp16 storage of the bias
+            assert (ya - yb).abs().max() <= tol, n
+    assert set(a.float_tensors) == set(b.float_tensors)
 
 
 # ------------------------------------------------------------------------------------------- (c) verify end-to-end

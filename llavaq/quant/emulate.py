@@ -34,7 +34,10 @@ class QuantLinearParams:
     input_offset: torch.Tensor  # fp32 [1], integer-valued
     quant_bias: torch.Tensor  # int32 [out]
     deq_scale: torch.Tensor  # fp32 [out]
-    bias: torch.Tensor | None = None  # float [out] (kept for the dynamic reference only)
+    bias: torch.Tensor | None = None  # float [out] (the dynamic reference adds it in float)
+    #: formats without quant_bias (compressed-tensors, fakequant): the kernel subtracts the zero point in
+    #: integers (quant_bias = −input_offset·ΣW_q) and adds the float bias after rescaling
+    post_bias: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -54,7 +57,8 @@ def int8_linear(x: torch.Tensor, p: QuantLinearParams) -> torch.Tensor:
     """``deq_scale·(x_q·W_qᵀ + quant_bias)`` with an exact integer accumulation (float64)."""
     xq = quantize_input(x, p.input_scale, p.input_offset).double()
     acc = xq @ p.weight.double().T + p.quant_bias.double()
-    return (acc * p.deq_scale.double()).float()
+    y = (acc * p.deq_scale.double()).float()
+    return y if p.post_bias is None else y + p.post_bias.float()
 
 
 def int8_linear_dynamic(x: torch.Tensor, p: QuantLinearParams) -> torch.Tensor:
@@ -91,7 +95,8 @@ class EmulatedW8A8Linear(nn.Module):
             return int8_linear_dynamic(x, p)
         xq = quantize_input(x, p.input_scale, p.input_offset).double()
         acc = xq @ self._w64.T + self._qb64
-        return (acc * self._deq64).float()
+        y = (acc * self._deq64).float()
+        return y if p.post_bias is None else y + p.post_bias.float()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"

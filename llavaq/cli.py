@@ -86,6 +86,16 @@ def _print_calibration(cal) -> None:
     err.print(f"  session cache: {escape(str(cal.cache.path))}", soft_wrap=True, highlight=False)
 
 
+def _print_range_drivers(cache) -> None:
+    from llavaq.calib.coverage import range_drivers
+    from llavaq.errors import CacheError
+
+    try:
+        err.print("  " + range_drivers(cache).summary, soft_wrap=True)
+    except CacheError:
+        pass
+
+
 def _print_export(res, peak_rss: bool = True) -> None:
     t = Table(title=f"llavaq → {res.save_directory}", show_header=False)
     t.add_row("format", res.format + (" (derived from cached float statistics)" if res.derived else ""))
@@ -174,6 +184,7 @@ def calibrate(
         cal = api.calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
                             trust_remote_code=_bool(trust_remote_code, "--trust_remote_code"), progress=progress)
     _print_calibration(cal)
+    _print_range_drivers(cal.cache)
     out.print(str(cal.cache.path))
 
 

@@ -1,7 +1,575 @@
-"""``llavaq verify`` (being built: issue #5)."""
+"""``llavaq verify``: fidelity of a W8A8 output against the float model, with integer-exact kernels.
 
-from llavaq.errors import LlavaqError
+The quantized model is a float32 ``LlavaForConditionalGeneration`` whose float parameters come from
+the output's FLOAT tensors and whose quantized Linears are replaced by
+:class:`~llavaq.quant.emulate.EmulatedW8A8Linear` (static int8 activations with the saved
+input_scale/input_offset, int8×int8 accumulated exactly, rescaled with deq_scale and quant_bias),
+i.e. what MindIE / vLLM int8 kernels compute from the saved tensors.
+
+Measured, float (FP) vs quantized (Q):
+
+* per prompt (image + question, or text only): the FP model's greedy answer is teacher-forced through
+  both models; logits cosine, top-1 agreement and KL(FP‖Q) over the answer positions, and top-1 over
+  all text positions of the sequence;
+* held-out plain text: perplexity FP vs Q, top-1 agreement and KL per token;
+* per quantized Linear: output MSE of the emulated Linear vs the float Linear on the *same* input
+  (smoothing undone from the saved norms), relative to the float output power, and the fraction of
+  activations clipped by the static range — the worst layers are listed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llavaq.errors import ImageError, LlavaqError, OutputError, VerificationFailed
+from llavaq.quant.emulate import EmulatedW8A8Linear, QuantLinearParams, quantize_input
+
+QUANT_SUFFIXES = ("weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
+IMAGE_TEMPLATE = "USER: <image>\n{q} ASSISTANT:"
+TEXT_TEMPLATE = "USER: {q} ASSISTANT:"
+DEFAULT_QUESTION = "Describe this image in detail."
 
 
-def run_verify(*args, **kwargs) -> int:
-    raise LlavaqError("llavaq verify is not available in this build yet")
+# ---------------------------------------------------------------------------------------------- reading outputs
+@dataclass
+class QuantizedCheckpoint:
+    """A quantized output directory: float tensors + per-Linear integer-kernel tensors."""
+
+    path: Path
+    format: str
+    float_tensors: dict[str, torch.Tensor]
+    linears: dict[str, QuantLinearParams]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def read_quantized_output(path: str | Path) -> QuantizedCheckpoint:
+    """Read any W8A8 output llavaq writes (msmodelslim, mindie, compressed-tensors, fakequant)."""
+    from llavaq.formats.reader import read_quantized
+
+    path = Path(path)
+    if not path.is_dir():
+        raise OutputError(f"quantized model directory {path} does not exist")
+    view = read_quantized(path)
+    floats = {n: view.tensor(n) for n in view.float_names}
+    linears: dict[str, QuantLinearParams] = {}
+    for lv in view.linears():
+        if lv.quant_bias is not None:  # msModelSlim formats: bias folded into the int32 quant_bias
+            qb, post = lv.quant_bias, None
+        else:  # zero point subtracted in integers, float bias added after rescaling
+            qb = (-lv.input_offset.double() * lv.weight.double().sum(1)).round().to(torch.int32)
+            post = lv.bias
+        linears[lv.name] = QuantLinearParams(lv.weight, lv.weight_scale.float(), lv.input_scale.float(),
+                                             lv.input_offset.float(), qb, lv.deq_scale.float(), lv.bias, post)
+    return QuantizedCheckpoint(path, view.format, floats, linears, view.record or {})
+
+
+# ---------------------------------------------------------------------------------------------- models
+def load_float_model(model_path: str | Path) -> nn.Module:
+    """The float LLaVA in float32 (what the quantized model is compared with)."""
+    import logging
+
+    from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    from llavaq.api import open_model
+
+    open_model(model_path)  # validated: one-line errors for bad model dirs
+    prev = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(str(model_path), torch_dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(prev)
+    return model.eval()
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
+
+
+def build_quantized_model(float_model: nn.Module, q: QuantizedCheckpoint, *, mode: str = "static") -> nn.Module:
+    """A float32 LLaVA with the output's FLOAT tensors and emulated int8 kernels for its W8A8 Linears."""
+    import copy
+
+    model = copy.deepcopy(float_model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, lq in q.linears.items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise OutputError(f"{q.path}: quantized module {name} does not exist in the float model") from None
+        if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != tuple(lq.weight.shape):
+            raise OutputError(f"{q.path}: {name}.weight has shape {list(lq.weight.shape)}, the float model's "
+                              f"is {list(getattr(lin, 'weight', torch.empty(0)).shape)}")
+    covered = set()
+    with torch.no_grad():
+        for name, t in q.float_tensors.items():
+            p = params.get(name)
+            if p is None:
+                raise OutputError(f"{q.path}: tensor {name} does not belong to the float model")
+            if tuple(p.shape) != tuple(t.shape):
+                raise OutputError(f"{q.path}: tensor {name} has shape {list(t.shape)}, expected {list(p.shape)}")
+            p.copy_(t.float())
+            covered.add(name)
+    for name in q.linears:
+        covered.update({f"{name}.weight", f"{name}.bias"})
+    missing = [n for n in params if n not in covered and not n.endswith("lm_head.weight")]
+    if missing:
+        raise OutputError(f"{q.path}: the output has no tensor for {missing[0]} ({len(missing)} missing)")
+    for name, lq in q.linears.items():
+        _set_submodule(model, name, EmulatedW8A8Linear(lq, mode))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation inputs
+@dataclass
+class EvalPrompt:
+    question: str
+    image: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return (self.image.name + ": " if self.image else "[text] ") + self.question
+
+
+def _shipped(name: str) -> Path | None:
+    """A file/dir under llavaq/data/eval shipped with the package, if present."""
+    try:
+        from importlib.resources import files
+
+        p = files("llavaq").joinpath("data", "eval", name)
+        p = Path(str(p))
+    except (ModuleNotFoundError, TypeError):
+        return None
+    return p if p.exists() else None
+
+
+def load_eval_prompts(prompts: str | Path | None, images: str | Path | None) -> list[EvalPrompt]:
+    """Evaluation prompts: a JSON list of ``{"image": file, "question": q}`` / ``{"question": q}`` / strings.
+
+    Image files are resolved against ``images`` (default: the prompts file's folder, then the shipped
+    held-out images). Without a prompts file every image in ``images`` gets "Describe this image in detail."
+    """
+    from llavaq.calib.images import IMAGE_SUFFIXES
+
+    img_dir = Path(images) if images is not None else None
+    if img_dir is not None and not img_dir.is_dir():
+        raise ImageError(f"evaluation image folder {img_dir} does not exist")
+    if prompts is None:
+        prompts = _shipped("prompts.json") if images is None else None
+        if img_dir is None:
+            img_dir = _shipped("images")
+    if prompts is None:
+        if img_dir is None:
+            return []
+        files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ImageError(f"evaluation image folder {img_dir} has no images")
+        return [EvalPrompt(DEFAULT_QUESTION, f) for f in files]
+    prompts = Path(prompts)
+    if not prompts.is_file():
+        raise LlavaqError(f"prompt file {prompts} does not exist")
+    try:
+        data = json.loads(prompts.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlavaqError(f"prompt file {prompts}: invalid JSON ({e.__class__.__name__})") from None
+    if not isinstance(data, list) or not data:
+        raise LlavaqError(f"prompt file {prompts}: expected a non-empty JSON list")
+    bases = [d for d in (img_dir, prompts.parent, prompts.parent / "images", _shipped("images")) if d is not None]
+    out = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            out.append(EvalPrompt(item))
+            continue
+        if not isinstance(item, dict):
+            raise LlavaqError(f"prompt file {prompts}: item {i} is not an object or a string")
+        q = item.get("question", item.get("text", item.get("prompt")))
+        if not isinstance(q, str) or not q.strip():
+            raise LlavaqError(f"prompt file {prompts}: item {i} has no \"question\"")
+        img = item.get("image")
+        if img is None:
+            out.append(EvalPrompt(q))
+            continue
+        found = next((b / img for b in bases if (b / img).is_file()), None)
+        if found is None:
+            raise ImageError(f"prompt file {prompts}: image {img!r} (item {i}) not found in "
+                             f"{', '.join(str(b) for b in bases)}")
+        out.append(EvalPrompt(q, found))
+    return out
+
+
+def load_heldout_text(text: str | Path | None) -> str | None:
+    path = Path(text) if text is not None else _shipped("heldout.txt")
+    if path is None:
+        return None
+    if not path.is_file():
+        raise LlavaqError(f"held-out text file {path} does not exist")
+    try:
+        s = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlavaqError(f"held-out text file {path}: cannot read ({e.__class__.__name__})") from None
+    if not s.strip():
+        raise LlavaqError(f"held-out text file {path} is empty")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+@dataclass
+class PromptResult:
+    prompt: str
+    image: str | None
+    answer: str
+    answer_tokens: int
+    cosine: float
+    top1: float
+    top1_all: float
+    kl: float
+    positions_all: int
+
+
+@dataclass
+class LayerError:
+    name: str
+    mse: float
+    rel_mse: float
+    clip_fraction: float
+
+
+@dataclass
+class FidelityReport:
+    model_path: str
+    quantized: str
+    format: str
+    mode: str
+    prompts: list[PromptResult]
+    ppl_fp: float | None
+    ppl_q: float | None
+    text_tokens: int
+    text_top1: float | None
+    text_kl: float | None
+    text_cosine: float | None
+    top1: float
+    kl: float
+    cosine: float
+    worst_layers: list[LayerError]
+    quantized_linears: int
+    seconds: float
+    range_drivers: dict[str, Any] | None = None
+
+    @property
+    def ppl_increase(self) -> float | None:
+        if self.ppl_fp is None or self.ppl_q is None:
+            return None
+        return (self.ppl_q / self.ppl_fp - 1.0) * 100.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ppl_increase_percent"] = self.ppl_increase
+        return d
+
+
+class _Acc:
+    """Pooled next-token statistics over positions."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.agree = 0
+        self.kl = 0.0
+        self.cos = 0.0
+
+    def add(self, lf: torch.Tensor, lq: torch.Tensor) -> None:
+        lf, lq = lf.double(), lq.double()
+        self.n += lf.shape[0]
+        self.agree += int((lf.argmax(-1) == lq.argmax(-1)).sum())
+        pf, pq = F.log_softmax(lf, -1), F.log_softmax(lq, -1)
+        self.kl += float((pf.exp() * (pf - pq)).sum(-1).clamp(min=0).sum())
+        self.cos += float(F.cosine_similarity(lf, lq, dim=-1).sum())
+
+    def means(self) -> tuple[float, float, float]:
+        n = max(self.n, 1)
+        return self.agree / n, self.kl / n, self.cos / n
+
+
+class LayerErrorHooks:
+    """Per quantized Linear: emulated output vs the float Linear on the same (smoothed) input.
+
+    The float reference undoes the smoothing using the float model's norms and the output's smoothed
+    norms: for a group norm → Linears, ``s = γ/γ'`` and (LayerNorm) ``z = β − β'·s``, so the float
+    Linear sees ``x·s + z`` — the original activation — and computes ``W x + b`` with the float model's
+    own W and b.
+    """
+
+    def __init__(self, qmodel: nn.Module, float_model: nn.Module, q: QuantizedCheckpoint, arch) -> None:
+        self.stats: dict[str, list[float]] = {}
+        self._handles = []
+        undo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        fparams = dict(float_model.named_parameters())
+        for g in arch.all_smooth_groups():
+            wf = fparams[g.norm + ".weight"].detach().float()
+            wq = q.float_tensors.get(g.norm + ".weight")
+            if wq is None:
+                continue
+            wq = wq.float()
+            s = torch.where(wq != 0, wf / torch.where(wq != 0, wq, torch.ones_like(wq)), torch.ones_like(wf))
+            z = None
+            if g.shift and g.norm + ".bias" in q.float_tensors:
+                z = fparams[g.norm + ".bias"].detach().float() - q.float_tensors[g.norm + ".bias"].float() * s
+            for lin in g.linears:
+                undo[lin] = (s, z)
+        for name, mod in qmodel.named_modules():
+            if isinstance(mod, EmulatedW8A8Linear):
+                flin = float_model.get_submodule(name)
+                self._handles.append(mod.register_forward_hook(self._hook(name, mod, flin, undo.get(name))))
+
+    def _hook(self, name, mod: EmulatedW8A8Linear, flin: nn.Linear, undo):
+        def hook(_m, args, out):
+            x = args[0].detach().float()
+            xf = x
+            if undo is not None:
+                s, z = undo
+                xf = x * s + (z if z is not None else 0)
+            ref = F.linear(xf, flin.weight, flin.bias)
+            st = self.stats.setdefault(name, [0.0, 0.0, 0, 0, 0])
+            st[0] += float(((out.float() - ref) ** 2).sum())
+            st[1] += float((ref**2).sum())
+            st[2] += ref.numel()
+            if mod.mode == "static":
+                p = mod.params
+                xq = quantize_input(x, p.input_scale, p.input_offset)
+                st[3] += int(((xq == -128) | (xq == 127)).sum())
+            st[4] += x.numel()
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def result(self) -> list[LayerError]:
+        out = []
+        for name, (se, sr, n, clipped, nx) in self.stats.items():
+            if n:
+                out.append(LayerError(name, se / n, se / max(sr, 1e-30), clipped / max(nx, 1)))
+        return out
+
+
+def _text_positions(input_ids: torch.Tensor, image_token: int, seq_len: int) -> torch.Tensor:
+    """Merged-sequence index of every input token (an ``<image>`` token expands to the patch count)."""
+    ids = input_ids[0]
+    n_img = int((ids == image_token).sum())
+    patches = (seq_len - (ids.numel() - n_img)) // n_img if n_img else 1
+    width = torch.where(ids == image_token, torch.full_like(ids, patches), torch.ones_like(ids))
+    return torch.cumsum(width, 0) - 1
+
+
+@torch.no_grad()
+def _prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answer_tokens: int, image_token: int,
+                   acc: _Acc) -> PromptResult:
+    from llavaq.calib.images import load_image
+
+    tok = processor.tokenizer
+    if p.image is not None:
+        img = load_image(p.image)
+        enc = processor(images=img, text=IMAGE_TEMPLATE.format(q=p.question), return_tensors="pt")
+        pixel_values = enc["pixel_values"].float()
+    else:
+        enc = tok(TEXT_TEMPLATE.format(q=p.question), return_tensors="pt")
+        pixel_values = None
+    ids = enc["input_ids"]
+    gen = fp.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=enc["attention_mask"],
+                      max_new_tokens=answer_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                      bad_words_ids=[[image_token]])
+    answer = gen[:, ids.shape[1]:]
+    full = torch.cat([ids, answer], 1)
+    mask = torch.ones_like(full)
+    lf = fp(input_ids=full, pixel_values=pixel_values, attention_mask=mask).logits[0]
+    lq = qm(input_ids=full, pixel_values=pixel_values, attention_mask=mask).logits[0]
+    pos = _text_positions(full, image_token, lf.shape[0])
+    a = answer.shape[1]
+    ans_pos = pos[ids.shape[1] - 1: full.shape[1] - 1]
+    one = _Acc()
+    one.add(lf[ans_pos], lq[ans_pos])
+    acc.add(lf[ans_pos], lq[ans_pos])
+    every = _Acc()
+    every.add(lf[pos[:-1]], lq[pos[:-1]])
+    t1, kl, cos = one.means()
+    return PromptResult(p.question, p.image.name if p.image else None,
+                        tok.decode(answer[0], skip_special_tokens=True), a, cos, t1, every.means()[0], kl, every.n)
+
+
+@torch.no_grad()
+def _perplexity(fp: nn.Module, qm: nn.Module, tokenizer, text: str, window: int, max_tokens: int,
+                acc: _Acc) -> tuple[float, float, int, _Acc]:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
+    bos = tokenizer.bos_token_id
+    nll_f = nll_q = 0.0
+    n = 0
+    local = _Acc()
+    for start in range(0, ids.numel(), window - 1):
+        chunk = ids[start: start + window - 1]
+        if chunk.numel() < 2:
+            break
+        x = torch.cat([torch.tensor([bos]), chunk]).unsqueeze(0) if bos is not None else chunk.unsqueeze(0)
+        lf = fp(input_ids=x).logits[0, :-1].double()
+        lq = qm(input_ids=x).logits[0, :-1].double()
+        tgt = x[0, 1:]
+        nll_f += float(F.cross_entropy(lf, tgt, reduction="sum"))
+        nll_q += float(F.cross_entropy(lq, tgt, reduction="sum"))
+        n += tgt.numel()
+        local.add(lf, lq)
+        acc.add(lf, lq)
+    if n == 0:
+        raise LlavaqError("held-out text is too short for perplexity (needs at least 2 tokens)")
+    return math.exp(nll_f / n), math.exp(nll_q / n), n, local
+
+
+def verify(
+    model_path: str | Path,
+    quantized_dir: str | Path,
+    *,
+    images: str | Path | None = None,
+    prompts: str | Path | None = None,
+    text: str | Path | None = None,
+    mode: str = "static",
+    answer_tokens: int = 16,
+    ppl_window: int = 256,
+    max_text_tokens: int = 4096,
+    worst: int = 10,
+    float_model: nn.Module | None = None,
+) -> FidelityReport:
+    """Compare the float model with the quantized output as int8 kernels run it (see module docstring).
+
+    ``mode="dynamic"`` replaces the saved static activation ranges with per-token dynamic int8
+    quantization (same int8 weights): a reference for what static activations cost.
+    """
+    from llavaq.api import open_model
+    from llavaq.calib.samples import load_processor
+
+    t0 = time.perf_counter()
+    arch = open_model(model_path)
+    q = read_quantized_output(quantized_dir)
+    eval_prompts = load_eval_prompts(prompts, images)
+    heldout = load_heldout_text(text)
+    if not eval_prompts and heldout is None:
+        raise LlavaqError("no evaluation inputs: pass --images/--prompts and/or --text "
+                          "(the shipped held-out set is not installed)")
+    processor = load_processor(model_path)
+    fp = float_model if float_model is not None else load_float_model(model_path)
+    qm = build_quantized_model(fp, q, mode=mode)
+    hooks = LayerErrorHooks(qm, fp, q, arch)
+    image_token = arch.config.image_token_index
+    acc = _Acc()
+    try:
+        results = [_prompt_result(fp, qm, processor, p, answer_tokens, image_token, acc) for p in eval_prompts]
+        ppl_fp = ppl_q = None
+        text_n = 0
+        text_stats = None
+        if heldout is not None:
+            ppl_fp, ppl_q, text_n, text_stats = _perplexity(fp, qm, processor.tokenizer, heldout, ppl_window,
+                                                           max_text_tokens, acc)
+    finally:
+        hooks.remove()
+    layers = sorted(hooks.result(), key=lambda e: e.rel_mse, reverse=True)
+    top1, kl, cos = acc.means()
+    tt = text_stats.means() if text_stats is not None else (None, None, None)
+    return FidelityReport(
+        model_path=str(model_path), quantized=str(quantized_dir), format=q.format, mode=mode, prompts=results,
+        ppl_fp=ppl_fp, ppl_q=ppl_q, text_tokens=text_n, text_top1=tt[0], text_kl=tt[1], text_cosine=tt[2],
+        top1=top1, kl=kl, cosine=cos, worst_layers=layers[:worst], quantized_linears=len(q.linears),
+        seconds=time.perf_counter() - t0, range_drivers=_range_drivers_from_record(q.record),
+    )
+
+
+def _range_drivers_from_record(record: dict[str, Any]) -> dict[str, Any] | None:
+    cache = record.get("cache")
+    if not cache or not Path(cache).is_dir():
+        return None
+    try:
+        from llavaq.calib.coverage import range_drivers
+
+        return range_drivers(cache).to_dict()
+    except (LlavaqError, ImportError, KeyError):
+        return None
+
+
+def check_thresholds(report: FidelityReport, max_ppl_increase: float | None, min_top1: float | None) -> list[str]:
+    """The failed checks, as one-line messages."""
+    failed = []
+    inc = report.ppl_increase
+    if max_ppl_increase is not None:
+        if inc is None:
+            failed.append("--max-ppl-increase needs held-out text (--text)")
+        elif inc > max_ppl_increase:
+            failed.append(f"perplexity +{inc:.2f}% > {max_ppl_increase:g}%")
+    if min_top1 is not None and report.top1 < min_top1:
+        failed.append(f"top-1 agreement {report.top1:.4f} < {min_top1:g}")
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------- CLI shell
+def print_report(report: FidelityReport, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"llavaq verify: {report.quantized} ({report.format}, {report.mode} int8 activations, "
+                    f"{report.quantized_linears} W8A8 Linears emulated)")
+    for c in ("prompt", "answer (FP, greedy)", "cosine", "top-1 answer", "top-1 all", "KL(FP‖Q)"):
+        t.add_column(c, overflow="fold")
+    for r in report.prompts:
+        label = (f"[{r.image}] " if r.image else "[text] ") + r.prompt
+        t.add_row(label[:60], r.answer[:50], f"{r.cosine:.5f}", f"{r.top1:.3f}", f"{r.top1_all:.3f}", f"{r.kl:.5f}")
+    if report.prompts:
+        console.print(t)
+    s = Table(title="overall", show_header=False)
+    if report.ppl_fp is not None:
+        s.add_row("perplexity FP → Q", f"{report.ppl_fp:.4f} → {report.ppl_q:.4f} ({report.ppl_increase:+.2f}%) "
+                                       f"on {report.text_tokens} held-out tokens")
+        s.add_row("held-out text top-1 / KL", f"{report.text_top1:.4f} / {report.text_kl:.5f}")
+    s.add_row("top-1 agreement (all scored positions)", f"{report.top1:.4f}")
+    s.add_row("KL(FP‖Q) per position", f"{report.kl:.5f}")
+    s.add_row("mean logits cosine", f"{report.cosine:.5f}")
+    s.add_row("time", f"{report.seconds:.1f}s")
+    console.print(s)
+    w = Table(title="worst quantized Linears (emulated output vs float Linear, same input)")
+    for c in ("Linear", "rel. MSE", "MSE", "saturated"):
+        w.add_column(c)
+    for e in report.worst_layers:
+        w.add_row(e.name, f"{e.rel_mse:.2e}", f"{e.mse:.2e}", f"{e.clip_fraction:.2e}")
+    console.print(w)
+    if report.range_drivers:
+        console.print(report.range_drivers.get("summary", ""))
+
+
+def run_verify(
+    model_path: str | Path,
+    quantized: str | Path,
+    *,
+    images: str | Path | None = None,
+    prompts: str | Path | None = None,
+    text: str | Path | None = None,
+    json_out: bool = False,
+    max_ppl_increase: float | None = None,
+    min_top1: float | None = None,
+    console=None,
+) -> int:
+    from rich.console import Console
+
+    console = console or Console()
+    report = verify(model_path, quantized, images=images, prompts=prompts, text=text)
+    if json_out:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_report(report, console)
+    failed = check_thresholds(report, max_ppl_increase, min_top1)
+    if failed:
+        raise VerificationFailed(f"{quantized}: " + "; ".join(failed))
+    return 0

@@ -69,11 +69,13 @@ def smoothquant_group(
     weights: Sequence[torch.Tensor],
     alpha: float | str,
     rows: torch.Tensor | None = None,
+    info: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SmoothQuant (m1) scale, and shift z for LayerNorm groups, from float per-channel statistics.
 
     ``alpha="auto"`` picks alpha per group by minimising the quantized block-output error on the
-    cached activation rows (:mod:`llavaq.algorithms.alpha_search`).
+    cached activation rows (:mod:`llavaq.algorithms.alpha_search`). The alpha used is stored in
+    ``info["alpha"]`` when ``info`` is given.
     """
     shift = (ch_max + ch_min) / 2 if group.shift else None
     absmax = (ch_max - ch_min) / 2 if group.shift else torch.maximum(ch_max.abs(), ch_min.abs())
@@ -81,4 +83,6 @@ def smoothquant_group(
         from llavaq.algorithms.alpha_search import search_group_alpha
 
         alpha = search_group_alpha(group, rows, weights, absmax, shift)
+    if info is not None:
+        info["alpha"] = float(alpha)
     return smoothquant_scale(absmax, weights, float(alpha)), shift

@@ -99,6 +99,7 @@ class CalibrationEngine:
         self.progress = progress or NullProgress()
         self.device = torch.device(device)
         self.quantized = set(arch.quantized_linears(recipe.modules))
+        self.alphas: dict[str, float] = {}
         self.image_idx = [j for j, s in enumerate(samples) if s.pixel_values is not None]
         if recipe.anti_outlier == "m2" and samples[0].pixel_values is None:
             raise LlavaqError("m2 needs an image sample first: the anti-outlier pass runs on calibration sample 0")
@@ -249,6 +250,8 @@ class CalibrationEngine:
                 m2_out = layer(s.feat_m2.to(self.device)).cpu()
         for gname, (scale, shift) in smooth.items():
             record[f"smooth.{gname}.scale"] = scale
+            if gname in self.alphas:
+                record[f"smooth.{gname}.alpha"] = torch.tensor([self.alphas[gname]], dtype=torch.float64)
             if shift is not None:
                 record[f"smooth.{gname}.shift"] = shift
 
@@ -361,10 +364,12 @@ class CalibrationEngine:
             mods = [layer.get_submodule(n[len(stage.prefix):]) for n in g.linears]
             norm = layer.get_submodule(g.norm[len(stage.prefix):])
             weights = [m.weight.data for m in mods]
+            info: dict = {}
             scale, shift = smoothquant_group(
                 g, stats[f"float.{key}.min"], stats[f"float.{key}.max"], weights, self.recipe.alpha,
-                stats.get(f"float.{key}.rows"),
+                stats.get(f"float.{key}.rows"), info=info,
             )
+            self.alphas[g.name] = info["alpha"]
             if shift is not None:
                 fold_shift(weights, [m.bias.data for m in mods], shift)
             fold_scale(norm.weight.data, norm.bias.data if g.shift else None, weights, scale, shift)

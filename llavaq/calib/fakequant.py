@@ -40,18 +40,27 @@ class FakeQuantLinear(nn.Module):
 
 
 class InputRecorder:
-    """Forward pre-hooks recording per-channel float min/max/absmax and a row sample of Linear inputs."""
+    """Forward pre-hooks recording per-channel float min/max/absmax and a row sample of Linear inputs.
+
+    Each call is one calibration sample, so the per-tensor min/max of every call is kept too
+    (``float.<linear>.sample_min`` / ``.sample_max`` [samples]): which samples set a Linear's
+    activation range (image prompts vs text-only prompts).
+    """
 
     def __init__(self, modules: dict[str, nn.Module], rows_per_call: int) -> None:
         self.rows_per_call = rows_per_call
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
         self.rows: dict[str, list[torch.Tensor]] = {}
+        self.sample_min: dict[str, list[torch.Tensor]] = {}
+        self.sample_max: dict[str, list[torch.Tensor]] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(_mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             mn, mx = x.amin(0), x.amax(0)
+            self.sample_min.setdefault(name, []).append(mn.min())
+            self.sample_max.setdefault(name, []).append(mx.max())
             s = self.stats.get(name)
             if s is None:
                 self.stats[name] = {"min": mn, "max": mx}
@@ -74,6 +83,8 @@ class InputRecorder:
         for name, s in self.stats.items():
             out[f"float.{name}.min"] = s["min"]
             out[f"float.{name}.max"] = s["max"]
+            out[f"float.{name}.sample_min"] = torch.stack(self.sample_min[name])
+            out[f"float.{name}.sample_max"] = torch.stack(self.sample_max[name])
             if name in self.rows:
                 out[f"float.{name}.rows"] = torch.cat(self.rows[name])
         return out

@@ -1,0 +1,102 @@
+"""W8A8 integer-kernel emulation: what MindIE / vLLM int8 kernels compute, exactly.
+
+Static (what the exported model runs)::
+
+    x_q = clamp(round(x / input_scale + input_offset), -128, 127)          # int8, per tensor
+    y   = deq_scale · (x_q · W_qᵀ + quant_bias)                              # int32 accumulate
+
+``deq_scale = input_scale · weight_scale`` and ``quant_bias = round(b/deq_scale − input_offset·ΣW_q)``
+are read from the saved tensors, never recomputed. The integer product is accumulated in float64,
+which is exact here (|Σ| ≤ 128·127·in_features < 2⁵³).
+
+Dynamic per-token (a reference for what static activations cost)::
+
+    s_t = max|x_t| / 127;  x_q = clamp(round(x_t / s_t), -128, 127);  y = s_t·weight_scale·(x_q·W_qᵀ) + b
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@dataclass
+class QuantLinearParams:
+    """The saved tensors of one W8A8 Linear (deq_scale already unpacked to float32)."""
+
+    weight: torch.Tensor  # int8 [out, in]
+    weight_scale: torch.Tensor  # [out, 1]
+    input_scale: torch.Tensor  # fp32 [1]
+    input_offset: torch.Tensor  # fp32 [1], integer-valued
+    quant_bias: torch.Tensor  # int32 [out]
+    deq_scale: torch.Tensor  # fp32 [out]
+    bias: torch.Tensor | None = None  # float [out] (the dynamic reference adds it in float)
+    #: formats without quant_bias (compressed-tensors, fakequant): the kernel subtracts the zero point in
+    #: integers (quant_bias = −input_offset·ΣW_q) and adds the float bias after rescaling
+    post_bias: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+def quantize_input(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor) -> torch.Tensor:
+    """int8 codes (as float) of a static per-tensor asymmetric activation quantizer."""
+    return torch.clamp(torch.round(x.float() / input_scale.float() + input_offset.float()), -128, 127)
+
+
+def int8_linear(x: torch.Tensor, p: QuantLinearParams) -> torch.Tensor:
+    """``deq_scale·(x_q·W_qᵀ + quant_bias)`` with an exact integer accumulation (float64)."""
+    xq = quantize_input(x, p.input_scale, p.input_offset).double()
+    acc = xq @ p.weight.double().T + p.quant_bias.double()
+    y = (acc * p.deq_scale.double()).float()
+    return y if p.post_bias is None else y + p.post_bias.float()
+
+
+def int8_linear_dynamic(x: torch.Tensor, p: QuantLinearParams) -> torch.Tensor:
+    """Per-token symmetric dynamic activation quantization with the same int8 weights."""
+    x = x.float()
+    s = torch.clamp(x.abs().amax(-1, keepdim=True) / 127, min=EPS32)
+    xq = torch.clamp(torch.round(x / s), -128, 127).double()
+    acc = xq @ p.weight.double().T
+    y = (acc * s.double() * p.weight_scale.double().reshape(1, -1)).float()
+    if p.bias is not None:
+        y = y + p.bias.float()
+    return y
+
+
+class EmulatedW8A8Linear(nn.Module):
+    """Drop-in replacement of an ``nn.Linear`` that computes like the int8 kernel."""
+
+    def __init__(self, params: QuantLinearParams, mode: str = "static") -> None:
+        super().__init__()
+        if mode not in ("static", "dynamic"):
+            raise ValueError(f"unknown emulation mode {mode!r}")
+        self.params = params
+        self.mode = mode
+        self.in_features = params.in_features
+        self.out_features = params.out_features
+        # float64 copies once (the exact accumulator), not per call
+        self._w64 = params.weight.double()
+        self._qb64 = params.quant_bias.double()
+        self._deq64 = params.deq_scale.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if self.mode == "dynamic":
+            return int8_linear_dynamic(x, p)
+        xq = quantize_input(x, p.input_scale, p.input_offset).double()
+        acc = xq @ self._w64.T + self._qb64
+        y = (acc * self._deq64).float()
+        return y if p.post_bias is None else y + p.post_bias.float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"

@@ -3,7 +3,7 @@
 Every readable image is used (EXIF orientation applied, converted to 8-bit RGB); unreadable files
 are reported together in one summary line; zero usable images is an error. Images over
 ``MAX_PIXELS`` are refused (decompression-bomb guard), images wider/taller than ``MAX_SIDE`` are
-downscaled, images under ``MIN_SIDE`` px are refused. Files are taken
+downscaled, images under ``MIN_SIDE`` px are refused. Licence/readme notes (``LICENSE*``, ``README*``, ``*.md``) are ignored. Files are taken
 from the folder itself, sorted by name (msModelSlim uses unsorted ``os.listdir``: the order decides
 which photo drives the anti-outlier pass, so we make it deterministic). Sub-folders are ignored.
 """
@@ -132,10 +132,18 @@ def load_image(path: Path) -> Image.Image:
         raise ImageError(f"{path}: unreadable image ({str(e) or e.__class__.__name__})") from None
 
 
+#: Notes that commonly sit beside photos (e.g. calibImages/LICENSE.md) are ignored silently.
+DOC_NAMES = {"LICENSE", "LICENCE", "README", "NOTICE", "COPYING", "ATTRIBUTION"}
+
+
+def is_doc_file(path: Path) -> bool:
+    return path.suffix.lower() in (".md", ".rst") or path.stem.upper() in DOC_NAMES
+
+
 def load_images(folder: str | Path) -> LoadedImages:
     folder = Path(folder)
     skipped: list[tuple[Path, str]] = []
-    files = list_image_files(folder, skipped)
+    files = [f for f in list_image_files(folder, skipped) if not is_doc_file(f)]
     images, paths = [], []
     for f in files:
         try:

@@ -145,7 +145,7 @@ def export(
             )
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,
                         device_type=device_type, derived=derived, float_dtype=_float_dtype(recipe.float_dtype),
-                        extra_record={"cache": str(cache.path)})
+                        extra_record={"cache": str(cache.path)}, planned_stream="quantized")
     with AtomicOutputDir(Path(save_directory), overwrite) as tmp:
         tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype)
         info = fmt.write(tmp, tensors, ctx)

@@ -15,7 +15,7 @@ from llavaq.algorithms.m2 import (
 )
 
 
-def make_case(kind: str, seed: int, n: int = 192):
+def make_case(kind: str, seed: int, n: int = 96):
     g = torch.Generator().manual_seed(seed)
     c = 32
     x = torch.randn(1, n, c, generator=g)
@@ -45,14 +45,15 @@ def test_fast_search_against_the_full_grid(kind):
     """Smooth loss curves (gate_up, fc1): always the full grid's threshold. Attention blocks have jagged
     curves (quantization noise through softmax): mostly the same threshold or within 0.1 %, never far."""
     close, worst = 0, 1.0
-    for seed in range(6):
+    for seed in range(5):
         x, w, fn = make_case(kind, seed)
         grid = threshold_grid(x)
         y_ref = fn(x, w)
         losses = [float(threshold_loss(x, w, fn, t, y_ref)) for t in grid]
         full_i = min(range(len(grid)), key=lambda i: (losses[i], i))
-        full = os_plus_search(x, w, fn, mode="full")
-        assert torch.equal(full, scale_for_threshold(x.amax((0, 1)), x.amin((0, 1)), grid[full_i]))
+        if seed == 0:  # the full search picks the first minimum of these very losses
+            full = os_plus_search(x, w, fn, mode="full")
+            assert torch.equal(full, scale_for_threshold(x.amax((0, 1)), x.amin((0, 1)), grid[full_i]))
         g2, fast_i, evaluated = fast_search_index(x, w, fn)
         assert g2 == grid
         assert evaluated <= 0.45 * len(grid)
@@ -62,6 +63,6 @@ def test_fast_search_against_the_full_grid(kind):
         close += ratio <= 1.001
         worst = max(worst, ratio)
     if kind in ("gate_up", "clip_fc1"):
-        assert close == 6 and worst == 1.0
+        assert close == 5 and worst == 1.0, (close, worst)
     else:
-        assert close >= 4 and worst < 1.15, (close, worst)
+        assert close >= 3 and worst < 1.15, (close, worst)

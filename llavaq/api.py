@@ -16,7 +16,7 @@ from llavaq.calib.cache import SessionCache, default_cache_dir
 from llavaq.calib.engine import CalibrationEngine
 from llavaq.calib.images import load_images
 from llavaq.calib.samples import build_samples, load_processor, samples_digest
-from llavaq.device import resolve_device
+from llavaq.device import resolve_devices
 from llavaq.errors import CacheError, LlavaqError
 from llavaq.formats import ExportContext, get_format
 from llavaq.formats.base import AtomicOutputDir
@@ -71,7 +71,7 @@ def calibrate(
     recipe = recipe or QuantRecipe()
     progress = progress or NullProgress()
     arch = open_model(model_path, trust_remote_code=trust_remote_code)
-    device = resolve_device(device_type)
+    device = resolve_devices(device_type)
     loaded = load_images(calib_images)
     if loaded.skipped_line():
         progress.log(f"warning: {loaded.skipped_line()}")

@@ -78,3 +78,42 @@ def test_peak_weight_memory_does_not_grow_with_layers(calib_dir, tmp_path, monke
     assert t24 > 2.5 * t8  # the model really is three times as deep
     assert p24 <= 1.05 * p8, peaks  # ... but the most weight bytes alive at once did not grow
     assert p24 < 0.25 * 2 * t24  # and is a small fraction of the fp32 model
+
+
+def test_summary_line_reports_time_memory_and_size(monkeypatch):
+    import resource
+
+    from llavaq import progress
+
+    class RU:
+        def __init__(self, kib):
+            self.ru_maxrss = kib
+
+    monkeypatch.setattr(resource, "getrusage",
+                        lambda who: RU(3 * 2**20 if who == resource.RUSAGE_SELF else 2**19))
+    line = progress.summary_line(125.25, 7 * 2**30 + 2**29, 3)
+    assert line == "done in 2m05.2s; peak memory 3.00 GiB (process, children 0.50 GiB); output 7.50 GiB in 3 files"
+
+
+def test_round_robin_devices_give_the_same_output(tiny_model, calib_dir, tmp_path, monkeypatch):
+    import torch
+
+    from llavaq.calib.engine import CalibrationEngine
+    from llavaq.device import resolve_devices
+
+    assert resolve_devices("cpu") == [torch.device("cpu")]
+    one = tmp_path / "one"
+    api.quantize(tiny_model, calib_dir, one, cache_dir=tmp_path / "c1", device_type="cpu")
+    seen = []
+    real = CalibrationEngine._run_stage
+
+    def run_stage(self, stage, s):
+        seen.append((stage.name, self.device))
+        return real(self, stage, s)
+
+    monkeypatch.setattr(CalibrationEngine, "_run_stage", run_stage)
+    monkeypatch.setattr(api_mod, "resolve_devices", lambda dt: [torch.device("cpu", 0), torch.device("cpu", 1)])
+    two = tmp_path / "two"
+    api.quantize(tiny_model, calib_dir, two, cache_dir=tmp_path / "c2", device_type="cpu")
+    assert [d.index for _, d in seen] == [i % 2 for i in range(len(seen))] and len(seen) == 5
+    assert _files(one) == _files(two)

@@ -40,5 +40,8 @@ test: install-dev
 lint: install-dev
 	$(VENV)/bin/ruff check llavaq tests benchmarks
 
+bench-scale: install-dev
+	$(PY) benchmarks/scale.py --size 7b
+
 clean:
 	rm -rf $(VENV) demo .pytest_cache .ruff_cache

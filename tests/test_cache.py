@@ -18,10 +18,10 @@ def test_interrupted_calibration_resumes_to_identical_cache(tiny_model, calib_di
     k = 2  # finish vision 0, vision 1, projector; interrupt while writing text_layer.0
     real = SessionCache.write_stage
 
-    def flaky(self, stage, tensors, forward_passes):
+    def flaky(self, stage, tensors, forward_passes, streams=None):
         if stage == stages[k + 1]:
             raise KeyboardInterrupt
-        return real(self, stage, tensors, forward_passes)
+        return real(self, stage, tensors, forward_passes, streams)
 
     monkeypatch.setattr(SessionCache, "write_stage", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -62,3 +62,31 @@ def test_cache_of_another_model_is_refused(quantized, tiny_model_mha, tmp_path, 
     assert str(tiny_model_mha) in lines[0].replace("\n", "")
     assert "Traceback" not in err
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_interrupt_between_streams_and_manifest_resumes_correctly(tiny_model, calib_dir, quantized, tmp_path,
+                                                                  monkeypatch, k):
+    """Ctrl-C after stage k's record and streams are on disk but before the manifest lists it."""
+    ref_cache = quantized[0].cache
+    stages = ref_cache.manifest["stages_done"]
+    real = SessionCache.save_manifest
+    calls = {"n": 0}
+
+    def flaky(self):
+        if self.manifest.get("stages_done") and self.manifest["stages_done"][-1] == stages[k]:
+            calls["n"] += 1
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(SessionCache, "save_manifest", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        api.calibrate(tiny_model, calib_dir, cache_dir=tmp_path, device_type="cpu")
+    monkeypatch.setattr(SessionCache, "save_manifest", real)
+    assert calls["n"] == 1
+    cal = api.calibrate(tiny_model, calib_dir, cache_dir=tmp_path, device_type="cpu")
+    assert cal.cache.complete and cal.cache.manifest["stages_done"] == stages
+    for st in stages:
+        a, b = load_file(str(cal.cache.stage_file(st))), load_file(str(ref_cache.stage_file(st)))
+        assert sorted(a) == sorted(b), st
+        assert all(a[key].equal(b[key]) for key in a), st

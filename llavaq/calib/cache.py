@@ -139,8 +139,23 @@ class SessionCache:
     def stage_file(self, stage: str) -> Path:
         return self.path / f"stage-{stage}.safetensors"
 
-    def write_stage(self, stage: str, tensors: dict[str, torch.Tensor], forward_passes: int) -> None:
+    def write_stage(
+        self,
+        stage: str,
+        tensors: dict[str, torch.Tensor],
+        forward_passes: int,
+        streams: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Record a finished stage: its tensors, then the streams after it, then the manifest.
+
+        The order makes every interruption safe: the manifest never lists a stage whose record or
+        following streams are missing, and the streams file says which stage it follows
+        (``meta.stages_done``), so a resume never feeds a layer the wrong hidden states.
+        """
         _atomic_save_tensors(self.stage_file(stage), tensors)
+        if streams is not None:
+            n_done = len(self.manifest["stages_done"]) + (stage not in self.manifest["stages_done"])
+            self.save_streams({**streams, "meta.stages_done": torch.tensor(n_done)})
         if stage not in self.manifest["stages_done"]:
             self.manifest["stages_done"].append(stage)
         self.manifest["forward_passes"] = forward_passes

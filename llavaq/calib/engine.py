@@ -113,12 +113,15 @@ class CalibrationEngine:
     @torch.no_grad()
     def run(self) -> SessionCache:
         stages = self.arch.stages()
-        done = set(self.cache.manifest.get("stages_done", []))
         ForwardCounter.count = int(self.cache.manifest.get("forward_passes", 0))
         if self.cache.complete:
             return self.cache
-        streams = self.cache.load_streams() if done else None
-        streams = Streams.from_tensors(streams) if streams is not None else self._initial_streams()
+        saved = self.cache.load_streams()
+        # Resume exactly after the stage the saved streams follow (see SessionCache.write_stage).
+        n_done = int(saved.pop("meta.stages_done")) if saved is not None and "meta.stages_done" in saved else 0
+        done = {s.name for s in stages[:n_done]}
+        self.cache.manifest["stages_done"] = [s.name for s in stages[:n_done]]
+        streams = Streams.from_tensors(saved) if n_done else self._initial_streams()
         self.progress.stage("Calibrating layers", total=len(stages))
         for i, stage in enumerate(stages):
             if stage.name in done:
@@ -128,9 +131,8 @@ class CalibrationEngine:
                 self._enter_language_model(streams)
             self.device = self.devices[i % len(self.devices)]
             record = self._run_stage(stage, streams)
-            self.cache.write_stage(stage.name, record, ForwardCounter.count)
-            if i + 1 < len(stages):
-                self.cache.save_streams(streams.to_tensors())
+            self.cache.write_stage(stage.name, record, ForwardCounter.count,
+                                   streams.to_tensors() if i + 1 < len(stages) else None)
             self.progress.advance()
         self.cache.finish(ForwardCounter.count)
         return self.cache

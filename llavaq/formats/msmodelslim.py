@@ -98,6 +98,10 @@ class _MsModelSlimBase:
             cfg["quantization_config"] = quantization_config(ctx)
         copy_model_files(ctx.model_path, out_dir)
         (out_dir / "config.json").write_text(json.dumps(cfg, indent=4, ensure_ascii=False))
+        # msModelSlim writes its json files owner-only (0600) and weights read-only (0400).
+        for f in out_dir.glob("*.json"):
+            if f.name != RECORD:
+                f.chmod(0o600)
         write_record(out_dir, ctx, self.name)
         return {"tensors": len(weight_map), "files": sorted(set(weight_map.values()))}
 

@@ -274,11 +274,33 @@ class LlavaArch:
         return _prepare_4d_causal_attention_mask_for_sdpa(attention_mask, (b, n), embeds, 0)
 
     # ------------------------------------------------------------------ export order
-    def parameter_order(self) -> list[tuple[str, str, list[str]]]:
-        """(module name, class name, own parameter names) in ``named_modules`` order, as msModelSlim saves."""
+    #: msModelSlim's m2 wrapper (``LlavaClipVision``) re-registers a CLIP layer's children in this order,
+    #: which is the order its saver walks them in (HF's is self_attn, layer_norm1, mlp, layer_norm2).
+    M2_CLIP_CHILD_ORDER = ("layer_norm1", "layer_norm2", "self_attn", "mlp")
+
+    def parameter_order(self, m2_wrapped: bool = False) -> list[tuple[str, str, list[str]]]:
+        """(module name, class name, own parameter names) in the order msModelSlim saves them.
+
+        That is ``named_modules`` order of the model it saved: with ``m2_wrapped`` the CLIP encoder layers
+        are in the order of msModelSlim's anti-outlier wrappers (the Llama wrapper keeps HF's order).
+        """
         out = []
         for name, mod in self.meta_model.named_modules(remove_duplicate=False):
             params = [p for p, _ in mod.named_parameters(recurse=False, remove_duplicate=False)]
             if params:
                 out.append((name, type(mod).__name__, params))
-        return out
+        if not m2_wrapped:
+            return out
+        prefix = f"{VISION}encoder.layers."
+
+        def key(item: tuple[int, tuple[str, str, list[str]]]):
+            idx, (name, _, _) = item
+            if not name.startswith(prefix):
+                return (idx, 0, 0)
+            layer, _, rest = name[len(prefix):].partition(".")
+            first = first_index.setdefault(prefix + layer, idx)
+            child = rest.split(".")[0]
+            return (first, self.M2_CLIP_CHILD_ORDER.index(child), idx)
+
+        first_index: dict[str, int] = {}
+        return [item for _, item in sorted(enumerate(out), key=key)]

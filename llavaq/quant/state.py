@@ -157,7 +157,7 @@ def iter_modules(
     cur_stage: Stage | None = None
     weights: dict[str, torch.Tensor] = {}
     plan = StagePlan()
-    for module, _cls, params in arch.parameter_order():
+    for module, _cls, params in arch.parameter_order(m2_wrapped=recipe.anti_outlier == "m2"):
         st = next((s for s in stages if module.startswith(s.prefix)), None)
         if st is not None and st is not cur_stage:
             weights = {st.prefix + k: v for k, v in ckpt.tensors(st.prefix).items()}

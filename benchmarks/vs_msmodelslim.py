@@ -1,0 +1,125 @@
+"""Run llavaq and msModelSlim side by side on one model and compare time, memory and outputs.
+
+Example::
+
+    python benchmarks/vs_msmodelslim.py --model_path M --calib_images DIR \\
+        --msms_python .venv-msms/bin/python \\
+        --llavaq_cmd "llavaq quantize --model_path {model} --calib_images {images} \\
+                      --save_directory {out} --device_type cpu"
+
+msModelSlim runs through ``tests/parity/msms_runner.py`` (its LLaVA example flow). Each tool runs in
+its own subprocess, one after the other; wall time is measured around the subprocess and peak RSS
+comes from ``os.wait4`` (the child's own rusage, which on Linux includes the largest RSS of any
+descendant it waited for, so a shell wrapper around the real process is fine). Outputs are then
+compared tensor by tensor with ``tests/parity/compare.py``. Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "parity"))
+
+from compare import compare_outputs, markdown_table  # noqa: E402
+
+
+def run_measured(cmd, *, shell: bool, log_path: Path, cwd: Path | None = None) -> dict:
+    """Run ``cmd`` to completion; return rc, wall seconds, peak RSS bytes and cpu seconds."""
+    with open(log_path, "wb") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, shell=shell, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "rc": proc.returncode,
+        "wall_s": round(wall, 3),
+        "peak_rss_bytes": ru.ru_maxrss * 1024,  # Linux reports KiB
+        "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
+        "log": str(log_path),
+    }
+
+
+def last_json_line(log_path: Path) -> dict | None:
+    for line in reversed(Path(log_path).read_text(errors="replace").splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--calib_images", required=True)
+    p.add_argument("--msms_python", required=True, help="python of the msModelSlim venv")
+    p.add_argument("--llavaq_cmd", required=True,
+                   help="shell template with {model}, {images}, {out} placeholders")
+    p.add_argument("--work_dir", default="bench_vs_msms", help="outputs and logs go here")
+    p.add_argument("--mindie_format", action="store_true", help="pass --mindie_format to msModelSlim")
+    p.add_argument("--part_file_size", type=int, default=None, help="GB per shard for msModelSlim")
+    p.add_argument("--msms_out", default=None, help="reuse an existing msModelSlim output (skip running it)")
+    p.add_argument("--json", default=None, help="write the report here (default WORK_DIR/report.json)")
+    args = p.parse_args(argv)
+
+    work = Path(args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model, images = str(Path(args.model_path).resolve()), str(Path(args.calib_images).resolve())
+    report: dict = {"model_path": model, "calib_images": images, "runs": {}}
+
+    if args.msms_out:
+        ref = Path(args.msms_out).resolve()
+    else:
+        ref = work / "msmodelslim_out"
+        cmd = [args.msms_python, str(REPO / "tests/parity/msms_runner.py"), "--model_path", model,
+               "--calib_images", images, "--save_directory", str(ref)]
+        if args.mindie_format:
+            cmd.append("--mindie_format")
+        if args.part_file_size is not None:
+            cmd += ["--part_file_size", str(args.part_file_size)]
+        r = run_measured(cmd, shell=False, log_path=work / "msmodelslim.log")
+        r["runner"] = last_json_line(work / "msmodelslim.log")
+        report["runs"]["msmodelslim"] = r
+        print(f"msmodelslim: rc={r['rc']} wall={r['wall_s']}s peak_rss={r['peak_rss_bytes'] / 2**20:.0f} MiB")
+        if r["rc"] != 0:
+            print(f"msModelSlim failed, see {r['log']}", file=sys.stderr)
+
+    ours = work / "llavaq_out"
+    cmd = args.llavaq_cmd.format(model=shlex.quote(model), images=shlex.quote(images),
+                                 out=shlex.quote(str(ours)))
+    r = run_measured(cmd, shell=True, log_path=work / "llavaq.log")
+    r["cmd"] = cmd
+    report["runs"]["llavaq"] = r
+    print(f"llavaq: rc={r['rc']} wall={r['wall_s']}s peak_rss={r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    if r["rc"] != 0:
+        print(f"llavaq failed, see {r['log']}", file=sys.stderr)
+
+    lines = ["| tool | rc | wall (s) | cpu (s) | peak RSS (MiB) |", "|---|---|---|---|---|"]
+    for name, run in report["runs"].items():
+        lines.append(f"| {name} | {run['rc']} | {run['wall_s']:.1f} | {run['cpu_s']:.1f} | "
+                     f"{run['peak_rss_bytes'] / 2**20:.0f} |")
+    print("\n" + "\n".join(lines) + "\n")
+    ok = all(run["rc"] == 0 for run in report["runs"].values())
+    if ok and ref.is_dir() and ours.is_dir():
+        cmp = compare_outputs(ours, ref)
+        report["comparison"] = cmp
+        print(markdown_table(cmp))
+    out_json = Path(args.json) if args.json else work / "report.json"
+    out_json.write_text(json.dumps(report, indent=2))
+    print(f"\nreport: {out_json}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -217,7 +217,7 @@ def quantized_tensor_specs(
     quantized = set(arch.quantized_linears(recipe.modules))
     deq_dtype = torch.float32 if ckpt.torch_dtype == torch.bfloat16 else torch.int64
     specs = []
-    for module, _cls, params in arch.parameter_order():
+    for module, _cls, params in arch.parameter_order(m2_wrapped=recipe.anti_outlier == "m2"):
         if module in quantized:
             shape = ckpt.shape(module + ".weight")
             out = shape[0]

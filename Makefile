@@ -55,8 +55,8 @@ bench-fidelity: demo-model
 bench-vs-msmodelslim: demo-model parity-env
 	$(PY) benchmarks/vs_msmodelslim.py --model_path $(DEMO_MODEL) --calib_images calibImages --msms_python .venv-msms/bin/python
 
-bench-scale: install
-	$(PY) benchmarks/scale.py
+bench-scale: install-dev
+	$(PY) benchmarks/scale.py --size 7b
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache .ruff_cache

@@ -16,7 +16,7 @@ from llavaq.calib.cache import SessionCache, default_cache_dir
 from llavaq.calib.engine import CalibrationEngine
 from llavaq.calib.images import load_images
 from llavaq.calib.samples import build_samples, load_processor, samples_digest
-from llavaq.device import resolve_device
+from llavaq.device import resolve_devices
 from llavaq.errors import CacheError, LlavaqError
 from llavaq.formats import ExportContext, get_format
 from llavaq.formats.base import AtomicOutputDir
@@ -71,7 +71,7 @@ def calibrate(
     recipe = recipe or QuantRecipe()
     progress = progress or NullProgress()
     arch = open_model(model_path, trust_remote_code=trust_remote_code)
-    device = resolve_device(device_type)
+    device = resolve_devices(device_type)
     loaded = load_images(calib_images)
     if loaded.skipped_line():
         progress.log(f"warning: {loaded.skipped_line()}")
@@ -145,7 +145,7 @@ def export(
             )
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,
                         device_type=device_type, derived=derived, float_dtype=_float_dtype(recipe.float_dtype),
-                        extra_record={"cache": str(cache.path)})
+                        extra_record={"cache": str(cache.path)}, planned_stream="quantized")
     with AtomicOutputDir(Path(save_directory), overwrite) as tmp:
         tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype)
         info = fmt.write(tmp, tensors, ctx)

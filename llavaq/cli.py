@@ -112,7 +112,7 @@ def _print_export(res, peak_rss: bool = True) -> None:
 def _peak_rss_mib() -> float:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _device_line(device_type: str) -> None:
@@ -157,6 +157,14 @@ def quantize(
                                 device_type=device_type, trust_remote_code=trust, progress=progress)
     _print_calibration(cal)
     _print_export(res)
+    _summary(0.0 if cal.reused else cal.seconds, res)
+
+
+def _summary(calib_seconds: float, res) -> None:
+    from llavaq.progress import summary_line
+
+    err.print(summary_line(calib_seconds + res.seconds, res.bytes_written, len(res.files)), highlight=False,
+              soft_wrap=True)
 
 
 @app.command()
@@ -215,6 +223,7 @@ def export(
                      overwrite=overwrite, device_type=device_type,
                      trust_remote_code=_bool(trust_remote_code, "--trust_remote_code"))
     _print_export(res)
+    _summary(0.0, res)
 
 
 @app.command()

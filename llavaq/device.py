@@ -45,3 +45,17 @@ def resolve_device(device_type: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def resolve_devices(device_type: str) -> list[torch.device]:
+    """All devices of ``--device_type`` that the visible-devices variable exposes (CUDA_VISIBLE_DEVICES,
+    ASCEND_RT_VISIBLE_DEVICES are applied by the runtimes themselves): ``cuda:0..n-1`` / ``npu:0..n-1``,
+    or ``[cpu]``. Calibration places stage i on ``devices[i % n]`` (round-robin)."""
+    dev = resolve_device(device_type)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+    elif dev.type == "npu":
+        n = torch.npu.device_count()
+    else:
+        return [dev]
+    return [torch.device(dev.type, i) for i in range(max(1, n))]

@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import resource
 from typing import Protocol
+
+
+def peak_rss_bytes() -> tuple[int, int]:
+    """Peak resident set size of this process and of its (waited-for) children, in bytes (Linux: KiB units)."""
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+
+
+def summary_line(seconds: float, output_bytes: int, files: int) -> str:
+    """The final one-line summary: wall time, peak memory (process and children), output size."""
+    own, children = peak_rss_bytes()
+    mins, secs = divmod(seconds, 60)
+    t = f"{int(mins)}m{secs:04.1f}s" if mins else f"{secs:.1f}s"
+    kids = f", children {children / 2**30:.2f} GiB" if children else ""
+    return (f"done in {t}; peak memory {own / 2**30:.2f} GiB (process{kids}); "
+            f"output {output_bytes / 2**30:.2f} GiB in {files} files")
 
 
 class Progress(Protocol):

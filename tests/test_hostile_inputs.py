@@ -511,15 +511,15 @@ def test_disk_full_mid_write(existing, tiny_model, full_cache, io_dirs, capsys, 
         (save / "config.json").write_text("{}")
         before = snapshot(save)
     written: list[str] = []
-    real = sharding.save_file
+    real = sharding._open_shard
 
-    def save_file(tensors, filename, metadata=None):
+    def open_shard(path, metadata, specs, label):
         if written:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
-        real(tensors, filename, metadata=metadata)
-        written.append(filename)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        written.append(path)
+        return real(path, metadata, specs, label)
 
-    monkeypatch.setattr(sharding, "save_file", save_file)
+    monkeypatch.setattr(sharding, "_open_shard", open_shard)
     args = export_args(tiny_model, full_cache, save, "--part_file_size", "0.00005")
     res = cli(capsys, *args, *(["--overwrite"] if existing else []))
     line = assert_error(res, "no space left", f"{save}/quant_model_weight_w8a8 shard 2",
@@ -527,7 +527,7 @@ def test_disk_full_mid_write(existing, tiny_model, full_cache, io_dirs, capsys, 
     assert ".llavaq-tmp-" not in line  # names the user's file, not our temp dir
     assert len(written) == 1  # the first shard was written before the disk "filled"
     assert_no_output(save, before)
-    monkeypatch.setattr(sharding, "save_file", real)
+    monkeypatch.setattr(sharding, "_open_shard", real)
     res = cli(capsys, *args, "--overwrite")  # after freeing space the same command succeeds
     assert res.code == 0, res.err
     assert len(list(save.glob("quant_model_weight_w8a8-000*-of-*.safetensors"))) >= 2
@@ -650,16 +650,16 @@ def test_interrupt_during_export(tiny_model, full_cache, io_dirs, capsys, monkey
     import llavaq.formats.sharding as sharding
 
     _, save = io_dirs
-    real = sharding.save_file
+    real = sharding._open_shard
     calls = []
 
-    def save_file(tensors, filename, metadata=None):
-        calls.append(filename)
+    def open_shard(path, metadata, specs, label):
+        calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt  # what SIGINT's default handler raises, here mid-export
-        real(tensors, filename, metadata=metadata)
+        return real(path, metadata, specs, label)
 
-    monkeypatch.setattr(sharding, "save_file", save_file)
+    monkeypatch.setattr(sharding, "_open_shard", open_shard)
     args = export_args(tiny_model, full_cache, save, "--part_file_size", "0.00005")
     res = cli(capsys, *args)
     assert res.code == 130 and "Traceback" not in res.err

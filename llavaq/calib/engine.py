@@ -88,7 +88,7 @@ class CalibrationEngine:
         cache: SessionCache,
         *,
         progress: Progress | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | list[torch.device | str] = "cpu",
     ) -> None:
         if not samples:
             raise LlavaqError("no calibration samples")
@@ -97,7 +97,11 @@ class CalibrationEngine:
         self.recipe = recipe
         self.cache = cache
         self.progress = progress or NullProgress()
-        self.device = torch.device(device)
+        # Several devices: stage i runs on devices[i % n] (its weights are moved there; streams stay on the CPU)
+        self.devices = [torch.device(d) for d in (device if isinstance(device, list | tuple) else [device])]
+        if not self.devices:
+            raise LlavaqError("no device to calibrate on")
+        self.device = self.devices[0]
         self.quantized = set(arch.quantized_linears(recipe.modules))
         self.alphas: dict[str, float] = {}
         self.image_idx = [j for j, s in enumerate(samples) if s.pixel_values is not None]
@@ -126,6 +130,7 @@ class CalibrationEngine:
                 continue
             if stage.kind == "text_layer" and (i == 0 or stages[i - 1].kind != "text_layer"):
                 self._enter_language_model(streams)
+            self.device = self.devices[i % len(self.devices)]
             record = self._run_stage(stage, streams)
             self.cache.write_stage(stage.name, record, ForwardCounter.count,
                                    streams.to_tensors() if i + 1 < len(stages) else None)
@@ -135,6 +140,7 @@ class CalibrationEngine:
 
     # ------------------------------------------------------------------ streams
     def _initial_streams(self) -> Streams:
+        self.device = self.devices[0]
         s = Streams()
         if not self.image_idx:
             return s

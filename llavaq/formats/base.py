@@ -31,6 +31,8 @@ class ExportContext:
     derived: bool = False
     float_dtype: torch.dtype | None = None
     extra_record: dict[str, Any] = field(default_factory=dict)
+    #: "quantized" when the tensor stream is ``iter_quantized_tensors`` (writers may plan the layout)
+    planned_stream: str | None = None
 
 
 class FormatWriter(Protocol):

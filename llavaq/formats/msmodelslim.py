@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llavaq.formats.base import ExportContext, TensorStream, copy_model_files, register_format, write_json
-from llavaq.formats.sharding import write_safetensors
+from llavaq.formats.sharding import TensorSpec, write_safetensors
 
 WEIGHT_PREFIX = "quant_model_weight_w8a8"
 RECORD = "llavaq_record.json"
@@ -81,7 +81,12 @@ class _MsModelSlimBase:
                 desc[name] = tag
                 yield name, t
 
-        weight_map = write_safetensors(out_dir, WEIGHT_PREFIX, named(), ctx.part_file_size)
+        specs = None
+        if ctx.planned_stream == "quantized":  # the stream is iter_quantized_tensors: lay the file out up front
+            from llavaq.quant.state import quantized_tensor_specs
+
+            specs = [TensorSpec(*s) for s in quantized_tensor_specs(ctx.arch, ctx.recipe, float_dtype=ctx.float_dtype)]
+        weight_map = write_safetensors(out_dir, WEIGHT_PREFIX, named(), ctx.part_file_size, specs=specs)
         write_json(out_dir / self.description_file, desc)
         cfg = dict(ctx.arch.ckpt.config_dict)
         cfg["torch_dtype"] = str(ctx.arch.ckpt.torch_dtype).replace("torch.", "")

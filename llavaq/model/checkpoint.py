@@ -1,8 +1,10 @@
-"""A llava-hf checkpoint on disk: validated config, lazily memory-mapped safetensors weights.
+"""A llava-hf checkpoint on disk: validated config, lazily read safetensors weights.
 
 Nothing here unpickles: ``*.bin`` / ``*.pt`` weights are refused with a conversion hint.
-Tensors are read one at a time (``safe_open`` memory-maps the file), so a 7B model never has to
-fit in memory at once.
+Tensors are read one at a time with plain positional reads (``os.preadv`` into a fresh tensor buffer
+at the header's ``data_offsets``), not through a memory map: mapped file pages that are touched
+count in the process RSS and stay mapped, so a 14 GB model read through ``mmap`` can push the peak
+RSS far past what the layer-streamed pipeline needs. A tensor that is no longer referenced is gone.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from functools import cached_property
@@ -71,8 +74,9 @@ class Checkpoint:
         self.path = Path(path)
         self._validate_dir()
         self.config_dict = self._read_config()
+        self._data_start: dict[Path, int] = {}
         self._index = self._build_index()
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
         self._finite: set[str] = set()  # float tensors already checked for NaN/Inf
 
     # ---------------------------------------------------------------- validation
@@ -110,7 +114,10 @@ class Checkpoint:
             raise ModelError(f"{self.path} has no *.safetensors weight files")
         index: dict[str, tuple[Path, dict]] = {}
         for f in files:
-            for name, info in read_safetensors_header(f).items():
+            header = read_safetensors_header(f)
+            with open(f, "rb") as fh:
+                self._data_start[f] = 8 + struct.unpack("<Q", fh.read(8))[0]
+            for name, info in header.items():
                 if name != "__metadata__":
                     index[name] = (f, info)
         return index
@@ -129,35 +136,62 @@ class Checkpoint:
     def dtype_of(self, name: str) -> torch.dtype:
         return _DTYPES[self._index[name][1]["dtype"]]
 
-    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """Read one tensor (memory-mapped), optionally cast. Raises ModelError if missing."""
-        from safetensors import safe_open
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = os.open(file, os.O_RDONLY)
+            except OSError as e:
+                raise ModelError(f"{file}: cannot open ({e.strerror})") from None
+            self._fds[file] = fd
+        return fd
 
+    def _load(self, name: str) -> torch.Tensor:
+        """A fresh tensor (stored dtype) read with positional reads; the caller owns it."""
+        file, info = self._index[name]
+        dtype = _DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        if end > start:
+            view = memoryview(buf.numpy())
+            fd, pos, off = self._fd(file), 0, self._data_start[file] + start
+            try:
+                while pos < len(view):
+                    n = os.preadv(fd, [view[pos:]], off + pos)
+                    if n == 0:
+                        raise ModelError(f"{file}: file is truncated (tensor {name!r} ends past the end of file)")
+                    pos += n
+            except OSError as e:
+                raise ModelError(f"{file}: cannot read tensor {name!r} ({e.strerror})") from None
+        return buf.view(dtype).reshape(info["shape"])
+
+    def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Read one tensor (a fresh copy each call), optionally cast. Raises ModelError if missing."""
         if name not in self._index:
             raise ModelError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        file, _ = self._index[name]
-        h = self._handles.get(file)
-        if h is None:
-            try:
-                h = safe_open(str(file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise ModelError(f"{file}: cannot open safetensors file ({e})") from None
-            self._handles[file] = h
-        try:
-            t = h.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types
-            raise ModelError(f"{file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
+        t = self._load(name)
         if name not in self._finite and t.is_floating_point():
             # One cheap pass per tensor as it is first read: a NaN/Inf weight would silently poison the
             # calibration statistics of every later layer.
             if not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise ModelError(
-                    f"{file}: tensor {name!r} contains {bad} NaN/Inf value(s); the checkpoint is corrupted "
-                    "(re-download or re-convert it)"
+                    f"{self._index[name][0]}: tensor {name!r} contains {bad} NaN/Inf value(s); the checkpoint is "
+                    "corrupted (re-download or re-convert it)"
                 )
             self._finite.add(name)
         return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def tensors(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
         """All tensors under ``prefix`` (with the prefix stripped from their names)."""
@@ -206,3 +240,18 @@ class Checkpoint:
             "layout": layout.hexdigest()[:16],
             "weights": digest.hexdigest()[:16],
         }
+
+
+class InMemoryCheckpoint(Checkpoint):
+    """A :class:`Checkpoint` whose every tensor is read into RAM up front (the non-streamed reference).
+
+    ``tensor`` returns a copy, so callers may modify it in place exactly as with the lazy reader.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self._data = {n: Checkpoint._load(self, n) for n in self._index}
+        self.close()
+
+    def _load(self, name: str) -> torch.Tensor:
+        return self._data[name].clone()

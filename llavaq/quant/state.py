@@ -204,6 +204,43 @@ def iter_quantized_tensors(
             yield name, t.to(out_dtype).contiguous().clone(), FLOAT
 
 
+def quantized_tensor_specs(
+    arch: LlavaArch, recipe: QuantRecipe, *, float_dtype: torch.dtype | None = None
+) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor :func:`iter_quantized_tensors` yields, in order, without values.
+
+    Lets the streaming writer lay the safetensors file out before the first tensor is computed; the
+    writer checks each arriving tensor against this plan.
+    """
+    ckpt = arch.ckpt
+    out_dtype = float_dtype or ckpt.torch_dtype
+    quantized = set(arch.quantized_linears(recipe.modules))
+    deq_dtype = torch.float32 if ckpt.torch_dtype == torch.bfloat16 else torch.int64
+    specs = []
+    for module, _cls, params in arch.parameter_order(m2_wrapped=recipe.anti_outlier == "m2"):
+        if module in quantized:
+            shape = ckpt.shape(module + ".weight")
+            out = shape[0]
+            specs.append((module + ".weight", torch.int8, shape))
+            if "bias" in params:
+                specs.append((module + ".bias", out_dtype, (out,)))
+            specs += [
+                (module + ".weight_scale", out_dtype, (out, 1)),
+                (module + ".weight_offset", out_dtype, (out, 1)),
+                (module + ".input_scale", torch.float32, (1,)),
+                (module + ".input_offset", torch.float32, (1,)),
+                (module + ".quant_bias", torch.int32, (out,)),
+                (module + ".deq_scale", deq_dtype, (out,)),
+            ]
+            continue
+        for p in params:
+            name = f"{module}.{p}"
+            src = "language_model.model.embed_tokens.weight" \
+                if name == "language_model.lm_head.weight" and arch.tied_embeddings else name
+            specs.append((name, out_dtype, ckpt.shape(src)))
+    return specs
+
+
 def iter_float_tensors(
     arch: LlavaArch,
     cache: SessionCache,

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "parity"))
 
 from compare import compare_outputs, markdown_table  # noqa: E402
+
+DEFAULT_LLAVAQ_CMD = ("{python} -m llavaq quantize --model_path {model} --calib_images {images} "
+                      "--save_directory {out} --cache_dir {cache} --device_type cpu --float_dtype float32 --overwrite")
 
 
 def run_measured(cmd, *, shell: bool, log_path: Path, cwd: Path | None = None) -> dict:
@@ -64,8 +68,10 @@ def main(argv=None) -> int:
     p.add_argument("--model_path", required=True)
     p.add_argument("--calib_images", required=True)
     p.add_argument("--msms_python", required=True, help="python of the msModelSlim venv")
-    p.add_argument("--llavaq_cmd", required=True,
-                   help="shell template with {model}, {images}, {out} placeholders")
+    p.add_argument("--llavaq_cmd", default=DEFAULT_LLAVAQ_CMD,
+                   help="shell template with {python}, {model}, {images}, {out}, {cache} placeholders "
+                        "(default: llavaq quantize with float32 float tensors, as msModelSlim writes them, "
+                        "and a fresh session cache)")
     p.add_argument("--work_dir", default="bench_vs_msms", help="outputs and logs go here")
     p.add_argument("--mindie_format", action="store_true", help="pass --mindie_format to msModelSlim")
     p.add_argument("--part_file_size", type=int, default=None, help="GB per shard for msModelSlim")
@@ -96,8 +102,11 @@ def main(argv=None) -> int:
             print(f"msModelSlim failed, see {r['log']}", file=sys.stderr)
 
     ours = work / "llavaq_out"
-    cmd = args.llavaq_cmd.format(model=shlex.quote(model), images=shlex.quote(images),
-                                 out=shlex.quote(str(ours)))
+    cache = work / "llavaq_cache"
+    shutil.rmtree(cache, ignore_errors=True)  # time a full calibration, not a cache hit
+    cmd = args.llavaq_cmd.format(python=shlex.quote(sys.executable), model=shlex.quote(model),
+                                 images=shlex.quote(images), out=shlex.quote(str(ours)),
+                                 cache=shlex.quote(str(cache)))
     r = run_measured(cmd, shell=True, log_path=work / "llavaq.log")
     r["cmd"] = cmd
     report["runs"]["llavaq"] = r

@@ -3,9 +3,10 @@
 Every readable image is used (EXIF orientation applied, converted to 8-bit RGB); unreadable files
 are reported together in one summary line; zero usable images is an error. Images over
 ``MAX_PIXELS`` are refused (decompression-bomb guard), images wider/taller than ``MAX_SIDE`` are
-downscaled, images under ``MIN_SIDE`` px are refused. Licence/readme notes (``LICENSE*``, ``README*``, ``*.md``) are ignored. Files are taken
-from the folder itself, sorted by name (msModelSlim uses unsorted ``os.listdir``: the order decides
-which photo drives the anti-outlier pass, so we make it deterministic). Sub-folders are ignored.
+downscaled, images under ``MIN_SIDE`` px are refused. Licence/readme notes (``LICENSE*``,
+``README*``, ``*.md``) are ignored. Files are taken from the folder itself, sorted by name
+(msModelSlim uses unsorted ``os.listdir``: the order decides which photo drives the anti-outlier
+pass, so we make it deterministic). Sub-folders are ignored.
 """
 
 from __future__ import annotations

@@ -50,10 +50,10 @@ parity: install-dev parity-env
 	LLAVAQ_MSMS_PYTHON=.venv-msms/bin/python $(PY) -m pytest tests/parity
 
 bench-fidelity: demo-model
-	$(PY) benchmarks/fidelity.py --model $(DEMO_MODEL) --markdown docs/BENCHMARKS.md
+	$(PY) benchmarks/fidelity.py --model $(DEMO_MODEL) --work demo/bench-fidelity --markdown docs/BENCHMARKS.md
 
 bench-vs-msmodelslim: demo-model parity-env
-	$(PY) benchmarks/vs_msmodelslim.py --model_path $(DEMO_MODEL) --calib_images calibImages --msms_python .venv-msms/bin/python
+	$(PY) benchmarks/vs_msmodelslim.py --model_path $(DEMO_MODEL) --calib_images calibImages --msms_python .venv-msms/bin/python --also_fast --work_dir demo/bench-vs-msmodelslim --markdown docs/BENCHMARKS.md
 
 bench-scale: install-dev
 	$(PY) benchmarks/scale.py --size 7b

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from report import machine_line, write_section  # noqa: E402
 
 from llavaq import api  # noqa: E402
 from llavaq.calib.coverage import range_drivers  # noqa: E402
@@ -45,14 +46,7 @@ def _shipped(*parts: str) -> Path | None:
 def ensure_model(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
-    try:
-        import llavaq.demo_model  # noqa: F401
-
-        subprocess.run([sys.executable, "-m", "llavaq.demo_model", str(path)], check=True)
-    except ImportError:
-        from benchmarks.smollm2_llava import build
-
-        build(path)
+    subprocess.run([sys.executable, "-m", "llavaq.demo_model", str(path)], check=True)
     return path
 
 
@@ -76,27 +70,15 @@ class Row:
     note: str = ""
 
 
-def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    nproc = len(os.sched_getaffinity(0))
-    return f"nproc {nproc}, {mem:.0f} GiB RAM, {cpu}, torch {torch.__version__}"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=Path(os.environ.get("DEMO_MODEL", "/work/demo-model")))
     ap.add_argument("--work", type=Path, default=Path("/tmp/llavaq-bench-fidelity"))
     ap.add_argument("--markdown", type=Path, default=None, help="write the Fidelity section into this file")
     ap.add_argument("--answer-tokens", type=int, default=16)
-    ap.add_argument("--quick", action="store_true", help="fewer rows (no histogram m1, no down_proj variants)")
+    ap.add_argument("--quick", action="store_true", help="core rows only (no observer/down_proj/2-photo variants)")
+    ap.add_argument("--keep_float", type=int, nargs="*", default=[8, 16],
+                    help="rows of the best static recipe with N sensitive Linears kept float")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     model = ensure_model(a.model)
@@ -111,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     text_prompts = read_text_prompts(_shipped("calib_text.json") or HERE / "data" / "calib_text.json")
     cache_dir = work / "cache"
     fp = load_float_model(model)
+    fref: dict = {}  # the float model's answers/logits, computed once for all rows
     calib_time: dict[str, float] = {}
     rows: list[Row] = []
+    outs: dict[str, tuple[Path, QuantRecipe]] = {}
     results_file = work / "fidelity.json"
 
     def measure(label: str, recipe: QuantRecipe, *, derive_from: QuantRecipe | None = None, note: str = "",
@@ -131,12 +115,17 @@ def main(argv: list[str] | None = None) -> int:
             exp_s = time.perf_counter() - t1
             if res.derived:
                 note = (note + "; " if note else "") + "derived from the cached float statistics (min-max)"
+            if res.kept_float:
+                note = (note + "; " if note else "") + f"{len(res.kept_float)} Linears kept float: " + ", ".join(
+                    _short(n) for n in res.kept_float)
         rep = verify(model, out, images=images, prompts=prompts, text=text, answer_tokens=a.answer_tokens,
-                     mode=mode, float_model=fp)
+                     mode=mode, float_model=fp, float_reference=fref)
         rows.append(Row(label, json.dumps({k: v for k, v in recipe.calibration_dict().items()
                                            if k not in ("prompt", "text_prompts", "activation_sample_tokens",
                                                         "m2_search")}),
                         None if derive_from or mode != "static" else calib_time[key], exp_s, rep, note))
+        if mode == "static":
+            outs[label] = (out, recipe)
         r = rep
         print(f"{label:42s} ppl {r.ppl_fp:.4f}->{r.ppl_q:.4f} ({r.ppl_increase:+.2f}%) top1 {r.top1:.4f} "
               f"KL {r.kl:.5f} cos {r.cosine:.5f}  worst {r.worst_layers[0].name} {r.worst_layers[0].rel_mse:.2e} "
@@ -145,41 +134,40 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     tp = text_prompts
-    from llavaq.calib.observers import make_observer
-
-    # until the exact observers land, both act_methods may map to one observer: skip duplicate rows then
-    hist = type(make_observer("histogram")) is not type(make_observer("minmax"))
-    if not hist:
-        print("note: act_method 2 (histogram) uses the same observer as 1 in this build; histogram rows skipped")
     rtn1 = QuantRecipe(anti_outlier="none", act_method=1, text_prompts=tp)
+    m2h = QuantRecipe(anti_outlier="m2", act_method=2, text_prompts=tp)
+    auto1 = QuantRecipe(anti_outlier="m1", alpha="auto", act_method=1, text_prompts=tp)
     measure("RTN (none), min-max", rtn1)
-    if hist:
-        measure("RTN (none), histogram", rtn1.replace(act_method=2))
     measure("m1 α=0.5", rtn1.replace(anti_outlier="m1", alpha=0.5), derive_from=rtn1)
     measure("m1 α=0.8", rtn1.replace(anti_outlier="m1", alpha=0.8), derive_from=rtn1)
-    m2h = QuantRecipe(anti_outlier="m2", act_method=2, text_prompts=tp)
     measure("m2, histogram (msModelSlim)", m2h)
-    if hist:
-        measure("m2, min-max", m2h.replace(act_method=1))
-    auto1 = QuantRecipe(anti_outlier="m1", alpha="auto", act_method=1, text_prompts=tp)
-    best = measure("auto-α, min-max", auto1)
-    if hist:
-        measure("auto-α, histogram", auto1.replace(act_method=2))
+    measure("auto-α, min-max", auto1)
     if not a.quick:
-        if hist:
-            measure("m1 α=0.5, histogram", rtn1.replace(anti_outlier="m1", alpha=0.5, act_method=2))
+        measure("RTN (none), histogram", rtn1.replace(act_method=2))
+        measure("m2, min-max", m2h.replace(act_method=1))
+        measure("auto-α, histogram", auto1.replace(act_method=2))
         measure("auto-α, min-max, + down_proj", auto1.replace(modules="with_down_proj"))
         measure("m2, histogram, + down_proj", m2h.replace(modules="with_down_proj"))
         measure("m2, histogram, 2 photos, no text (msModelSlim's setup)",
                 QuantRecipe(anti_outlier="m2", act_method=2), note="calibrated on the first 2 photos only")
-    measure("auto-α, min-max, DYNAMIC per-token acts", auto1, mode="dynamic", out_dir=best,
+    # the best static recipe so far (lowest KL), then with its most sensitive Linears kept in float
+    best_label = min((r for r in rows if r.label in outs), key=lambda r: r.report.kl).label
+    best_out, best_recipe = outs[best_label]
+    for n in a.keep_float:
+        measure(f"{best_label}, --keep_float {n}", best_recipe.replace(keep_float=n),
+                note="export-time fallback from the same cache")
+    measure(f"{best_label}, DYNAMIC per-token acts", best_recipe, mode="dynamic", out_dir=best_out,
             note="reference: same int8 weights, activations quantized per token at run time")
-    cov = range_drivers(api.calibrate(model, calib, auto1, cache_dir=cache_dir, device_type="cpu").cache)
+    cov = range_drivers(api.calibrate(model, calib, best_recipe, cache_dir=cache_dir, device_type="cpu").cache)
     md = markdown(rows, model, cov)
     print(md)
     if a.markdown:
         write_section(a.markdown, md)
     return 0
+
+
+def _short(name: str) -> str:
+    return name.replace("language_model.model.layers.", "L").replace("vision_tower.vision_model.encoder.layers.", "V")
 
 
 def _dump(rows: list[Row], path: Path) -> None:
@@ -196,7 +184,7 @@ def markdown(rows: list[Row], model: Path, cov) -> str:
     lines = [
         "## Fidelity",
         "",
-        f"Run {datetime.date.today().isoformat()} on {machine()}. Command: `python benchmarks/fidelity.py`.",
+        f"Run {datetime.date.today().isoformat()} on {machine_line()}. Command: `python benchmarks/fidelity.py`.",
         f"Model: LLaVA with the real SmolLM2-135M-Instruct language model (30 layers, hidden 576) and a small "
         f"random CLIP vision tower (`{model}`). Calibration: 4 photos + {cov.kinds.count('text')} text-only prompts "
         "(unless noted). Evaluation: held-out photos with questions, text-only questions (FP greedy answers "
@@ -207,7 +195,7 @@ def markdown(rows: list[Row], model: Path, cov) -> str:
         "held-out text); KL(FP‖Q) and logits cosine are means per position.",
         "",
         f"FP perplexity: **{r0.ppl_fp:.4f}**. Text-only calibration prompts set the range of "
-        f"{cov.set_by_text}/{cov.language_linears} quantized language-model Linears (auto-α cache).",
+        f"{cov.set_by_text}/{cov.language_linears} quantized language-model Linears (cache of the best static recipe).",
         "",
         "| recipe | ppl | Δppl % | top-1 | KL(FP‖Q) | cosine | calibrate s | export s | worst Linear (rel. MSE) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -216,28 +204,13 @@ def markdown(rows: list[Row], model: Path, cov) -> str:
     for r in rows:
         p = r.report
         w = p.worst_layers[0]
-        short = w.name.replace("language_model.model.layers.", "L").replace("vision_tower.vision_model.encoder.layers.",
-                                                                            "V")
+        short = _short(w.name)
         cs = "" if r.calib_s is None else ("cached" if r.calib_s != r.calib_s else f"{r.calib_s:.0f}")
         es = "" if r.export_s is None else f"{r.export_s:.1f}"
         label = r.label + (f" <br>*{r.note}*" if r.note else "")
         lines.append(f"| {label} | {p.ppl_q:.4f} | {p.ppl_increase:+.2f} | {p.top1:.4f} | {p.kl:.5f} | "
                      f"{p.cosine:.5f} | {cs} | {es} | {short} ({w.rel_mse:.1e}) |")
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, md: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find("## Fidelity")
-    if start >= 0:
-        end = text.find("\n## ", start + 3)
-        text = text[:start] + md + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + md
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,6 +33,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from report import machine_info  # noqa: E402
 
 CLIP_L = dict(v_hidden=1024, v_layers=24, v_heads=16, v_intermediate=4096)
 SIZES = {
@@ -270,20 +271,6 @@ def child(args: list[str]) -> tuple[dict, float, int]:
     return json.loads(res_file.read_text()), time.perf_counter() - t0, ru.ru_maxrss * 1024
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"nproc": os.cpu_count(), "ram_gib": mem / GIB, "cpu": cpu, "python": platform.python_version(),
-            "torch": torch.__version__, "date": datetime.date.today().isoformat()}
-
-
 def run_size(size: str, work: Path, images: Path, m2_search: str, keep: bool, log) -> dict:
     model = work / f"llava-1.5-{size}-random"
     need = SIZES[size]["hidden"] ** 2 * SIZES[size]["layers"] * 12 * 2 * 2.2  # model + outputs + cache
@@ -385,7 +372,7 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
-    m = machine()
+    m = machine_info()
     sizes = ["7b", "13b"] if a.size == "both" else [a.size]
     results = [run_size(s, work, images, a.m2_search, a.keep, log) for s in sizes]
     (work / "results.json").write_text(json.dumps({"machine": m, "results": results}, indent=2))

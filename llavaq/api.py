@@ -24,7 +24,7 @@ from llavaq.formats.sharding import GB
 from llavaq.model.checkpoint import Checkpoint
 from llavaq.model.llava import LlavaArch
 from llavaq.progress import NullProgress, Progress
-from llavaq.quant.state import iter_quantized_tensors
+from llavaq.quant.state import iter_quantized_tensors, resolve_float_linears
 from llavaq.recipe import QuantRecipe
 
 
@@ -54,6 +54,8 @@ class ExportResult:
     derived: bool
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Linears kept in float beyond the module preset (--float_linears / --keep_float), with their error
+    kept_float: dict[str, float | None] = field(default_factory=dict)
 
 
 def calibrate(
@@ -101,8 +103,12 @@ def calibrate(
                              int(cache.manifest.get("forward_passes", 0)))
 
 
-def _float_dtype(name: str) -> torch.dtype | None:
-    return None if name == "auto" else getattr(torch, name)
+def _float_dtype(name: str, fmt, checkpoint_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """``--float_dtype``; ``auto`` = what the format's consumer gets (msModelSlim: float32 unless on NPU)."""
+    if name != "auto":
+        return getattr(torch, name)
+    kind = resolve_devices("auto")[0].type if device_type == "auto" else device_type  # export runs no kernel
+    return fmt.default_float_dtype(checkpoint_dtype, kind)
 
 
 def export(
@@ -143,18 +149,24 @@ def export(
                 "--anti_outlier none|m1 with the same module set can be derived without a forward pass; "
                 "run calibrate with this recipe"
             )
+    recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived)
+    extra_record: dict[str, Any] = {"cache": str(cache.path)}
+    if errors:
+        extra_record["linear_errors"] = {n: errors[n] for n in recipe.float_linears if n in errors}
+    float_dtype = _float_dtype(recipe.float_dtype, fmt, arch.ckpt.torch_dtype, device_type)
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,
-                        device_type=device_type, derived=derived, float_dtype=_float_dtype(recipe.float_dtype),
-                        extra_record={"cache": str(cache.path)}, planned_stream="quantized")
+                        device_type=device_type, derived=derived, float_dtype=float_dtype,
+                        extra_record=extra_record, planned_stream="quantized")
     with AtomicOutputDir(Path(save_directory), overwrite) as tmp:
         tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype)
         info = fmt.write(tmp, tensors, ctx)
     out = Path(save_directory)
     files = sorted(p.name for p in out.iterdir())
     size = sum((out / f).stat().st_size for f in files)
-    nq = len(arch.quantized_linears(recipe.modules))
+    nq = len(arch.quantized_linears(recipe.modules, recipe.float_linears))
     return ExportResult(out, format, files, info.get("tensors", 0), size, nq, len(arch.linear_names) - nq,
-                        derived, time.perf_counter() - t0, info)
+                        derived, time.perf_counter() - t0, info,
+                        {n: errors.get(n) for n in recipe.float_linears})
 
 
 def _diff(a: QuantRecipe, b: QuantRecipe) -> str:

@@ -40,8 +40,13 @@ def _bool(value: str, flag: str) -> bool:
     raise LlavaqError(f"{flag} takes True or False, not {value!r}")
 
 
+def _float_linears(value: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (value or "").split(",") if n.strip())
+
+
 def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: int, modules: str,
-            m2_search: str, float_dtype: str, text_prompts: Path | None) -> QuantRecipe:
+            m2_search: str, float_dtype: str, text_prompts: Path | None, keep_float: int = 0,
+            float_linears: str | None = None) -> QuantRecipe:
     prompts: tuple[str, ...] = ()
     if text_prompts is not None:
         from llavaq.calib.prompts import read_text_prompts
@@ -49,7 +54,7 @@ def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: i
         prompts = read_text_prompts(text_prompts)
     return QuantRecipe(w_bit=w_bit, a_bit=a_bit, anti_outlier=anti_outlier, alpha=alpha, act_method=act_method,
                        modules=modules, m2_search=m2_search, float_dtype=float_dtype, text_prompts=prompts,
-                       prompt=DEFAULT_PROMPT)
+                       prompt=DEFAULT_PROMPT, keep_float=keep_float, float_linears=_float_linears(float_linears))
 
 
 # Options shared by calibrate / quantize / export ------------------------------------------------
@@ -65,8 +70,14 @@ Alpha = typer.Option("0.5", "--alpha", help="SmoothQuant alpha for m1: a number 
 ActMethod = typer.Option(2, "--act_method", help="Activation observer: 2 = histogram (msModelSlim), 1 = min-max.")
 Modules = typer.Option("msmodelslim", "--modules",
                        help="Quantized set: msmodelslim (down_proj float), with_down_proj, language_only.")
+KeepFloat = typer.Option(0, "--keep_float", help="Keep the N Linears with the largest W8A8 error on the cached "
+                         "activation rows in float (export-time; no new calibration).")
+FloatLinears = typer.Option(None, "--float_linears", help="Comma-separated Linear names to keep in float.")
 M2Search = typer.Option("full", "--m2_search", help="m2 threshold search: full (msModelSlim grid) or fast.")
-FloatDtype = typer.Option("auto", "--float_dtype", help="Dtype of float tensors in the output (auto = model's).")
+FloatDtype = typer.Option("auto", "--float_dtype", help="Dtype of float tensors and weight scales in the output: "
+                          "auto = as the format's consumer gets them (msmodelslim/mindie: float32 like "
+                          "msModelSlim's CPU run, the checkpoint dtype with --device_type npu; HF formats: the "
+                          "checkpoint dtype), or float16 | bfloat16 | float32.")
 TextPrompts = typer.Option(None, "--text_prompts", help="JSON list or text file (one per line) of text-only "
                            "calibration prompts, added after the image samples.")
 CacheDir = typer.Option(None, "--cache_dir", help="Session cache root (default $LLAVAQ_CACHE_DIR or ~/.cache/llavaq).")
@@ -101,6 +112,8 @@ def _print_export(res, peak_rss: bool = True) -> None:
     t.add_row("format", res.format + (" (derived from cached float statistics)" if res.derived else ""))
     t.add_row("quantized Linears (W8A8)", str(res.quantized))
     t.add_row("float Linears", str(res.float_modules))
+    for name, e in res.kept_float.items():
+        t.add_row("  kept float", name + (f" (W8A8 rel. error {e:.1e})" if e is not None else ""))
     t.add_row("tensors", str(res.num_tensors))
     t.add_row("output size", f"{res.bytes_written / 2**20:.1f} MiB in {len(res.files)} files")
     t.add_row("export time", f"{res.seconds:.1f}s")
@@ -141,13 +154,16 @@ def quantize(
     m2_search: str = M2Search,
     float_dtype: str = FloatDtype,
     text_prompts: Path = TextPrompts,
+    keep_float: int = KeepFloat,
+    float_linears: str = FloatLinears,
     cache_dir: Path = CacheDir,
     overwrite: bool = Overwrite,
 ) -> None:
     """Calibrate (reusing a matching session cache) and write the W8A8 model."""
     from llavaq import api
 
-    recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts)
+    recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts,
+                     keep_float, float_linears)
     trust = _bool(trust_remote_code, "--trust_remote_code")
     fmt = format or ("mindie" if mindie_format else "msmodelslim")
     _device_line(device_type)
@@ -207,6 +223,8 @@ def export(
     anti_outlier: str = typer.Option(None, "--anti_outlier", help="Derive none/m1 from cached float statistics."),
     alpha: str = Alpha,
     float_dtype: str = FloatDtype,
+    keep_float: int = KeepFloat,
+    float_linears: str = FloatLinears,
     device_type: str = typer.Option("cpu", "--device_type", help="Recorded in MindIE's quantization_config."),
     trust_remote_code: str = TrustRemote,
     overwrite: bool = Overwrite,
@@ -216,7 +234,8 @@ def export(
     from llavaq.calib.cache import SessionCache
 
     sc = SessionCache.load(cache)
-    recipe = QuantRecipe.from_dict(sc.manifest["recipe"]).replace(float_dtype=float_dtype)
+    recipe = QuantRecipe.from_dict(sc.manifest["recipe"]).replace(
+        float_dtype=float_dtype, keep_float=keep_float, float_linears=_float_linears(float_linears))
     if anti_outlier is not None:
         recipe = recipe.replace(anti_outlier=anti_outlier, alpha=alpha)
     res = api.export(model_path, sc, save_directory, format=format, recipe=recipe, part_file_size=part_file_size,

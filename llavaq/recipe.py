@@ -42,6 +42,10 @@ class QuantRecipe:
     float_dtype: str = "auto"
     #: Activation rows kept per Linear input in the session cache (for derived recipes).
     activation_sample_tokens: int = 256
+    #: Linears kept in float on top of the module preset (export-time: the cache still serves).
+    float_linears: tuple[str, ...] = field(default_factory=tuple)
+    #: Also keep the N quantized Linears with the largest W8A8 error on the cached activation rows in float.
+    keep_float: int = 0
 
     def __post_init__(self) -> None:
         if self.w_bit != 8 or self.a_bit != 8:
@@ -69,6 +73,9 @@ class QuantRecipe:
             raise LlavaqError(f"--m2_search must be one of {', '.join(M2_SEARCH_MODES)}")
         if self.float_dtype not in FLOAT_DTYPES:
             raise LlavaqError(f"--float_dtype must be one of {', '.join(FLOAT_DTYPES)}")
+        if self.keep_float < 0:
+            raise LlavaqError(f"--keep_float must be >= 0, not {self.keep_float}")
+        object.__setattr__(self, "float_linears", tuple(self.float_linears))
         if self.activation_sample_tokens < 0:
             raise LlavaqError("--activation_sample_tokens must be >= 0")
         object.__setattr__(self, "text_prompts", tuple(self.text_prompts))
@@ -80,6 +87,7 @@ class QuantRecipe:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["text_prompts"] = list(self.text_prompts)
+        d["float_linears"] = list(self.float_linears)
         return d
 
     @classmethod
@@ -89,8 +97,9 @@ class QuantRecipe:
         if unknown:
             raise LlavaqError(f"unknown recipe fields: {', '.join(sorted(unknown))}")
         d = dict(d)
-        if "text_prompts" in d:
-            d["text_prompts"] = tuple(d["text_prompts"])
+        for key in ("text_prompts", "float_linears"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
     def replace(self, **changes: Any) -> QuantRecipe:

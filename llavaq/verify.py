@@ -374,7 +374,12 @@ def _text_positions(input_ids: torch.Tensor, image_token: int, seq_len: int) -> 
 
 @torch.no_grad()
 def _prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answer_tokens: int, image_token: int,
-                   acc: _Acc) -> PromptResult:
+                   acc: _Acc, reference: dict | None = None) -> PromptResult:
+    """One prompt: FP greedy answer, then FP and Q logits teacher-forced on prompt + answer.
+
+    ``reference`` (optional, shared between calls on the same float model) memoises the float side:
+    the answer and the FP logits at the text positions.
+    """
     from llavaq.calib.images import load_image
 
     tok = processor.tokenizer
@@ -386,22 +391,29 @@ def _prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answe
         enc = tok(TEXT_TEMPLATE.format(q=p.question), return_tensors="pt")
         pixel_values = None
     ids = enc["input_ids"]
-    gen = fp.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=enc["attention_mask"],
-                      max_new_tokens=answer_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                      bad_words_ids=[[image_token]])
-    answer = gen[:, ids.shape[1]:]
-    full = torch.cat([ids, answer], 1)
-    mask = torch.ones_like(full)
-    lf = fp(input_ids=full, pixel_values=pixel_values, attention_mask=mask).logits[0]
-    lq = qm(input_ids=full, pixel_values=pixel_values, attention_mask=mask).logits[0]
-    pos = _text_positions(full, image_token, lf.shape[0])
+    key = ("prompt", str(p.image), p.question, answer_tokens)
+    if reference is not None and key in reference:
+        answer, lf_tok = reference[key]
+        full = torch.cat([ids, answer], 1)
+    else:
+        gen = fp.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=enc["attention_mask"],
+                          max_new_tokens=answer_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                          bad_words_ids=[[image_token]])
+        answer = gen[:, ids.shape[1]:]
+        full = torch.cat([ids, answer], 1)
+        lf = fp(input_ids=full, pixel_values=pixel_values, attention_mask=torch.ones_like(full)).logits[0]
+        lf_tok = lf[_text_positions(full, image_token, lf.shape[0])]  # one row per input token
+        if reference is not None:
+            reference[key] = (answer, lf_tok)
+    lq = qm(input_ids=full, pixel_values=pixel_values, attention_mask=torch.ones_like(full)).logits[0]
+    lq_tok = lq[_text_positions(full, image_token, lq.shape[0])]
     a = answer.shape[1]
-    ans_pos = pos[ids.shape[1] - 1: full.shape[1] - 1]
+    ans = slice(ids.shape[1] - 1, full.shape[1] - 1)
     one = _Acc()
-    one.add(lf[ans_pos], lq[ans_pos])
-    acc.add(lf[ans_pos], lq[ans_pos])
+    one.add(lf_tok[ans], lq_tok[ans])
+    acc.add(lf_tok[ans], lq_tok[ans])
     every = _Acc()
-    every.add(lf[pos[:-1]], lq[pos[:-1]])
+    every.add(lf_tok[:-1], lq_tok[:-1])
     t1, kl, cos = one.means()
     return PromptResult(p.question, p.image.name if p.image else None,
                         tok.decode(answer[0], skip_special_tokens=True), a, cos, t1, every.means()[0], kl, every.n)
@@ -409,7 +421,7 @@ def _prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answe
 
 @torch.no_grad()
 def _perplexity(fp: nn.Module, qm: nn.Module, tokenizer, text: str, window: int, max_tokens: int,
-                acc: _Acc) -> tuple[float, float, int, _Acc]:
+                acc: _Acc, reference: dict | None = None) -> tuple[float, float, int, _Acc]:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
     bos = tokenizer.bos_token_id
     nll_f = nll_q = 0.0
@@ -420,7 +432,13 @@ def _perplexity(fp: nn.Module, qm: nn.Module, tokenizer, text: str, window: int,
         if chunk.numel() < 2:
             break
         x = torch.cat([torch.tensor([bos]), chunk]).unsqueeze(0) if bos is not None else chunk.unsqueeze(0)
-        lf = fp(input_ids=x).logits[0, :-1].double()
+        key = ("text", tuple(x[0].tolist()))
+        if reference is not None and key in reference:
+            lf = reference[key]
+        else:
+            lf = fp(input_ids=x).logits[0, :-1].double()
+            if reference is not None:
+                reference[key] = lf
         lq = qm(input_ids=x).logits[0, :-1].double()
         tgt = x[0, 1:]
         nll_f += float(F.cross_entropy(lf, tgt, reduction="sum"))
@@ -446,11 +464,14 @@ def verify(
     max_text_tokens: int = 4096,
     worst: int = 10,
     float_model: nn.Module | None = None,
+    float_reference: dict | None = None,
 ) -> FidelityReport:
     """Compare the float model with the quantized output as int8 kernels run it (see module docstring).
 
     ``mode="dynamic"`` replaces the saved static activation ranges with per-token dynamic int8
     quantization (same int8 weights): a reference for what static activations cost.
+    ``float_reference``: a dict shared between calls with the same ``float_model`` and evaluation inputs
+    (e.g. comparing recipes); the float model's answers and logits are computed once and reused.
     """
     from llavaq.api import open_model
     from llavaq.calib.samples import load_processor
@@ -470,13 +491,14 @@ def verify(
     image_token = arch.config.image_token_index
     acc = _Acc()
     try:
-        results = [_prompt_result(fp, qm, processor, p, answer_tokens, image_token, acc) for p in eval_prompts]
+        results = [_prompt_result(fp, qm, processor, p, answer_tokens, image_token, acc, float_reference)
+                   for p in eval_prompts]
         ppl_fp = ppl_q = None
         text_n = 0
         text_stats = None
         if heldout is not None:
             ppl_fp, ppl_q, text_n, text_stats = _perplexity(fp, qm, processor.tokenizer, heldout, ppl_window,
-                                                           max_text_tokens, acc)
+                                                           max_text_tokens, acc, float_reference)
     finally:
         hooks.remove()
     layers = sorted(hooks.result(), key=lambda e: e.rel_mse, reverse=True)

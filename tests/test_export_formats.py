@@ -36,6 +36,10 @@ def exports(quantized, tiny_model, tmp_path_factory):
         for sharded in (False, True):
             out[fmt, sharded] = api.export(tiny_model, cal.cache.path, root / f"{fmt}-{sharded}", format=fmt,
                                            part_file_size=TINY_SHARD_GB if sharded else None)
+    # the msmodelslim format in the checkpoint dtype (fp16), the HF formats' default: the reference for them
+    out["msmodelslim-fp16"] = api.export(tiny_model, cal.cache.path, root / "msmodelslim-fp16",
+                                         recipe=QuantRecipe.from_dict(cal.cache.manifest["recipe"]).replace(
+                                             float_dtype="float16"))
     out["forward_passes"] = ForwardCounter.count - before
     return out
 
@@ -86,7 +90,7 @@ def test_compressed_tensors_library_loads_our_output(exports, tiny_model, sharde
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
     d = exports["compressed-tensors", sharded].save_directory
-    ref = load_file(str(exports["msmodelslim", False].save_directory / "quant_model_weight_w8a8.safetensors"))
+    ref = load_file(str(exports["msmodelslim-fp16"].save_directory / "quant_model_weight_w8a8.safetensors"))
     arch = api.open_model(tiny_model)
     quantized = arch.quantized_linears()
     floats = [n for n in arch.linear_names if n not in quantized]
@@ -143,7 +147,7 @@ def test_fakequant_loads_with_from_pretrained(exports, quantized, sharded):
     model, info = LlavaForConditionalGeneration.from_pretrained(str(d), output_loading_info=True, torch_dtype="auto")
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert model.dtype == torch.float16
-    ref = load_file(str(exports["msmodelslim", False].save_directory / "quant_model_weight_w8a8.safetensors"))
+    ref = load_file(str(exports["msmodelslim-fp16"].save_directory / "quant_model_weight_w8a8.safetensors"))
     sd = model.state_dict()
     rec = json.loads((d / "llavaq_record.json").read_text())
     acts = rec["activation_quant"]
@@ -167,9 +171,10 @@ def test_fakequant_loads_with_from_pretrained(exports, quantized, sharded):
 
 def test_reader_gives_identical_kernel_params_for_every_format(exports):
     views = {(f, s): read_quantized(exports[f, s].save_directory) for f in FORMATS for s in (False, True)}
-    base = views["msmodelslim", False]
-    assert len(base.quantized) == 26
+    fp16 = read_quantized(exports["msmodelslim-fp16"].save_directory)  # HF formats default to the checkpoint dtype
+    assert len(fp16.quantized) == 26
     for key, v in views.items():
+        base = views["msmodelslim", False] if key[0] in ("msmodelslim", "mindie") else fp16
         assert v.format == key[0]
         assert v.check() == [], key
         assert sorted(v.quantized) == sorted(base.quantized)

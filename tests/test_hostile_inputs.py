@@ -81,7 +81,7 @@ def assert_error(res: Run, *needles: str, code: int | None = None) -> str:
     errors = [ln for ln in res.err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, res.err
     assert res.error_line == errors[0], res.err  # nothing (no wrapped continuation) after it
-    if os.environ.get("LLAVAQ_PRINT_ERRORS"):  # to refresh docs/readme/troubleshooting.md
+    if os.environ.get("LLAVAQ_PRINT_ERRORS"):  # to refresh the README Troubleshooting section
         print("\nMSG", errors[0], file=sys.__stderr__)
     low = errors[0].lower()
     for n in needles:

@@ -64,7 +64,7 @@ def test_quantized_linear_tensors(quantized, tiny_model):
         assert w.dtype == torch.int8 and w.shape == (out_f, in_f)
         assert w.abs().max() <= 127
         ws = tensors[n + ".weight_scale"]
-        assert ws.shape == (out_f, 1) and ws.dtype == torch.float16  # checkpoint dtype
+        assert ws.shape == (out_f, 1) and ws.dtype == torch.float32  # msModelSlim's CPU run: float32
         assert tensors[n + ".weight_offset"].shape == (out_f, 1) and not tensors[n + ".weight_offset"].any()
         s, o = tensors[n + ".input_scale"], tensors[n + ".input_offset"]
         assert s.shape == (1,) and o.shape == (1,) and s.dtype == torch.float32 and o.dtype == torch.float32
@@ -75,9 +75,9 @@ def test_quantized_linear_tensors(quantized, tiny_model):
         expect = (s * ws.float()).squeeze(1).float()
         bits = expect.numpy().view(np.int32).astype(np.int64)
         assert np.array_equal(deq.numpy(), bits)
-    # float modules are saved as FLOAT in the checkpoint dtype
-    assert tensors["language_model.model.layers.0.mlp.down_proj.weight"].dtype == torch.float16
-    assert tensors["language_model.lm_head.weight"].dtype == torch.float16
+    # float modules are saved as FLOAT, float32 as msModelSlim's CPU run writes them (--float_dtype auto on CPU)
+    assert tensors["language_model.model.layers.0.mlp.down_proj.weight"].dtype == torch.float32
+    assert tensors["language_model.lm_head.weight"].dtype == torch.float32
 
 
 def test_description_lists_exactly_the_tensors(quantized):
@@ -156,3 +156,21 @@ def test_tied_embeddings_are_saved_untied(tiny_model_tied, calib_dir, cache_root
     cal, res = api.quantize(tiny_model_tied, calib_dir, tmp_path / "o", cache_dir=cache_root, device_type="cpu")
     t = load_file(str(res.save_directory / "quant_model_weight_w8a8.safetensors"))
     assert torch.equal(t["language_model.lm_head.weight"], t["language_model.model.embed_tokens.weight"])
+
+
+def test_float_dtype_auto_follows_msmodelslim_per_device_and_can_be_forced(quantized, tiny_model, tmp_path):
+    from llavaq.api import _float_dtype
+    from llavaq.formats import get_format
+
+    msm, ct = get_format("msmodelslim"), get_format("compressed-tensors")
+    assert _float_dtype("auto", msm, torch.float16, "cpu") == torch.float32  # msModelSlim's CPU run
+    assert _float_dtype("auto", msm, torch.float16, "npu") == torch.float16  # its NPU run
+    assert _float_dtype("auto", ct, torch.float16, "cpu") == torch.float16  # vLLM loads the checkpoint dtype
+    assert _float_dtype("bfloat16", msm, torch.float16, "cpu") == torch.bfloat16
+    cal, _ = quantized
+    res = api.export(tiny_model, cal.cache, tmp_path / "fp16", recipe=QuantRecipe(float_dtype="float16"))
+    t = load_file(str(res.save_directory / "quant_model_weight_w8a8.safetensors"))
+    name = "language_model.model.layers.0.self_attn.q_proj"
+    assert t[name + ".weight_scale"].dtype == torch.float16 and t[name + ".weight"].dtype == torch.int8
+    assert t["language_model.lm_head.weight"].dtype == torch.float16
+    assert t[name + ".input_scale"].dtype == torch.float32 and t[name + ".deq_scale"].dtype == torch.int64

@@ -16,7 +16,7 @@ from llavaq.algorithms.alpha_search import ALPHA_GRID, group_error, search_group
 from llavaq.algorithms.smoothing import smoothquant_group
 from llavaq.calib.cache import SessionCache
 from llavaq.calib.coverage import range_drivers
-from llavaq.quant.emulate import EmulatedW8A8Linear, QuantLinearParams, int8_linear
+from llavaq.quant.emulate import EXACT_FP32_K, EmulatedW8A8Linear, QuantLinearParams, exact_int_matmul, int8_linear
 from llavaq.quant.state import quantize_linear
 from llavaq.recipe import QuantRecipe
 from llavaq.verify import check_thresholds, read_quantized_output, verify
@@ -57,6 +57,19 @@ def test_integer_emulation_is_exact_when_quantization_is_exact():
 
 
 # ------------------------------------------------------------------------------------------- (b) numpy reference
+@pytest.mark.parametrize("k", [EXACT_FP32_K, 3 * EXACT_FP32_K + 17])
+def test_exact_int_matmul_equals_int64_matmul(k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(-128, 128, (2, 7, k), generator=g)
+    w = torch.randint(-128, 128, (5, k), generator=g)
+    x[..., :] = torch.where(torch.rand(x.shape, generator=g) < 0.5, -128, x)  # worst case: |sums| near the bound
+    w[:3] = -128
+    ref = x.long() @ w.long().T
+    got = exact_int_matmul(x.float(), w.to(torch.int8))
+    assert got.dtype == torch.float64
+    assert torch.equal(got, ref.double())
+
+
 def test_emulation_matches_numpy_reference_from_saved_tensors(quantized):
     _cal, res = quantized
     raw = load_np(str(res.save_directory / "quant_model_weight_w8a8.safetensors"))
@@ -80,6 +93,9 @@ def test_emulation_matches_numpy_reference_from_saved_tensors(quantized):
 def test_every_format_emulates_like_msmodelslim(quantized, tiny_model, tmp_path, fmt):
     cal, res = quantized
     out = api.export(tiny_model, cal.cache, tmp_path / fmt, format=fmt)
+    if fmt != "mindie":  # HF formats keep the checkpoint dtype (fp16): compare with msmodelslim in fp16
+        recipe = QuantRecipe.from_dict(cal.cache.manifest["recipe"]).replace(float_dtype="float16")
+        res = api.export(tiny_model, cal.cache, tmp_path / "msmodelslim-fp16", recipe=recipe)
     a, b = read_quantized_output(res.save_directory), read_quantized_output(out.save_directory)
     assert b.format == fmt and a.linears.keys() == b.linears.keys() and len(a.linears) == 26
     torch.manual_seed(0)
@@ -114,6 +130,23 @@ def test_verify_report_numbers(quantized, tiny_model, eval_set, calib_dir):
     assert dyn.ppl_fp == rep.ppl_fp
     assert check_thresholds(rep, 1e9, 0.0) == []
     assert len(check_thresholds(rep, -100.0, 1.01)) == 2
+
+
+def test_shared_float_reference_gives_the_same_report(quantized, tiny_model, eval_set, calib_dir):
+    from llavaq.verify import load_float_model
+
+    _cal, res = quantized
+    kw = dict(images=calib_dir, prompts=eval_set / "prompts.json", text=eval_set / "heldout.txt", answer_tokens=4)
+    fresh = verify(tiny_model, res.save_directory, **kw)
+    fp, ref = load_float_model(tiny_model), {}
+    first = verify(tiny_model, res.save_directory, float_model=fp, float_reference=ref, **kw)
+    n_keys = len(ref)
+    second = verify(tiny_model, res.save_directory, float_model=fp, float_reference=ref, **kw)
+    assert n_keys >= 4 and len(ref) == n_keys  # 3 prompts + text windows, computed once
+    for r in (first, second):
+        assert (r.ppl_fp, r.ppl_q, r.top1, r.kl, r.cosine) == (fresh.ppl_fp, fresh.ppl_q, fresh.top1, fresh.kl,
+                                                               fresh.cosine)
+        assert [p.answer for p in r.prompts] == [p.answer for p in fresh.prompts]
 
 
 def test_verify_cli_json_and_thresholds(quantized, tiny_model, eval_set, calib_dir):

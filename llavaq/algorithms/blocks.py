@@ -61,6 +61,10 @@ def llama_qkv_block(
     (verified: with ``None`` it matches an explicit causal mask, not "no mask").
     """
     n_rep = num_heads // num_kv_heads
+    cos = cos_cached[position_ids].unsqueeze(1)  # the same for every candidate: computed once
+    sin = sin_cached[position_ids].unsqueeze(1)
+    masks: dict[tuple[int, torch.dtype], Tensor] = {}
+    inv_norm = math.sqrt(head_dim)
 
     def block_fn(x: Tensor, w: Tensor) -> Tensor:
         b, n, _ = x.shape
@@ -69,15 +73,18 @@ def llama_qkv_block(
         q = q.view(b, n, num_heads, head_dim).transpose(1, 2)
         k = k.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
         v = v.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
-        cos = cos_cached[position_ids].unsqueeze(1)
-        sin = sin_cached[position_ids].unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k = _repeat_kv(k, n_rep)
         v = _repeat_kv(v, n_rep)
-        attn = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)
-        mask = attention_mask if attention_mask is not None else causal_mask(n, attn.dtype, attn.device)
-        attn = attn + mask
+        attn = torch.matmul(q, k.transpose(2, 3)).div_(inv_norm)
+        if attention_mask is not None:
+            mask = attention_mask
+        else:
+            mask = masks.get((n, attn.dtype))
+            if mask is None:
+                mask = masks.setdefault((n, attn.dtype), causal_mask(n, attn.dtype, attn.device))
+        attn.add_(mask)
         attn = F.softmax(attn, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(attn, v)
         return out.transpose(1, 2).reshape(b, n, num_heads * head_dim)

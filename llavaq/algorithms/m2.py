@@ -46,23 +46,40 @@ def migration_fake_quant_act(x: Tensor, t: float, bits: int = 8) -> Tensor:
 
     ``t`` is first cast to ``x.dtype``; scale and zero point are computed in that dtype.
     """
+    return _fake_quant_act_(x.clone(), t, bits)
+
+
+def _fake_quant_act_(x: Tensor, t: float, bits: int = 8) -> Tensor:
+    """:func:`migration_fake_quant_act` in place on ``x`` (same operations in the same order)."""
     qmax = 2**bits - 1
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     scale = torch.clamp((t + t) / qmax, min=EPS)
     zp = torch.clamp(0 - torch.round(-t / scale), 0, qmax)
-    q = torch.clamp(torch.round(x / scale) + zp, 0, qmax)
-    return (q - zp) * scale
+    return x.div_(scale).round_().add_(zp).clamp_(0, qmax).sub_(zp).mul_(scale)
 
 
 def migration_fake_quant_weight(w: Tensor, bits: int = 8) -> Tensor:
     """Symmetric per-output-row fake quant with ``scale = max(|min|, |max|) / 127`` (>= EPS)."""
+    return _fake_quant_weight_(w.clone(), bits)
+
+
+def _fake_quant_weight_(w: Tensor, bits: int = 8) -> Tensor:
+    """:func:`migration_fake_quant_weight` in place on ``w`` (same operations in the same order)."""
     qmax = 2 ** (bits - 1) - 1
     zero = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    mn = torch.minimum(w.amin(dim=1), zero)
-    mx = torch.maximum(w.amax(dim=1), zero)
+    mn, mx = torch.aminmax(w, dim=1)
+    mn, mx = torch.minimum(mn, zero), torch.maximum(mx, zero)
     scale = torch.clamp(torch.maximum(-mn, mx) / qmax, min=EPS).unsqueeze(1)
-    q = torch.clamp(torch.round(w / scale), -qmax, qmax)
-    return q * scale
+    return w.div_(scale).round_().clamp_(-qmax, qmax).mul_(scale)
+
+
+def _candidate_loss(x: Tensor, weight: Tensor, block_fn: BlockFn, cmx: Tensor, cmn: Tensor, t: float,
+                    y_ref: Tensor) -> Tensor:
+    """``((block_fn(fq(x/s), fq(W·s)) − y_ref)²).sum(−1).mean()`` for threshold ``t`` (0-d tensor)."""
+    s = scale_for_threshold(cmx, cmn, t)
+    y = block_fn(_fake_quant_act_(x / s, t), _fake_quant_weight_(weight * s))
+    y.sub_(y_ref)
+    return y.mul_(y).sum(-1).mean()
 
 
 def os_plus_search(
@@ -103,10 +120,7 @@ def os_plus_search(
         best_loss = None
         best_t = hi
         while t >= lo:
-            s = scale_for_threshold(cmx, cmn, t)
-            xq = migration_fake_quant_act(x / s, t)
-            wq = migration_fake_quant_weight(weight * s)
-            loss = ((block_fn(xq, wq) - y_ref) ** 2).sum(-1).mean()
+            loss = _candidate_loss(x, weight, block_fn, cmx, cmn, t, y_ref)
             if best_loss is None or loss < best_loss:
                 best_loss, best_t = loss, t
             t = t - step
@@ -135,9 +149,7 @@ def threshold_loss(x: Tensor, weight: Tensor, block_fn: BlockFn, t: float, y_ref
         cmx = x.amax(dim=(0, 1))
         cmn = x.amin(dim=(0, 1))
         y_ref = block_fn(x, weight) if y_ref is None else y_ref
-        s = scale_for_threshold(cmx, cmn, t)
-        return ((block_fn(migration_fake_quant_act(x / s, t), migration_fake_quant_weight(weight * s)) - y_ref)
-                ** 2).sum(-1).mean()
+        return _candidate_loss(x, weight, block_fn, cmx, cmn, t, y_ref)
 
 
 def fast_search_index(x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: int = 100, windows: int = 2
@@ -157,11 +169,7 @@ def fast_search_index(x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: i
 
         def loss(i: int) -> float:
             if i not in losses:
-                t = grid[i]
-                s = scale_for_threshold(cmx, cmn, t)
-                xq = migration_fake_quant_act(x / s, t)
-                wq = migration_fake_quant_weight(weight * s)
-                losses[i] = float(((block_fn(xq, wq) - y_ref) ** 2).sum(-1).mean())
+                losses[i] = float(_candidate_loss(x, weight, block_fn, cmx, cmn, grid[i], y_ref))
             return losses[i]
 
         n = len(grid)

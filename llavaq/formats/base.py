@@ -43,6 +43,15 @@ class FormatWriter(Protocol):
 
     def detect(self, path: Path) -> bool: ...
 
+    def default_float_dtype(self, checkpoint_dtype: torch.dtype, device_kind: str) -> torch.dtype:
+        """``--float_dtype auto``: the dtype of float tensors (and weight scales) this format's consumer gets."""
+        ...
+
+
+def checkpoint_float_dtype(checkpoint_dtype: torch.dtype, device_kind: str) -> torch.dtype:
+    """HF formats: the checkpoint's own dtype (what ``from_pretrained`` / vLLM load)."""
+    return checkpoint_dtype
+
 
 FORMATS: dict[str, FormatWriter] = {}
 

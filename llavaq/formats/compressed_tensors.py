@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from llavaq.errors import OutputError
-from llavaq.formats.base import ExportContext, TensorStream, copy_model_files, register_format
+from llavaq.formats.base import ExportContext, TensorStream, checkpoint_float_dtype, copy_model_files, register_format
 from llavaq.formats.hf import HF_INDEX, write_hf_config, write_hf_safetensors
 from llavaq.formats.msmodelslim import write_record
 
@@ -69,9 +69,10 @@ def compressed_tensors_config(quantized: list[str], float_linears: list[str]) ->
 class CompressedTensorsFormat:
     name = "compressed-tensors"
     description = "compressed-tensors int-quantized W8A8 static (vLLM): model.safetensors + quantization_config"
+    default_float_dtype = staticmethod(checkpoint_float_dtype)
 
     def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]:
-        quantized = ctx.arch.quantized_linears(ctx.recipe.modules)
+        quantized = ctx.arch.quantized_linears(ctx.recipe.modules, ctx.recipe.float_linears)
         qset = set(quantized)
 
         def convert():

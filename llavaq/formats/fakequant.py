@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from llavaq.formats.base import ExportContext, TensorStream, copy_model_files, register_format
+from llavaq.formats.base import ExportContext, TensorStream, checkpoint_float_dtype, copy_model_files, register_format
 from llavaq.formats.hf import write_hf_config, write_hf_safetensors
 from llavaq.formats.msmodelslim import RECORD, write_record
 
@@ -37,9 +37,10 @@ def dequantize_weight(w_q: torch.Tensor, weight_scale: torch.Tensor) -> torch.Te
 class FakeQuantFormat:
     name = "fakequant"
     description = "plain HF checkpoint with dequantized weights (W_q·ws) + recorded activation quant params"
+    default_float_dtype = staticmethod(checkpoint_float_dtype)
 
     def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]:
-        qset = set(ctx.arch.quantized_linears(ctx.recipe.modules))
+        qset = set(ctx.arch.quantized_linears(ctx.recipe.modules, ctx.recipe.float_linears))
         acts: dict[str, dict[str, float]] = {}
         params: dict[str, torch.Tensor] = {}
 

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llavaq.formats.base import ExportContext, TensorStream, copy_model_files, register_format, write_json
 from llavaq.formats.sharding import TensorSpec, write_safetensors
 
@@ -49,7 +51,7 @@ def write_record(out_dir: Path, ctx: ExportContext, fmt: str, extra: dict[str, A
         "derived_from_cache": ctx.derived,
         **({"derivation": derivation_note(ctx.recipe)} if ctx.derived else {}),
         "float_dtype": str(ctx.float_dtype or ctx.arch.ckpt.torch_dtype).replace("torch.", ""),
-        "quantized_modules": ctx.arch.quantized_linears(ctx.recipe.modules),
+        "quantized_modules": ctx.arch.quantized_linears(ctx.recipe.modules, ctx.recipe.float_linears),
         **ctx.extra_record,
         **(extra or {}),
     }
@@ -67,6 +69,12 @@ class _MsModelSlimBase:
     name = "msmodelslim"
     description = "msModelSlim ascendV1: quant_model_weight_w8a8.safetensors + quant_model_description.json"
     mindie = False
+
+    @staticmethod
+    def default_float_dtype(checkpoint_dtype: torch.dtype, device_kind: str) -> torch.dtype:
+        """As msModelSlim on that device: its CPU run loads the model in float32 (so float tensors and
+        weight scales are written float32), its NPU run in the checkpoint dtype."""
+        return checkpoint_dtype if device_kind == "npu" else torch.float32
 
     @property
     def description_file(self) -> str:

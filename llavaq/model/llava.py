@@ -8,6 +8,7 @@ groups (norm -> linears) and the builders that materialise one layer at a time f
 from __future__ import annotations
 
 import types
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -136,13 +137,15 @@ class LlavaArch:
     def linear_names(self) -> list[str]:
         return [n for n, m in self.meta_model.named_modules() if isinstance(m, nn.Linear)]
 
-    def quantized_linears(self, preset: str = "msmodelslim") -> list[str]:
-        """The W8A8 Linears in named_modules order (msModelSlim: all but down_proj, lm_head, last Linear)."""
+    def quantized_linears(self, preset: str = "msmodelslim", keep_float: Iterable[str] = ()) -> list[str]:
+        """The W8A8 Linears in named_modules order (msModelSlim: all but down_proj, lm_head, last Linear),
+        less the ``keep_float`` names (``--float_linears`` / ``--keep_float``)."""
         names = self.linear_names
         last = names[-1]
+        skip = set(keep_float)
         out = []
         for n in names:
-            if n == last or n == "language_model.lm_head":
+            if n == last or n == "language_model.lm_head" or n in skip:
                 continue
             if n.endswith("mlp.down_proj") and preset != "with_down_proj":
                 continue

@@ -6,8 +6,11 @@ Static (what the exported model runs)::
     y   = deq_scale · (x_q · W_qᵀ + quant_bias)                              # int32 accumulate
 
 ``deq_scale = input_scale · weight_scale`` and ``quant_bias = round(b/deq_scale − input_offset·ΣW_q)``
-are read from the saved tensors, never recomputed. The integer product is accumulated in float64,
-which is exact here (|Σ| ≤ 128·127·in_features < 2⁵³).
+are read from the saved tensors, never recomputed. The integer product is exact: it is computed in
+float32 over chunks of at most ``EXACT_FP32_K`` = 1024 input features (every partial sum is an integer
+of magnitude ≤ 128·127·1024 < 2²⁴, so float32 represents it exactly whatever order the BLAS sums in),
+and the chunks are added in float64 (exact below 2⁵³). Same result as an int32 accumulator, 2–4× faster
+than a float64 GEMM.
 
 Dynamic per-token (a reference for what static activations cost)::
 
@@ -22,6 +25,21 @@ import torch
 from torch import nn
 
 EPS32 = torch.finfo(torch.float32).eps
+#: Largest K for which a float32 dot product of int8 codes is exact: 128·127·K < 2**24.
+EXACT_FP32_K = 1024
+
+
+def exact_int_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """``xq @ wqᵀ`` of integer-valued float tensors (|x| ≤ 128, |w| ≤ 127), exact, as float64."""
+    k = xq.shape[-1]
+    x32, w32 = xq.float(), wq.float()
+    if k <= EXACT_FP32_K:
+        return (x32 @ w32.T).double()
+    acc = None
+    for start in range(0, k, EXACT_FP32_K):
+        part = (x32[..., start:start + EXACT_FP32_K] @ w32[:, start:start + EXACT_FP32_K].T).double()
+        acc = part if acc is None else acc + part
+    return acc
 
 
 @dataclass
@@ -55,8 +73,8 @@ def quantize_input(x: torch.Tensor, input_scale: torch.Tensor, input_offset: tor
 
 def int8_linear(x: torch.Tensor, p: QuantLinearParams) -> torch.Tensor:
     """``deq_scale·(x_q·W_qᵀ + quant_bias)`` with an exact integer accumulation (float64)."""
-    xq = quantize_input(x, p.input_scale, p.input_offset).double()
-    acc = xq @ p.weight.double().T + p.quant_bias.double()
+    xq = quantize_input(x, p.input_scale, p.input_offset)
+    acc = exact_int_matmul(xq, p.weight) + p.quant_bias.double()
     y = (acc * p.deq_scale.double()).float()
     return y if p.post_bias is None else y + p.post_bias.float()
 
@@ -65,8 +83,8 @@ def int8_linear_dynamic(x: torch.Tensor, p: QuantLinearParams) -> torch.Tensor:
     """Per-token symmetric dynamic activation quantization with the same int8 weights."""
     x = x.float()
     s = torch.clamp(x.abs().amax(-1, keepdim=True) / 127, min=EPS32)
-    xq = torch.clamp(torch.round(x / s), -128, 127).double()
-    acc = xq @ p.weight.double().T
+    xq = torch.clamp(torch.round(x / s), -128, 127)
+    acc = exact_int_matmul(xq, p.weight)
     y = (acc * s.double() * p.weight_scale.double().reshape(1, -1)).float()
     if p.bias is not None:
         y = y + p.bias.float()
@@ -84,8 +102,7 @@ class EmulatedW8A8Linear(nn.Module):
         self.mode = mode
         self.in_features = params.in_features
         self.out_features = params.out_features
-        # float64 copies once (the exact accumulator), not per call
-        self._w64 = params.weight.double()
+        self._w32 = params.weight.float()  # integer codes as float32 (see exact_int_matmul), once
         self._qb64 = params.quant_bias.double()
         self._deq64 = params.deq_scale.double()
 
@@ -93,8 +110,8 @@ class EmulatedW8A8Linear(nn.Module):
         p = self.params
         if self.mode == "dynamic":
             return int8_linear_dynamic(x, p)
-        xq = quantize_input(x, p.input_scale, p.input_offset).double()
-        acc = xq @ self._w64.T + self._qb64
+        xq = quantize_input(x, p.input_scale, p.input_offset)
+        acc = exact_int_matmul(xq, self._w32) + self._qb64
         y = (acc * self._deq64).float()
         return y if p.post_bias is None else y + p.post_bias.float()
 

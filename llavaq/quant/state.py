@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from llavaq.algorithms.sensitivity import most_sensitive, w8a8_relative_error
 from llavaq.algorithms.smoothing import fold_scale, fold_shift, smoothquant_group
 from llavaq.calib.cache import SessionCache
+from llavaq.errors import CacheError, LlavaqError
 from llavaq.model.llava import LlavaArch, SmoothGroup, Stage
 from llavaq.quant.int8 import activation_qparams, quantize_weight, weight_qparams
 from llavaq.recipe import QuantRecipe
@@ -152,7 +154,7 @@ def iter_modules(
 ) -> Iterator[ModuleTensors]:
     """Walk modules in ``named_modules`` order, re-reading each layer once and folding its smoothing."""
     ckpt = arch.ckpt
-    quantized = set(arch.quantized_linears(recipe.modules))
+    quantized = set(arch.quantized_linears(recipe.modules, recipe.float_linears))
     stages = arch.stages()
     cur_stage: Stage | None = None
     weights: dict[str, torch.Tensor] = {}
@@ -214,7 +216,7 @@ def quantized_tensor_specs(
     """
     ckpt = arch.ckpt
     out_dtype = float_dtype or ckpt.torch_dtype
-    quantized = set(arch.quantized_linears(recipe.modules))
+    quantized = set(arch.quantized_linears(recipe.modules, recipe.float_linears))
     deq_dtype = torch.float32 if ckpt.torch_dtype == torch.bfloat16 else torch.int64
     specs = []
     for module, _cls, params in arch.parameter_order(m2_wrapped=recipe.anti_outlier == "m2"):
@@ -262,3 +264,62 @@ def iter_float_tensors(
                 ws = weight_qparams(t).to(out_dtype).float()
                 t = quantize_weight(t, ws).float() * ws
             yield name, t.to(out_dtype).contiguous().clone()
+
+
+def linear_errors(
+    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False
+) -> dict[str, float]:
+    """W8A8 relative output error of every Linear of the module preset, on the cached activation rows.
+
+    One pass over the float weights, no forward pass (:mod:`llavaq.algorithms.sensitivity`). Linears
+    without cached rows (a cache made with ``activation_sample_tokens=0``) are left out.
+    """
+    quantized = set(arch.quantized_linears(recipe.modules))
+    errors: dict[str, float] = {}
+    for st in arch.stages():
+        names = [n for n in arch.quantized_linears(recipe.modules) if n.startswith(st.prefix)]
+        if not names:
+            continue
+        record = cache.read_stage(st.name)
+        weights = {st.prefix + k: v for k, v in arch.ckpt.tensors(st.prefix).items()}
+        plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
+        apply_smoothing(arch, st, weights, plan)
+        rows_key: dict[str, str] = {}
+        smooth: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for g in arch.smooth_groups(st):
+            for n in g.linears:
+                rows_key[n] = g.linears[0]  # Linears of a group share their input: one copy of the rows
+                if g.name in plan.smooth:
+                    smooth[n] = plan.smooth[g.name]
+        for name in names:
+            rows = record.get(f"float.{rows_key.get(name, name)}.rows")
+            if rows is None or not rows.numel():
+                continue
+            scale, shift = smooth.get(name, (None, None))
+            act = plan.acts[name]
+            errors[name] = w8a8_relative_error(rows, weights[name + ".weight"], weights.get(name + ".bias"),
+                                               act.input_scale, act.input_offset, scale, shift)
+    return errors
+
+
+def resolve_float_linears(
+    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False
+) -> tuple[QuantRecipe, dict[str, float]]:
+    """The recipe with ``float_linears`` = the explicit names ∪ the ``keep_float`` most sensitive Linears.
+
+    Idempotent (the top-N are chosen over the whole preset, so resolving twice adds nothing). Returns
+    the measured errors too (empty when ``keep_float`` is 0).
+    """
+    candidates = arch.quantized_linears(recipe.modules)
+    unknown = [n for n in recipe.float_linears if n not in arch.linear_names]
+    if unknown:
+        raise LlavaqError(f"--float_linears: no Linear named {unknown[0]!r} in this model "
+                          f"(names look like {candidates[0]!r})")
+    if recipe.keep_float == 0:
+        return recipe, {}
+    errors = linear_errors(arch, cache, recipe, derive=derive)
+    if not errors:
+        raise CacheError("--keep_float needs the cached activation rows, and this cache has none "
+                         "(calibrated with activation_sample_tokens=0)")
+    keep = set(recipe.float_linears) | set(most_sensitive(errors, recipe.keep_float))
+    return recipe.replace(float_linears=tuple(n for n in arch.linear_names if n in keep)), errors

@@ -5,8 +5,9 @@ example flow on CPU); llavaq runs in-process. Where no reference venv exists the
 under CI (``CI`` set), where a missing reference is a failure.
 
 Deliberate differences, each stated once and excluded from the comparison:
-- llavaq's default ``--float_dtype auto`` writes float tensors in the checkpoint dtype (what MindIE
-  loads, half the bytes); msModelSlim writes them as float32. Parity runs use ``float_dtype=float32``.
+- none in the tensors: llavaq's default ``--float_dtype auto`` writes float tensors and weight scales
+  in float32 on a CPU, as msModelSlim's CPU run does (``--float_dtype float16`` halves them; its
+  difference from msModelSlim is checked below).
 - RGBA/LA/transparent-palette photos are composited on white and EXIF orientation is applied by
   llavaq; msModelSlim's example drops alpha and ignores EXIF. The parity photos avoid both.
 - llavaq adds ``llavaq_record.json`` (recipe, calibration set, versions) beside msModelSlim's files.
@@ -87,8 +88,7 @@ def run_msms(model: Path, images: Path, out: Path, *, mindie: bool = False, part
 
 def run_llavaq(model: Path, images: Path, out: Path, cache: Path, *, fmt: str = "msmodelslim",
                part_file_size: float | None = None):
-    recipe = QuantRecipe(float_dtype="float32")
-    return api.quantize(model, images, out, recipe, format=fmt, part_file_size=part_file_size, cache_dir=cache,
+    return api.quantize(model, images, out, QuantRecipe(), format=fmt, part_file_size=part_file_size, cache_dir=cache,
                         device_type="cpu")
 
 
@@ -173,16 +173,17 @@ def test_mindie_and_sharded_parity(parity_models, parity_images, tmp_path):
     assert len(set(index_r["weight_map"].values())) > 2
 
 
-def test_default_float_dtype_differs_only_by_float_cast(parity_models, parity_images, tmp_path):
-    """Default ``--float_dtype auto``: float params, weight scales and offsets in the checkpoint dtype (fp16).
+def test_float16_output_differs_only_by_float_cast(parity_models, parity_images, tmp_path):
+    """``--float_dtype float16``: float params, weight scales and offsets in fp16 (what an NPU run writes).
 
-    msModelSlim keeps them fp32. Everything else follows from that one rounding: int8 weights are
+    msModelSlim's CPU run keeps them fp32. Everything else follows from that one rounding: int8 weights are
     quantized with the fp16 weight scale (>= 98 % equal, the rest off by one), deq_scale is
     input_scale x that scale, quant_bias follows deq_scale; input scale/offset are bit-identical.
     """
     model = parity_models["gqa_fp16"]
     run_msms(model, parity_images, tmp_path / "msms")
-    api.quantize(model, parity_images, tmp_path / "ours", cache_dir=tmp_path / "cache", device_type="cpu")
+    api.quantize(model, parity_images, tmp_path / "ours", QuantRecipe(float_dtype="float16"),
+                 cache_dir=tmp_path / "cache", device_type="cpu")
     ours, ref = load_tensors(tmp_path / "ours"), load_tensors(tmp_path / "msms")
     assert list(ours) == list(ref)
     counts = {"cast": 0, "weight": 0}

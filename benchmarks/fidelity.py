@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = verify(model, out, images=images, prompts=prompts, text=text, answer_tokens=a.answer_tokens,
                      mode=mode, float_model=fp, float_reference=fref)
         rows.append(Row(label, json.dumps({k: v for k, v in recipe.calibration_dict().items()
-                                           if k not in ("prompt", "text_prompts", "activation_sample_tokens",
-                                                        "m2_search")}),
+                                           if k not in ("prompt", "text_prompts", "activation_sample_tokens")}),
                         None if derive_from or mode != "static" else calib_time[key], exp_s, rep, note))
         if mode == "static":
             outs[label] = (out, recipe)
@@ -145,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.quick:
         measure("RTN (none), histogram", rtn1.replace(act_method=2))
         measure("m2, min-max", m2h.replace(act_method=1))
+        measure("m2, histogram, --m2_search fast", m2h.replace(m2_search="fast"),
+                note="coarse-to-fine threshold search (not msModelSlim-exact)")
         measure("auto-α, histogram", auto1.replace(act_method=2))
         measure("auto-α, min-max, + down_proj", auto1.replace(modules="with_down_proj"))
         measure("m2, histogram, + down_proj", m2h.replace(modules="with_down_proj"))

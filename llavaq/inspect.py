@@ -96,6 +96,9 @@ def cache_statistics(cache_path: Path) -> dict[str, Any]:
                 g = {"group": gname, "stage": stage, "channels": s.numel(), "scale_min": float(s.min()),
                      "scale_max": float(s.max()), "scale_mean": float(s.mean()),
                      "shift": f"smooth.{gname}.shift" in rec}
+                if f"m2.{gname}.threshold" in rec:  # what the m2 search found (caches since llavaq 0.1.0)
+                    g.update({f"m2_{k}": float(rec[f"m2.{gname}.{k}"]) for k in ("threshold", "loss", "evals", "grid")
+                              if f"m2.{gname}.{k}" in rec})
                 first = first_of.get(gname)
                 if first and f"float.{first}.min" in rec:
                     g["outlier_channels"] = outlier_channels(rec[f"float.{first}.min"], rec[f"float.{first}.max"])

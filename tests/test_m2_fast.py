@@ -66,3 +66,23 @@ def test_fast_search_against_the_full_grid(kind):
         assert close == 5 and worst == 1.0, (close, worst)
     else:
         assert close >= 3 and worst < 1.15, (close, worst)
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+def test_search_reports_threshold_loss_and_evaluations(mode):
+    x, w, fn = make_case("gate_up", 0)
+    grid = threshold_grid(x)
+    info: dict = {}
+    scale = os_plus_search(x, w, fn, mode=mode, info=info)
+    assert info["threshold"] in grid and info["grid"] == len(grid)
+    assert torch.equal(scale, scale_for_threshold(x.amax((0, 1)), x.amin((0, 1)), info["threshold"]))
+    assert info["loss"] == pytest.approx(float(threshold_loss(x, w, fn, info["threshold"])), rel=1e-6)
+    assert (info["evals"] == len(grid)) if mode == "full" else (info["evals"] <= 0.45 * len(grid))
+
+
+def test_cache_records_the_m2_search(quantized):
+    cal, _ = quantized
+    rec = cal.cache.read_stage("text_layer.0")
+    for group in ("text.0.attn", "text.0.mlp"):
+        assert rec[f"m2.{group}.evals"].item() == rec[f"m2.{group}.grid"].item() >= 100  # full search
+        assert rec[f"m2.{group}.loss"].item() >= 0 and rec[f"m2.{group}.threshold"].item() > 0

@@ -89,6 +89,7 @@ def os_plus_search(
     *,
     steps_min: int = 100,
     mode: str = "full",
+    info: dict | None = None,
 ) -> Tensor:
     """Return the per-channel migration scale ``[C]`` chosen by the OS+ 1-D range search.
 
@@ -96,11 +97,12 @@ def os_plus_search(
     ``max(-amin, amax)`` down to 0.1 in equal steps; the first minimum of
     ``((block_fn(fq(x/s), fq(W*s)) - block_fn(x, W))**2).sum(-1).mean()`` wins.
     ``mode="full"`` is the faithful exhaustive search; ``mode="fast"`` (:func:`_fast_search`) visits
-    the same grid coarse-to-fine (about a third of the block forwards) and returns the full search's
-    threshold or, where the loss curve has a second dip, one whose loss is within 0.1 % of it.
+    the same grid coarse-to-fine (about a third of the block forwards); it is not guaranteed to find
+    the full search's threshold (loss curves can have several dips).
+    ``info`` (optional) receives ``threshold``, ``loss``, ``evals`` (block forwards) and ``grid`` (size).
     """
     if mode == "fast":
-        return _fast_search(x, weight, block_fn, steps_min)
+        return _fast_search(x, weight, block_fn, steps_min, info)
     if mode != "full":
         raise ValueError(f"unsupported mode {mode!r}")
     with torch.no_grad():
@@ -119,11 +121,16 @@ def os_plus_search(
         t = hi
         best_loss = None
         best_t = hi
+        evals = 0
         while t >= lo:
             loss = _candidate_loss(x, weight, block_fn, cmx, cmn, t, y_ref)
+            evals += 1
             if best_loss is None or loss < best_loss:
                 best_loss, best_t = loss, t
             t = t - step
+        if info is not None:
+            info.update(threshold=best_t, loss=float(best_loss) if best_loss is not None else float("nan"),
+                        evals=evals, grid=evals)
         return scale_for_threshold(cmx, cmn, best_t)
 
 
@@ -152,8 +159,8 @@ def threshold_loss(x: Tensor, weight: Tensor, block_fn: BlockFn, t: float, y_ref
         return _candidate_loss(x, weight, block_fn, cmx, cmn, t, y_ref)
 
 
-def fast_search_index(x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: int = 100, windows: int = 2
-                      ) -> tuple[list[float], int, int]:
+def fast_search_index(x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: int = 100,
+                      losses_out: dict[int, float] | None = None, windows: int = 2) -> tuple[list[float], int, int]:
     """Coarse-to-fine over the full grid: every k-th candidate (k = isqrt(n)), then every candidate
     within k of the best ``windows`` coarse points (two by default, so that a second dip next to the
     coarse winner is still refined). Ties go to the earlier candidate, as in the full search.
@@ -180,9 +187,14 @@ def fast_search_index(x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: i
             for i in range(max(0, c - k + 1), min(n, c + k)):
                 loss(i)
         best = min(losses, key=lambda i: (losses[i], i))
+        if losses_out is not None:
+            losses_out.update(losses)
         return grid, best, len(losses)
 
 
-def _fast_search(x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: int) -> Tensor:
-    grid, best, _ = fast_search_index(x, weight, block_fn, steps_min)
+def _fast_search(x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: int, info: dict | None = None) -> Tensor:
+    losses: dict[int, float] = {}
+    grid, best, evals = fast_search_index(x, weight, block_fn, steps_min, losses)
+    if info is not None:
+        info.update(threshold=grid[best], loss=losses[best], evals=evals, grid=len(grid))
     return scale_for_threshold(x.amax(dim=(0, 1)), x.amin(dim=(0, 1)), grid[best])

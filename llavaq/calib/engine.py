@@ -104,6 +104,8 @@ class CalibrationEngine:
         self.device = self.devices[0]
         self.quantized = set(arch.quantized_linears(recipe.modules))
         self.alphas: dict[str, float] = {}
+        #: per smoothing group, what the m2 search found: threshold, block loss, block forwards, grid size
+        self.m2_info: dict[str, dict] = {}
         self.image_idx = [j for j, s in enumerate(samples) if s.pixel_values is not None]
         if recipe.anti_outlier == "m2" and samples[0].pixel_values is None:
             raise LlavaqError("m2 needs an image sample first: the anti-outlier pass runs on calibration sample 0")
@@ -255,6 +257,8 @@ class CalibrationEngine:
             if stage.kind == "projector" and s.feat_m2 is not None:
                 m2_out = layer(s.feat_m2.to(self.device)).cpu()
         for gname, (scale, shift) in smooth.items():
+            for key, value in self.m2_info.pop(gname, {}).items():
+                record[f"m2.{gname}.{key}"] = torch.tensor([value], dtype=torch.float64)
             record[f"smooth.{gname}.scale"] = scale
             if gname in self.alphas:
                 record[f"smooth.{gname}.alpha"] = torch.tensor([self.alphas[gname]], dtype=torch.float64)
@@ -315,7 +319,7 @@ class CalibrationEngine:
             w = torch.cat([m.weight.data for m in qkv])
             b = torch.cat([m.bias.data for m in qkv])
             fn = clip_qkv_block(attn.embed_dim, attn.num_heads, attn.head_dim, b)
-            scale = os_plus_search(x, w, fn, mode=mode)
+            scale = os_plus_search(x, w, fn, mode=mode, info=self.m2_info.setdefault(g_attn.name, {}))
             x /= scale
             fold_scale(layer.layer_norm1.weight.data, layer.layer_norm1.bias.data,
                        [m.weight.data for m in qkv], scale, shift)
@@ -328,7 +332,7 @@ class CalibrationEngine:
             x -= shift
             fold_shift([mlp.fc1.weight.data], [mlp.fc1.bias.data], shift)
             fn = clip_fc1_block(mlp.fc1.bias.data)
-            scale = os_plus_search(x, mlp.fc1.weight.data, fn, mode=mode)
+            scale = os_plus_search(x, mlp.fc1.weight.data, fn, mode=mode, info=self.m2_info.setdefault(g_mlp.name, {}))
             x /= scale
             fold_scale(layer.layer_norm2.weight.data, layer.layer_norm2.bias.data, [mlp.fc1.weight.data],
                        scale, shift)
@@ -345,7 +349,7 @@ class CalibrationEngine:
             w = torch.cat([m.weight.data for m in qkv])
             fn = llama_qkv_block(attn.num_heads, attn.num_key_value_heads, attn.head_dim,
                                  attn.rotary_emb.cos_cached, attn.rotary_emb.sin_cached, pos, mask)
-            scale = os_plus_search(x, w, fn, mode=mode)
+            scale = os_plus_search(x, w, fn, mode=mode, info=self.m2_info.setdefault(g_attn.name, {}))
             x /= scale
             fold_scale(layer.input_layernorm.weight.data, None, [m.weight.data for m in qkv], scale)
             smooth[g_attn.name] = (scale.cpu(), None)
@@ -354,7 +358,8 @@ class CalibrationEngine:
             residual = h
             x = layer.post_attention_layernorm(h)
             w = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data])
-            scale = os_plus_search(x, w, gate_up_block(mlp.act_fn), mode=mode)
+            scale = os_plus_search(x, w, gate_up_block(mlp.act_fn), mode=mode,
+                                   info=self.m2_info.setdefault(g_mlp.name, {}))
             x /= scale
             fold_scale(layer.post_attention_layernorm.weight.data, None,
                        [mlp.gate_proj.weight.data, mlp.up_proj.weight.data], scale)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,13 +33,7 @@ from llavaq.calib.prompts import read_text_prompts  # noqa: E402
 from llavaq.recipe import QuantRecipe  # noqa: E402
 from llavaq.verify import load_float_model, verify  # noqa: E402
 
-CALIB_PHOTOS = ("astronaut.png", "coffee.png", "hubble_deep_field.jpg", "retina.jpg")
-EVAL_PHOTOS = ("chelsea.png", "rocket.jpg", "motorcycle_left.png")
-
-
-def _shipped(*parts: str) -> Path | None:
-    p = HERE.parent / "llavaq" / "data" / Path(*parts)
-    return p if p.exists() else None
+REPO = HERE.parent
 
 
 def ensure_model(path: Path) -> Path:
@@ -48,16 +41,6 @@ def ensure_model(path: Path) -> Path:
         return path
     subprocess.run([sys.executable, "-m", "llavaq.demo_model", str(path)], check=True)
     return path
-
-
-def photos(names: tuple[str, ...], out: Path) -> Path:
-    import skimage
-
-    src = Path(skimage.__file__).parent / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        shutil.copyfile(src / n, out / n)
-    return out
 
 
 @dataclass
@@ -74,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=Path(os.environ.get("DEMO_MODEL", "/work/demo-model")))
     ap.add_argument("--work", type=Path, default=Path("/tmp/llavaq-bench-fidelity"))
+    ap.add_argument("--calib_images", type=Path, default=REPO / "calibImages")
     ap.add_argument("--markdown", type=Path, default=None, help="write the Fidelity section into this file")
     ap.add_argument("--answer-tokens", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="core rows only (no observer/down_proj/2-photo variants)")
@@ -83,20 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     model = ensure_model(a.model)
     work = a.work
-    calib = photos(CALIB_PHOTOS, work / "calib")
-    eval_dir = _shipped("eval")
-    if eval_dir is not None:
-        images, prompts, text = eval_dir / "images", eval_dir / "prompts.json", eval_dir / "heldout.txt"
-    else:
-        images, prompts, text = photos(EVAL_PHOTOS, work / "eval"), HERE / "data" / "prompts.json", \
-            HERE / "data" / "heldout.txt"
-    text_prompts = read_text_prompts(_shipped("calib_text.json") or HERE / "data" / "calib_text.json")
+    # calibration: the project's calibImages/ (3 photos) + the shipped text-only prompts; evaluation: the
+    # shipped held-out set (other photos, questions, plain English), never seen by calibration
+    calib = a.calib_images
+    data = REPO / "llavaq" / "data"
+    images, prompts, text = data / "eval" / "images", data / "eval" / "prompts.json", data / "eval" / "heldout.txt"
+    text_prompts = read_text_prompts(data / "calib_text.json")
     cache_dir = work / "cache"
     fp = load_float_model(model)
     fref: dict = {}  # the float model's answers/logits, computed once for all rows
     calib_time: dict[str, float] = {}
     rows: list[Row] = []
-    outs: dict[str, tuple[Path, QuantRecipe]] = {}
+    outs: dict[str, tuple[Path, QuantRecipe, QuantRecipe | None]] = {}
     results_file = work / "fidelity.json"
 
     def measure(label: str, recipe: QuantRecipe, *, derive_from: QuantRecipe | None = None, note: str = "",
@@ -124,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                            if k not in ("prompt", "text_prompts", "activation_sample_tokens")}),
                         None if derive_from or mode != "static" else calib_time[key], exp_s, rep, note))
         if mode == "static":
-            outs[label] = (out, recipe)
+            outs[label] = (out, recipe, derive_from)
         r = rep
         print(f"{label:42s} ppl {r.ppl_fp:.4f}->{r.ppl_q:.4f} ({r.ppl_increase:+.2f}%) top1 {r.top1:.4f} "
               f"KL {r.kl:.5f} cos {r.cosine:.5f}  worst {r.worst_layers[0].name} {r.worst_layers[0].rel_mse:.2e} "
@@ -149,17 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         measure("auto-α, histogram", auto1.replace(act_method=2))
         measure("auto-α, min-max, + down_proj", auto1.replace(modules="with_down_proj"))
         measure("m2, histogram, + down_proj", m2h.replace(modules="with_down_proj"))
-        measure("m2, histogram, 2 photos, no text (msModelSlim's setup)",
-                QuantRecipe(anti_outlier="m2", act_method=2), note="calibrated on the first 2 photos only")
+        measure("m2, histogram, photos only, no text (msModelSlim's setup)",
+                QuantRecipe(anti_outlier="m2", act_method=2), note="calibrated on the 3 photos only")
     # the best static recipe so far (lowest KL), then with its most sensitive Linears kept in float
     best_label = min((r for r in rows if r.label in outs), key=lambda r: r.report.kl).label
-    best_out, best_recipe = outs[best_label]
+    best_out, best_recipe, best_base = outs[best_label]
     for n in a.keep_float:
-        measure(f"{best_label}, --keep_float {n}", best_recipe.replace(keep_float=n),
+        measure(f"{best_label}, --keep_float {n}", best_recipe.replace(keep_float=n), derive_from=best_base,
                 note="export-time fallback from the same cache")
-    measure(f"{best_label}, DYNAMIC per-token acts", best_recipe, mode="dynamic", out_dir=best_out,
+    measure(f"{best_label}, DYNAMIC per-token acts", best_recipe, derive_from=best_base, mode="dynamic",
+            out_dir=best_out,
             note="reference: same int8 weights, activations quantized per token at run time")
-    cov = range_drivers(api.calibrate(model, calib, best_recipe, cache_dir=cache_dir, device_type="cpu").cache)
+    cov = range_drivers(api.calibrate(model, calib, best_base or best_recipe, cache_dir=cache_dir,
+                                      device_type="cpu").cache)
     md = markdown(rows, model, cov)
     print(md)
     if a.markdown:
@@ -185,10 +169,12 @@ def markdown(rows: list[Row], model: Path, cov) -> str:
     lines = [
         "## Fidelity",
         "",
-        f"Run {datetime.date.today().isoformat()} on {machine_line()}. Command: `python benchmarks/fidelity.py`.",
+        f"Run {datetime.date.today().isoformat()} on {machine_line()}. Command: `make bench-fidelity`.",
         f"Model: LLaVA with the real SmolLM2-135M-Instruct language model (30 layers, hidden 576) and a small "
-        f"random CLIP vision tower (`{model}`). Calibration: 4 photos + {cov.kinds.count('text')} text-only prompts "
-        "(unless noted). Evaluation: held-out photos with questions, text-only questions (FP greedy answers "
+        f"random CLIP vision tower (`{model}`). Calibration: the 3 photos of `calibImages/` + "
+        f"{cov.kinds.count('text')} text-only prompts (`llavaq/data/calib_text.json`) unless noted. Evaluation "
+        "(`llavaq/data/eval/`, disjoint from the calibration inputs): held-out photos with questions, text-only "
+        "questions (FP greedy answers "
         f"teacher-forced, {r0.prompts[0].answer_tokens if r0.prompts else 0} tokens), and held-out plain English "
         f"({r0.text_tokens} tokens) for perplexity. Quantized models are run as the int8 kernels run them "
         "(`llavaq verify`: static int8 activations with the saved input_scale/offset, exact int32 accumulation, "

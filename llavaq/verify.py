@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llavaq.calib.prompts import read_user_text
 from llavaq.errors import ImageError, LlavaqError, OutputError, VerificationFailed
 from llavaq.quant.emulate import EmulatedW8A8Linear, QuantLinearParams, quantize_input
 
@@ -212,12 +213,7 @@ def load_heldout_text(text: str | Path | None) -> str | None:
     path = Path(text) if text is not None else _shipped("heldout.txt")
     if path is None:
         return None
-    if not path.is_file():
-        raise LlavaqError(f"held-out text file {path} does not exist")
-    try:
-        s = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlavaqError(f"held-out text file {path}: cannot read ({e.__class__.__name__})") from None
+    s = read_user_text(path, "held-out text file")
     if not s.strip():
         raise LlavaqError(f"held-out text file {path} is empty")
     return s

@@ -8,15 +8,21 @@ from pathlib import Path
 from llavaq.errors import LlavaqError
 
 
+def read_user_text(path: str | Path, what: str) -> str:
+    """The text of a user-supplied file, or a one-line error naming ``what`` it is and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlavaqError(f"{what} {path} does not exist")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlavaqError(f"{what} {path}: cannot read ({e.__class__.__name__})") from None
+
+
 def read_text_prompts(path: str | Path) -> tuple[str, ...]:
     """A JSON list of strings, or a text file with one prompt per non-empty line."""
     path = Path(path)
-    if not path.is_file():
-        raise LlavaqError(f"prompt file {path} does not exist")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlavaqError(f"prompt file {path}: cannot read ({e.__class__.__name__})") from None
+    text = read_user_text(path, "prompt file")
     if path.suffix == ".json":
         try:
             data = json.loads(text)

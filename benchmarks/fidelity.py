@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         measure("m2, histogram, + down_proj", m2h.replace(modules="with_down_proj"))
         measure("m2, histogram, photos only, no text (msModelSlim's setup)",
                 QuantRecipe(anti_outlier="m2", act_method=2), note="calibrated on the 3 photos only")
-    # the best static recipe so far (lowest KL), then with its most sensitive Linears kept in float
-    best_label = min((r for r in rows if r.label in outs), key=lambda r: r.report.kl).label
+    # the best static recipe so far (top-1 agreement, then perplexity), then with its most sensitive
+    # Linears kept in float, and two references that isolate the error sources of its int8 model
+    best_label = max((r for r in rows if r.label in outs), key=lambda r: (r.report.top1, -r.report.ppl_q)).label
     best_out, best_recipe, best_base = outs[best_label]
     for n in a.keep_float:
         measure(f"{best_label}, --keep_float {n}", best_recipe.replace(keep_float=n), derive_from=best_base,
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     measure(f"{best_label}, DYNAMIC per-token acts", best_recipe, derive_from=best_base, mode="dynamic",
             out_dir=best_out,
             note="reference: same int8 weights, activations quantized per token at run time")
+    measure(f"{best_label}, int8 weights only (float activations)", best_recipe, derive_from=best_base,
+            mode="weight_only", out_dir=best_out, note="reference: what the int8 weights alone cost")
     cov = range_drivers(api.calibrate(model, calib, best_base or best_recipe, cache_dir=cache_dir,
                                       device_type="cpu").cache)
     md = markdown(rows, model, cov)

@@ -266,13 +266,16 @@ def verify(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
     max_ppl_increase: float = typer.Option(None, "--max-ppl-increase", help="Fail if Δppl % exceeds this."),
     min_top1: float = typer.Option(None, "--min-top1", help="Fail if top-1 agreement (0..1) is below this."),
+    mode: str = typer.Option("static", "--mode", help="static (as the kernels run the output); dynamic "
+                             "(per-token activations) or weight_only (float activations): references that "
+                             "separate what the static ranges and the int8 weights cost."),
 ) -> None:
     """Measure W8A8 fidelity against the float model with integer-exact kernel emulation."""
     from llavaq.verify import run_verify
 
     raise typer.Exit(run_verify(model_path, quantized, images=images, prompts=prompts, text=text,
                                 json_out=json_out, max_ppl_increase=max_ppl_increase, min_top1=min_top1,
-                                console=out))
+                                mode=mode, console=out))
 
 
 _INTERRUPTED = ("[yellow]interrupted:[/] no output was written; the session cache keeps every finished layer: "

@@ -32,7 +32,7 @@ from torch import nn
 
 from llavaq.calib.prompts import read_user_text
 from llavaq.errors import ImageError, LlavaqError, OutputError, VerificationFailed
-from llavaq.quant.emulate import EmulatedW8A8Linear, QuantLinearParams, quantize_input
+from llavaq.quant.emulate import EMULATION_MODES, EmulatedW8A8Linear, QuantLinearParams, quantize_input
 
 QUANT_SUFFIXES = ("weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
 IMAGE_TEMPLATE = "USER: <image>\n{q} ASSISTANT:"
@@ -465,7 +465,8 @@ def verify(
     """Compare the float model with the quantized output as int8 kernels run it (see module docstring).
 
     ``mode="dynamic"`` replaces the saved static activation ranges with per-token dynamic int8
-    quantization (same int8 weights): a reference for what static activations cost.
+    quantization (same int8 weights): a reference for what static activations cost;
+    ``mode="weight_only"`` keeps activations float: what the int8 weights alone cost.
     ``float_reference``: a dict shared between calls with the same ``float_model`` and evaluation inputs
     (e.g. comparing recipes); the float model's answers and logits are computed once and reused.
     """
@@ -538,7 +539,9 @@ def check_thresholds(report: FidelityReport, max_ppl_increase: float | None, min
 def print_report(report: FidelityReport, console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"llavaq verify: {report.quantized} ({report.format}, {report.mode} int8 activations, "
+    acts = "float activations (weight-only reference)" if report.mode == "weight_only" \
+        else f"{report.mode} int8 activations"
+    t = Table(title=f"llavaq verify: {report.quantized} ({report.format}, {acts}, "
                     f"{report.quantized_linears} W8A8 Linears emulated)")
     for c in ("prompt", "answer (FP, greedy)", "cosine", "top-1 answer", "top-1 all", "KL(FP‖Q)"):
         t.add_column(c, overflow="fold")
@@ -577,12 +580,15 @@ def run_verify(
     json_out: bool = False,
     max_ppl_increase: float | None = None,
     min_top1: float | None = None,
+    mode: str = "static",
     console=None,
 ) -> int:
     from rich.console import Console
 
     console = console or Console()
-    report = verify(model_path, quantized, images=images, prompts=prompts, text=text)
+    if mode not in EMULATION_MODES:
+        raise LlavaqError(f"--mode must be one of {', '.join(EMULATION_MODES)}, not {mode!r}")
+    report = verify(model_path, quantized, images=images, prompts=prompts, text=text, mode=mode)
     if json_out:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -112,6 +112,19 @@ def test_every_format_emulates_like_msmodelslim(quantized, tiny_model, tmp_path,
     assert set(a.float_tensors) == set(b.float_tensors)
 
 
+def test_weight_only_emulation_is_the_dequantized_float_linear(quantized):
+    _cal, res = quantized
+    q = read_quantized_output(res.save_directory)
+    name = "language_model.model.layers.0.mlp.up_proj"
+    p = q.linears[name]
+    x = torch.randn(2, 5, p.in_features)
+    want = x @ (p.weight.double() * p.weight_scale.double()).T.float()
+    got = EmulatedW8A8Linear(p, mode="weight_only")(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        EmulatedW8A8Linear(p, mode="int4")
+
+
 # ------------------------------------------------------------------------------------------- (c) verify end-to-end
 def test_verify_report_numbers(quantized, tiny_model, eval_set, calib_dir):
     _cal, res = quantized
@@ -164,6 +177,12 @@ def test_verify_cli_json_and_thresholds(quantized, tiny_model, eval_set, calib_d
     r = CliRunner().invoke(app, base + ["--max-ppl-increase", "-50"])
     assert r.exit_code == 1
     assert "perplexity" in str(r.exception)
+    r = CliRunner().invoke(app, base + ["--mode", "weight_only"])
+    assert r.exit_code == 0, r.output
+    w = json.loads(r.stdout)
+    assert w["mode"] == "weight_only" and w["kl"] <= d["kl"]  # float activations: closer than static int8
+    r = CliRunner().invoke(app, base + ["--mode", "int4"])
+    assert r.exit_code != 0 and "--mode must be one of" in str(r.exception)
 
 
 def test_verify_cli_one_line_errors(tiny_model, tmp_path):

@@ -15,6 +15,10 @@ than a float64 GEMM.
 Dynamic per-token (a reference for what static activations cost)::
 
     s_t = max|x_t| / 127;  x_q = clamp(round(x_t / s_t), -128, 127);  y = s_t·weight_scale·(x_q·W_qᵀ) + b
+
+Weight-only (a reference for what the int8 weights alone cost)::
+
+    y = x·(W_q·weight_scale)ᵀ + b
 """
 
 from __future__ import annotations
@@ -91,12 +95,23 @@ def int8_linear_dynamic(x: torch.Tensor, p: QuantLinearParams) -> torch.Tensor:
     return y
 
 
+def int8_weight_only_linear(x: torch.Tensor, p: QuantLinearParams) -> torch.Tensor:
+    """The same int8 weights with float activations: what the weights alone cost (a diagnostic)."""
+    w = p.weight.float() * p.weight_scale.float().reshape(-1, 1)
+    y = x.float() @ w.T
+    return y + p.bias.float() if p.bias is not None else y
+
+
+#: static = what the exported model runs; dynamic / weight_only = references that isolate the error sources
+EMULATION_MODES = ("static", "dynamic", "weight_only")
+
+
 class EmulatedW8A8Linear(nn.Module):
     """Drop-in replacement of an ``nn.Linear`` that computes like the int8 kernel."""
 
     def __init__(self, params: QuantLinearParams, mode: str = "static") -> None:
         super().__init__()
-        if mode not in ("static", "dynamic"):
+        if mode not in EMULATION_MODES:
             raise ValueError(f"unknown emulation mode {mode!r}")
         self.params = params
         self.mode = mode
@@ -110,6 +125,8 @@ class EmulatedW8A8Linear(nn.Module):
         p = self.params
         if self.mode == "dynamic":
             return int8_linear_dynamic(x, p)
+        if self.mode == "weight_only":
+            return int8_weight_only_linear(x, p)
         xq = quantize_input(x, p.input_scale, p.input_offset)
         acc = exact_int_matmul(xq, self._w32) + self._qb64
         y = (acc * self._deq64).float()

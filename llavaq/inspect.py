@@ -259,6 +259,15 @@ def _render(rep: dict[str, Any], console: Console) -> None:
                       _num(g["scale_mean"]), "yes" if g["shift"] else "no",
                       "–" if oc is None else f"{len(oc)}" + (f" {oc[:8]}" if oc else ""))
         console.print(s)
+        searched = [g for g in rep["smoothing"] if "m2_threshold" in g]
+        if searched:
+            s = Table(title="m2 range search (per group)")
+            for col in ("group", "threshold", "block loss", "block forwards / grid"):
+                s.add_column(col, justify="left" if col == "group" else "right")
+            for g in searched:
+                s.add_row(g["group"], _num(g["m2_threshold"]), _num(g.get("m2_loss", float("nan"))),
+                          f"{g.get('m2_evals', 0):.0f} / {g.get('m2_grid', 0):.0f}")
+            console.print(s)
     if rep["ok"]:
         console.print("[green]✓[/] consistent: every tensor present with the right dtype/shape, deq_scale = "
                       "input_scale·weight_scale, no NaN/Inf" if rep["kind"] == "output" else

@@ -24,7 +24,7 @@ from llavaq.formats.sharding import GB
 from llavaq.model.checkpoint import Checkpoint
 from llavaq.model.llava import LlavaArch
 from llavaq.progress import NullProgress, Progress
-from llavaq.quant.state import iter_quantized_tensors, resolve_float_linears
+from llavaq.quant.state import check_float_linears, iter_quantized_tensors, resolve_float_linears
 from llavaq.recipe import QuantRecipe
 
 
@@ -194,6 +194,8 @@ def quantize(
         raise LlavaqError(f"--part_file_size must be a positive number of GB, not {part_file_size}")
     get_format(format)
     AtomicOutputDir.check(Path(save_directory), overwrite)
+    if recipe is not None and recipe.float_linears:  # fail before the calibration, not after it
+        check_float_linears(open_model(model_path, trust_remote_code=trust_remote_code), recipe.float_linears)
     cal = calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
                     trust_remote_code=trust_remote_code, progress=progress)
     exp = export(model_path, cal.cache, save_directory, format=format, recipe=recipe,

@@ -116,6 +116,14 @@ def test_unknown_float_linear_is_a_clear_error(quantized, tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_unknown_float_linear_fails_before_calibration(tiny_model, calib_dir, tmp_path):
+    before = ForwardCounter.count
+    with pytest.raises(LlavaqError, match="no Linear named 'nope'"):
+        api.quantize(tiny_model, calib_dir, tmp_path / "out", QuantRecipe(float_linears=("nope",)),
+                     cache_dir=tmp_path / "cache")
+    assert ForwardCounter.count == before and not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 def test_negative_keep_float_is_refused():
     with pytest.raises(LlavaqError, match="--keep_float must be >= 0"):
         QuantRecipe(keep_float=-1)

@@ -302,6 +302,14 @@ def linear_errors(
     return errors
 
 
+def check_float_linears(arch: LlavaArch, names: tuple[str, ...]) -> None:
+    """One-line error for a ``--float_linears`` name that is not a Linear of the model."""
+    unknown = [n for n in names if n not in arch.linear_names]
+    if unknown:
+        raise LlavaqError(f"--float_linears: no Linear named {unknown[0]!r} in this model "
+                          f"(names look like {arch.linear_names[0]!r})")
+
+
 def resolve_float_linears(
     arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False
 ) -> tuple[QuantRecipe, dict[str, float]]:
@@ -310,11 +318,7 @@ def resolve_float_linears(
     Idempotent (the top-N are chosen over the whole preset, so resolving twice adds nothing). Returns
     the measured errors too (empty when ``keep_float`` is 0).
     """
-    candidates = arch.quantized_linears(recipe.modules)
-    unknown = [n for n in recipe.float_linears if n not in arch.linear_names]
-    if unknown:
-        raise LlavaqError(f"--float_linears: no Linear named {unknown[0]!r} in this model "
-                          f"(names look like {candidates[0]!r})")
+    check_float_linears(arch, recipe.float_linears)
     if recipe.keep_float == 0:
         return recipe, {}
     errors = linear_errors(arch, cache, recipe, derive=derive)

@@ -225,7 +225,8 @@ def export(
     float_dtype: str = FloatDtype,
     keep_float: int = KeepFloat,
     float_linears: str = FloatLinears,
-    device_type: str = typer.Option("cpu", "--device_type", help="Recorded in MindIE's quantization_config."),
+    device_type: str = typer.Option("cpu", "--device_type", help="Target device: recorded in MindIE's "
+                                    "quantization_config; with --float_dtype auto, npu keeps the checkpoint dtype."),
     trust_remote_code: str = TrustRemote,
     overwrite: bool = Overwrite,
 ) -> None:

@@ -274,10 +274,11 @@ def linear_errors(
     One pass over the float weights, no forward pass (:mod:`llavaq.algorithms.sensitivity`). Linears
     without cached rows (a cache made with ``activation_sample_tokens=0``) are left out.
     """
-    quantized = set(arch.quantized_linears(recipe.modules))
+    ordered = arch.quantized_linears(recipe.modules)
+    quantized = set(ordered)
     errors: dict[str, float] = {}
     for st in arch.stages():
-        names = [n for n in arch.quantized_linears(recipe.modules) if n.startswith(st.prefix)]
+        names = [n for n in ordered if n.startswith(st.prefix)]
         if not names:
             continue
         record = cache.read_stage(st.name)

@@ -97,8 +97,8 @@ def cache_statistics(cache_path: Path) -> dict[str, Any]:
                      "scale_max": float(s.max()), "scale_mean": float(s.mean()),
                      "shift": f"smooth.{gname}.shift" in rec}
                 if f"m2.{gname}.threshold" in rec:  # what the m2 search found (caches since llavaq 0.1.0)
-                    g.update({f"m2_{k}": float(rec[f"m2.{gname}.{k}"]) for k in ("threshold", "loss", "evals", "grid")
-                              if f"m2.{gname}.{k}" in rec})
+                    g.update({f"m2_{k}": float(rec[f"m2.{gname}.{k}"])
+                              for k in ("threshold", "loss", "evals", "screened", "grid") if f"m2.{gname}.{k}" in rec})
                 first = first_of.get(gname)
                 if first and f"float.{first}.min" in rec:
                     g["outlier_channels"] = outlier_channels(rec[f"float.{first}.min"], rec[f"float.{first}.max"])
@@ -262,11 +262,11 @@ def _render(rep: dict[str, Any], console: Console) -> None:
         searched = [g for g in rep["smoothing"] if "m2_threshold" in g]
         if searched:
             s = Table(title="m2 range search (per group)")
-            for col in ("group", "threshold", "block loss", "block forwards / grid"):
+            for col in ("group", "threshold", "block loss", "screened (int8) / grid", "float forwards"):
                 s.add_column(col, justify="left" if col == "group" else "right")
             for g in searched:
                 s.add_row(g["group"], _num(g["m2_threshold"]), _num(g.get("m2_loss", float("nan"))),
-                          f"{g.get('m2_evals', 0):.0f} / {g.get('m2_grid', 0):.0f}")
+                          f"{g.get('m2_screened', 0):.0f} / {g.get('m2_grid', 0):.0f}", f"{g.get('m2_evals', 0):.0f}")
             console.print(s)
     if rep["ok"]:
         console.print("[green]✓[/] consistent: every tensor present with the right dtype/shape, deq_scale = "

@@ -17,7 +17,7 @@ from llavaq.errors import LlavaqError
 ANTI_OUTLIER_METHODS = ("m2", "m1", "none")
 ACT_METHODS = {1: "minmax", 2: "histogram"}
 MODULE_PRESETS = ("msmodelslim", "with_down_proj", "language_only")
-M2_SEARCH_MODES = ("full", "fast")
+M2_SEARCH_MODES = ("full", "fast", "exhaustive")
 FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEFAULT_PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 

@@ -1,6 +1,6 @@
 """Block functions ``f(x, w)`` whose output error drives the m2 (OS+) range search.
 
-Each factory returns ``block_fn(x, w)`` with ``x`` ``[B, N, C]`` and ``w`` the concatenated
+Each factory returns a :class:`Block` ``block(x, w)`` with ``x`` ``[B, N, C]`` and ``w`` the concatenated
 weight ``[sum_out, C]`` of the smoothed linears, mirroring msModelSlim's migration module types
 ``llama_qkv``, ``up_and_gate``, ``llava_vit_qkv`` and ``c_fc`` (transformers 4.37 semantics).
 """
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "Block",
     "causal_mask",
     "llama_qkv_block",
     "gate_up_block",
@@ -24,6 +25,26 @@ __all__ = [
 ]
 
 BlockFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Block:
+    """``block(x, w) = post(F.linear(x, w, bias))``: the smoothed linears followed by the rest of the block.
+
+    Keeping ``post`` separate lets the m2 search feed it a linear output computed another way (the
+    integer product of the quantized operands) while ``__call__`` does exactly the float operations
+    msModelSlim's kernel does.
+    """
+
+    def __init__(self, post: Callable[[Tensor], Tensor], bias: Tensor | None = None,
+                 screen: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.post = post
+        self.bias = bias
+        #: the same function as ``post`` with faster float arithmetic (fused attention); used where
+        #: only rounding-level agreement is needed (the m2 search's screening pass)
+        self.screen = screen or post
+
+    def __call__(self, x: Tensor, w: Tensor) -> Tensor:
+        return self.post(F.linear(x, w, self.bias))
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -53,7 +74,7 @@ def llama_qkv_block(
     sin_cached: Tensor,
     position_ids: Tensor,
     attention_mask: Tensor | None,
-) -> BlockFn:
+) -> Block:
     """LLaMA self-attention up to (excluding) ``o_proj``: ``[B, N, num_heads*head_dim]``.
 
     ``attention_mask`` is the 4-D additive mask transformers 4.37 passes to the layer
@@ -66,9 +87,8 @@ def llama_qkv_block(
     masks: dict[tuple[int, torch.dtype], Tensor] = {}
     inv_norm = math.sqrt(head_dim)
 
-    def block_fn(x: Tensor, w: Tensor) -> Tensor:
-        b, n, _ = x.shape
-        y = F.linear(x, w)
+    def post(y: Tensor) -> Tensor:
+        b, n, _ = y.shape
         q, k, v = torch.split(y, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
         q = q.view(b, n, num_heads, head_dim).transpose(1, 2)
         k = k.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
@@ -89,27 +109,37 @@ def llama_qkv_block(
         out = torch.matmul(attn, v)
         return out.transpose(1, 2).reshape(b, n, num_heads * head_dim)
 
-    return block_fn
+    def screen(y: Tensor) -> Tensor:
+        b, n, _ = y.shape
+        q, k, v = torch.split(y, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+        q = q.view(b, n, num_heads, head_dim).transpose(1, 2)
+        k = k.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
+        v = v.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
+                                             enable_gqa=n_rep > 1)
+        return out.transpose(1, 2).reshape(b, n, num_heads * head_dim)
+
+    return Block(post, screen=screen)
 
 
-def gate_up_block(act_fn: Callable[[Tensor], Tensor]) -> BlockFn:
+def gate_up_block(act_fn: Callable[[Tensor], Tensor]) -> Block:
     """``act(x W_gate^T) * (x W_up^T)`` with ``w = cat(W_gate, W_up)``."""
 
-    def block_fn(x: Tensor, w: Tensor) -> Tensor:
-        y = F.linear(x, w)
+    def post(y: Tensor) -> Tensor:
         inter = y.shape[-1] // 2
         return act_fn(y[..., :inter]) * y[..., inter:]
 
-    return block_fn
+    return Block(post)
 
 
-def clip_qkv_block(embed_dim: int, num_heads: int, head_dim: int, bias: Tensor) -> BlockFn:
+def clip_qkv_block(embed_dim: int, num_heads: int, head_dim: int, bias: Tensor) -> Block:
     """CLIP self-attention up to (excluding) ``out_proj``, no mask: ``[B, N, embed_dim]``."""
     scale = head_dim**-0.5
 
-    def block_fn(x: Tensor, w: Tensor) -> Tensor:
-        b, n, _ = x.shape
-        y = F.linear(x, w, bias)
+    def post(y: Tensor) -> Tensor:
+        b, n, _ = y.shape
         q, k, v = torch.split(y, embed_dim, -1)
         q = q * scale
 
@@ -121,13 +151,15 @@ def clip_qkv_block(embed_dim: int, num_heads: int, head_dim: int, bias: Tensor) 
         out = torch.bmm(attn, v)
         return out.view(b, num_heads, n, head_dim).transpose(1, 2).reshape(b, n, embed_dim)
 
-    return block_fn
+    def screen(y: Tensor) -> Tensor:
+        b, n, _ = y.shape
+        q, k, v = (t.view(b, n, num_heads, head_dim).transpose(1, 2) for t in torch.split(y, embed_dim, -1))
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out.transpose(1, 2).reshape(b, n, embed_dim)
+
+    return Block(post, bias, screen)
 
 
-def clip_fc1_block(bias: Tensor) -> BlockFn:
+def clip_fc1_block(bias: Tensor) -> Block:
     """Exact-erf GELU of ``x W^T + b`` (the kernel ignores CLIP's quick_gelu ``act_fn``)."""
-
-    def block_fn(x: Tensor, w: Tensor) -> Tensor:
-        return F.gelu(F.linear(x, w, bias))
-
-    return block_fn
+    return Block(F.gelu, bias)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from llavaq.algorithms.blocks import Block
 from llavaq.quant.int8 import EPS
 
 __all__ = [
@@ -25,6 +26,10 @@ __all__ = [
     "os_plus_search",
     "threshold_grid",
     "threshold_loss",
+    "RangeSearch",
+    "M2_MODES",
+    "int_candidate_loss",
+    "quantize_weight_int8",
 ]
 
 BlockFn = Callable[[Tensor, Tensor], Tensor]
@@ -96,42 +101,119 @@ def os_plus_search(
     ``num = max(steps_min, int(amax / 0.5))`` candidate thresholds are visited from
     ``max(-amin, amax)`` down to 0.1 in equal steps; the first minimum of
     ``((block_fn(fq(x/s), fq(W*s)) - block_fn(x, W))**2).sum(-1).mean()`` wins.
-    ``mode="full"`` is the faithful exhaustive search; ``mode="fast"`` (:func:`_fast_search`) visits
-    the same grid coarse-to-fine (about a third of the block forwards); it is not guaranteed to find
-    the full search's threshold (loss curves can have several dips).
-    ``info`` (optional) receives ``threshold``, ``loss``, ``evals`` (block forwards) and ``grid`` (size).
+
+    Modes (see :class:`RangeSearch`):
+
+    - ``"exhaustive"``: every candidate in float, msModelSlim's loop operation for operation.
+    - ``"full"`` (default): every candidate screened on the integer path (int8 x int8 -> int32
+      products, ~4x the float GEMM's throughput, fused attention), then the candidates within a
+      verified margin of the best re-evaluated in float; returns the exhaustive search's threshold
+      (the margin is widened until it covers the largest screening error seen, see
+      :meth:`RangeSearch.settle`).
+    - ``"fast"``: the grid screened coarse-to-fine (about a third of it), then settled the same way;
+      not guaranteed to find the full search's threshold (loss curves can have several dips).
+
+    ``info`` (optional) receives ``threshold``, ``loss`` (float), ``evals`` (float block forwards),
+    ``screened`` (integer-path block forwards) and ``grid`` (size).
     """
-    if mode == "fast":
-        return _fast_search(x, weight, block_fn, steps_min, info)
-    if mode != "full":
+    if mode not in M2_MODES:
         raise ValueError(f"unsupported mode {mode!r}")
     with torch.no_grad():
-        cmx = x.amax(dim=(0, 1))
-        cmn = x.amin(dim=(0, 1))
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        amx = torch.maximum(x.max(), zero)
-        amn = torch.minimum(x.min(), zero)
-        y_ref = block_fn(x, weight)
-        num = max(steps_min, int(amx / 0.5))
-        # The threshold walk is done in python floats (float64), like the kernel; an fp32 tensor
-        # walk drifts by ~1e-6 relative and is not bit-exact.
-        hi = float(torch.maximum(-amn, amx).item())
-        lo = 0.1
-        step = (hi - lo) / num
-        t = hi
-        best_loss = None
-        best_t = hi
-        evals = 0
-        while t >= lo:
-            loss = _candidate_loss(x, weight, block_fn, cmx, cmn, t, y_ref)
-            evals += 1
-            if best_loss is None or loss < best_loss:
-                best_loss, best_t = loss, t
-            t = t - step
+        search = RangeSearch(x, weight, block_fn, steps_min)
+        if mode == "exhaustive":
+            best = search.exhaustive()
+        elif mode == "full":
+            best = search.settle(range(len(search.grid)))
+        else:
+            best = search.settle(search.coarse_to_fine())
         if info is not None:
-            info.update(threshold=best_t, loss=float(best_loss) if best_loss is not None else float("nan"),
-                        evals=evals, grid=evals)
-        return scale_for_threshold(cmx, cmn, best_t)
+            info.update(threshold=search.grid[best], loss=search.float_losses[best],
+                        evals=len(search.float_losses), screened=len(search.int_losses), grid=len(search.grid))
+        return scale_for_threshold(search.cmx, search.cmn, search.grid[best])
+
+
+M2_MODES = ("full", "fast", "exhaustive")
+
+
+class RangeSearch:
+    """One group's threshold search: the grid, and its candidates' losses on both paths (memoised).
+
+    ``float_loss(i)`` is msModelSlim's loss (float fake quant, float GEMM, the block's own ops);
+    ``int_loss(i)`` is the same quantity with the quantized operands multiplied exactly as integers
+    and the block's screening ops (:attr:`Block.screen`), which differ from the float path only by
+    float rounding (measured ≤ 3e-4 relative on the demo model, mostly < 1e-5).
+    """
+
+    #: candidates whose screened loss is within this relative margin of the best are re-evaluated in
+    #: float; it is widened to ``SAFETY`` x the largest screening error observed on them.
+    MARGIN = 1e-2
+    SAFETY = 8.0
+
+    def __init__(self, x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: int = 100) -> None:
+        self.x, self.weight, self.block = x, weight, block_fn
+        self.cmx = x.amax(dim=(0, 1))
+        self.cmn = x.amin(dim=(0, 1))
+        self.grid = threshold_grid(x, steps_min)
+        self.y_ref = block_fn(x, weight)
+        self.float_losses: dict[int, float] = {}
+        self.int_losses: dict[int, float] = {}
+        self._wq: Tensor | None = None
+
+    def float_loss(self, i: int) -> float:
+        if i not in self.float_losses:
+            self.float_losses[i] = float(_candidate_loss(self.x, self.weight, self.block, self.cmx, self.cmn,
+                                                         self.grid[i], self.y_ref))
+        return self.float_losses[i]
+
+    def int_loss(self, i: int) -> float:
+        if i not in self.int_losses:
+            if not isinstance(self.block, Block):  # a plain callable: no integer path, screen in float
+                self.int_losses[i] = self.float_loss(i)
+            else:
+                if self._wq is None:
+                    self._wq = torch.empty(self.weight.shape, dtype=torch.int8, device=self.weight.device)
+                self.int_losses[i] = int_candidate_loss(self.x, self.weight, self.block, self.cmx, self.cmn,
+                                                        self.grid[i], self.y_ref, self._wq)
+        return self.int_losses[i]
+
+    def exhaustive(self) -> int:
+        """msModelSlim's loop: every candidate in float, the first minimum."""
+        return min(range(len(self.grid)), key=lambda i: (self.float_loss(i), i))
+
+    def coarse_to_fine(self, windows: int = 2) -> list[int]:
+        """Screen every k-th candidate (k = isqrt(n)), then every candidate within k of the best
+        ``windows`` coarse points (so that a second dip next to the coarse winner is refined too)."""
+        n = len(self.grid)
+        k = max(1, math.isqrt(n))
+        coarse = sorted(set(range(0, n, k)) | {n - 1})
+        ranked = sorted(coarse, key=lambda i: (self.int_loss(i), i))
+        for c in ranked[:windows]:
+            for i in range(max(0, c - k + 1), min(n, c + k)):
+                self.int_loss(i)
+        return sorted(self.int_losses)
+
+    def settle(self, candidates) -> int:
+        """Screen ``candidates`` on the integer path; re-evaluate in float those within the margin of
+        the best screened loss and return the first float minimum among them.
+
+        Any candidate left out has a screened loss above ``best·(1 + margin)``; it cannot be the float
+        minimum unless the screening error exceeds ``margin/2``. The margin starts at ``MARGIN`` and is
+        widened to ``SAFETY`` x the largest relative screening error measured on the re-evaluated
+        candidates (re-evaluating more) until it covers it.
+        """
+        cands = list(candidates)
+        for i in cands:
+            self.int_loss(i)
+        best = min(self.int_losses[i] for i in cands)
+        margin = self.MARGIN
+        while True:
+            chosen = [i for i in cands if self.int_losses[i] <= best * (1 + margin) or best <= 0]
+            err = max(abs(self.float_loss(i) - self.int_losses[i]) / max(self.float_loss(i), 1e-30)
+                      for i in chosen)
+            if self.SAFETY * err <= margin or len(chosen) == len(cands):
+                break
+            margin = self.SAFETY * err
+        return min(chosen, key=lambda i: (self.float_losses[i], i))
 
 
 def threshold_grid(x: Tensor, steps_min: int = 100) -> list[float]:
@@ -159,42 +241,55 @@ def threshold_loss(x: Tensor, weight: Tensor, block_fn: BlockFn, t: float, y_ref
         return _candidate_loss(x, weight, block_fn, cmx, cmn, t, y_ref)
 
 
-def fast_search_index(x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: int = 100,
-                      losses_out: dict[int, float] | None = None, windows: int = 2) -> tuple[list[float], int, int]:
-    """Coarse-to-fine over the full grid: every k-th candidate (k = isqrt(n)), then every candidate
-    within k of the best ``windows`` coarse points (two by default, so that a second dip next to the
-    coarse winner is still refined). Ties go to the earlier candidate, as in the full search.
+# ---------------------------------------------------------------------------------------------
+# Integer path: the same candidate loss with the quantized operands multiplied as integers.
 
-    Returns (grid, index of the chosen threshold, number of block forwards evaluated).
+_ROW_BLOCK_BYTES = 1 << 21  # weight rows quantized per step: keeps the working set in cache
+
+
+def quantize_weight_int8(weight: Tensor, s: Tensor, out: Tensor, buf: Tensor | None = None) -> Tensor:
+    """Integer values and row scales of :func:`migration_fake_quant_weight` ``(weight * s)``.
+
+    Writes ``clamp(round(weight*s / r), -127, 127)`` into ``out`` (int8 ``[O, C]``) and returns ``r``
+    ``[O, 1]``; the same float operations per element as the fake quant, done in row blocks.
     """
-    with torch.no_grad():
-        cmx = x.amax(dim=(0, 1))
-        cmn = x.amin(dim=(0, 1))
-        grid = threshold_grid(x, steps_min)
-        y_ref = block_fn(x, weight)
-        losses: dict[int, float] = {}
-
-        def loss(i: int) -> float:
-            if i not in losses:
-                losses[i] = float(_candidate_loss(x, weight, block_fn, cmx, cmn, grid[i], y_ref))
-            return losses[i]
-
-        n = len(grid)
-        k = max(1, math.isqrt(n))
-        coarse = sorted(set(range(0, n, k)) | {n - 1})
-        ranked = sorted(coarse, key=lambda i: (loss(i), i))
-        for c in ranked[:windows]:
-            for i in range(max(0, c - k + 1), min(n, c + k)):
-                loss(i)
-        best = min(losses, key=lambda i: (losses[i], i))
-        if losses_out is not None:
-            losses_out.update(losses)
-        return grid, best, len(losses)
+    rows = max(1, _ROW_BLOCK_BYTES // (weight.shape[1] * weight.element_size()))
+    if buf is None or buf.shape[0] < rows:
+        buf = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    scales = torch.empty(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    for i in range(0, weight.shape[0], rows):
+        j = min(i + rows, weight.shape[0])
+        ws = torch.mul(weight[i:j], s, out=buf[: j - i])
+        mn, mx = torch.aminmax(ws, dim=1)
+        r = torch.clamp(torch.maximum(-mn.clamp_(max=0), mx.clamp_(min=0)) / 127, min=EPS).unsqueeze(1)
+        out[i:j].copy_(ws.div_(r).round_())  # |ws/r| <= 127 by construction: no clamp needed
+        scales[i:j] = r
+    return scales
 
 
-def _fast_search(x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: int, info: dict | None = None) -> Tensor:
-    losses: dict[int, float] = {}
-    grid, best, evals = fast_search_index(x, weight, block_fn, steps_min, losses)
-    if info is not None:
-        info.update(threshold=grid[best], loss=losses[best], evals=evals, grid=len(grid))
-    return scale_for_threshold(x.amax(dim=(0, 1)), x.amin(dim=(0, 1)), grid[best])
+def int_candidate_loss(x: Tensor, weight: Tensor, block: Block, cmx: Tensor, cmn: Tensor, t: float,
+                       y_ref: Tensor, wq: Tensor | None = None) -> float:
+    """:func:`threshold_loss` with the linear computed as an exact int8 x int8 -> int32 product.
+
+    The quantized integers are those of the float search; only the product differs from the float
+    GEMM — it is exact here, where the float GEMM rounds (relative error ~1e-7 per output).
+    """
+    s = scale_for_threshold(cmx, cmn, t)
+    c = x.shape[-1]
+    tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    sa = torch.clamp((tt + tt) / 255, min=EPS)
+    zp = torch.clamp(0 - torch.round(-tt / sa), 0, 255)
+    q = (x / s).div_(sa).round_().add_(zp).clamp_(0, 255).sub_(128).to(torch.int8).reshape(-1, c)
+    if wq is None:
+        wq = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    r = quantize_weight_int8(weight, s, wq)
+    acc = torch._int_mm(q, wq.t())
+    shift = int(128 - zp.item())  # q - zp = (q - 128) + shift, shift in {0, 1}
+    if shift:
+        acc += shift * wq.sum(1, dtype=torch.int32)
+    y = acc.to(x.dtype).mul_(sa).mul_(r.reshape(1, -1))
+    if block.bias is not None:
+        y += block.bias
+    out = block.screen(y.reshape(*x.shape[:-1], -1))
+    out.sub_(y_ref)
+    return float(out.mul_(out).sum(-1).mean())

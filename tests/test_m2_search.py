@@ -1,0 +1,164 @@
+"""m2 range search: the screened default and the fast mode against the exhaustive float grid
+(msModelSlim's loop), on all four block types with outlier channels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llavaq.algorithms.blocks import Block, clip_fc1_block, clip_qkv_block, gate_up_block, llama_qkv_block
+from llavaq.algorithms.m2 import (
+    RangeSearch,
+    int_candidate_loss,
+    migration_fake_quant_weight,
+    os_plus_search,
+    quantize_weight_int8,
+    scale_for_threshold,
+    threshold_grid,
+    threshold_loss,
+)
+
+KINDS = ["llama_qkv", "gate_up", "clip_qkv", "clip_fc1"]
+
+
+def make_case(kind: str, seed: int, n: int = 96):
+    g = torch.Generator().manual_seed(seed)
+    c = 32
+    x = torch.randn(1, n, c, generator=g)
+    idx = torch.randperm(c, generator=g)[:3]
+    x[..., idx] *= torch.tensor([8.0, 20.0, 45.0])  # outlier channels, as after a real norm
+    if kind == "llama_qkv":
+        heads, kv, hd = 4, 2, 8
+        w = torch.randn(heads * hd + 2 * kv * hd, c, generator=g) / c**0.5
+        inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+        freqs = torch.outer(torch.arange(n).float(), inv)
+        emb = torch.cat((freqs, freqs), -1)
+        fn = llama_qkv_block(heads, kv, hd, emb.cos(), emb.sin(), torch.arange(n)[None], None)
+    elif kind == "gate_up":
+        w = torch.randn(2 * 48, c, generator=g) / c**0.5
+        fn = gate_up_block(torch.nn.functional.silu)
+    elif kind == "clip_qkv":
+        w = torch.randn(3 * c, c, generator=g) / c**0.5
+        fn = clip_qkv_block(c, 4, c // 4, 0.05 * torch.randn(3 * c, generator=g))
+    else:
+        w = torch.randn(64, c, generator=g) / c**0.5
+        fn = clip_fc1_block(0.05 * torch.randn(64, generator=g))
+    return x, w, fn
+
+
+def _scale(x, t):
+    return scale_for_threshold(x.amax((0, 1)), x.amin((0, 1)), t)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_integer_path_equals_the_float_loss_to_rounding(kind):
+    x, w, fn = make_case(kind, 0)
+    y_ref = fn(x, w)
+    wq = torch.empty(w.shape, dtype=torch.int8)
+    cmx, cmn = x.amax((0, 1)), x.amin((0, 1))
+    worst = 0.0
+    for t in threshold_grid(x)[::7]:
+        f = float(threshold_loss(x, w, fn, t, y_ref))
+        i = int_candidate_loss(x, w, fn, cmx, cmn, t, y_ref, wq)
+        worst = max(worst, abs(f - i) / f)
+    assert worst < 1e-4, worst
+
+
+def test_integer_weights_are_the_fake_quant_integers():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(700, 96, generator=g)
+    w[5] = 0.0  # an all-zero row: scale clamps to EPS
+    s = 1 + 4 * torch.rand(96, generator=g)
+    q = torch.empty(w.shape, dtype=torch.int8)
+    r = quantize_weight_int8(w, s, q)
+    assert r.shape == (700, 1) and q.abs().max() <= 127
+    assert torch.equal(q.float() * r, migration_fake_quant_weight(w * s))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_search_equals_the_exhaustive_grid(kind):
+    """Default mode: the exhaustive search's threshold every time, with a handful of float forwards."""
+    for seed in range(6):
+        x, w, fn = make_case(kind, seed)
+        info_f: dict = {}
+        info_e: dict = {}
+        full = os_plus_search(x, w, fn, info=info_f)
+        exh = os_plus_search(x, w, fn, mode="exhaustive", info=info_e)
+        assert torch.equal(full, exh), (seed, info_f, info_e)
+        assert info_f["threshold"] == info_e["threshold"] and info_f["loss"] == info_e["loss"]
+        assert info_e["evals"] == info_e["grid"] and info_f["screened"] == info_f["grid"]
+        assert info_f["evals"] <= 10, info_f
+
+
+def test_settle_widens_the_margin_when_screening_is_inaccurate():
+    """A screening path 30 % off (noise on its output) still lands on the exhaustive answer: the
+    measured screening error widens the re-evaluated set, up to the whole grid."""
+    x, w, fn = make_case("gate_up", 1)
+    g = torch.Generator().manual_seed(0)
+
+    def noisy(y):
+        out = fn.post(y)
+        return out * (1 + 0.3 * torch.rand(out.shape, generator=g))
+
+    bad = Block(fn.post, None, noisy)
+    search = RangeSearch(x, w, bad)
+    best = search.settle(range(len(search.grid)))
+    assert best == RangeSearch(x, w, fn).exhaustive()
+    assert len(search.float_losses) > 10
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_search_against_the_full_grid(kind):
+    """Smooth loss curves (gate_up, fc1): always the full grid's threshold. Attention blocks have jagged
+    curves (quantization noise through softmax): mostly the same threshold or within 0.1 %, never far."""
+    close, worst = 0, 1.0
+    for seed in range(5):
+        x, w, fn = make_case(kind, seed)
+        grid = threshold_grid(x)
+        y_ref = fn(x, w)
+        losses = [float(threshold_loss(x, w, fn, t, y_ref)) for t in grid]
+        full_i = min(range(len(grid)), key=lambda i: (losses[i], i))
+        info: dict = {}
+        fast = os_plus_search(x, w, fn, mode="fast", info=info)
+        assert info["screened"] <= 0.45 * len(grid)
+        fast_i = grid.index(info["threshold"])
+        assert torch.equal(fast, _scale(x, grid[fast_i]))
+        ratio = losses[fast_i] / losses[full_i]
+        close += ratio <= 1.001
+        worst = max(worst, ratio)
+    if kind in ("gate_up", "clip_fc1"):
+        assert close == 5 and worst == 1.0, (close, worst)
+    else:
+        assert close >= 3 and worst < 1.15, (close, worst)
+
+
+@pytest.mark.parametrize("mode", ["full", "fast", "exhaustive"])
+def test_search_reports_threshold_loss_and_evaluations(mode):
+    x, w, fn = make_case("gate_up", 0)
+    grid = threshold_grid(x)
+    info: dict = {}
+    scale = os_plus_search(x, w, fn, mode=mode, info=info)
+    assert info["threshold"] in grid and info["grid"] == len(grid)
+    assert torch.equal(scale, _scale(x, info["threshold"]))
+    assert info["loss"] == float(threshold_loss(x, w, fn, info["threshold"]))
+    if mode == "exhaustive":
+        assert info["evals"] == len(grid) and info["screened"] == 0
+    elif mode == "full":
+        assert info["screened"] == len(grid) and 1 <= info["evals"] <= 10
+    else:
+        assert info["screened"] <= 0.45 * len(grid) and 1 <= info["evals"] <= 10
+
+
+def test_unknown_mode_is_refused():
+    x, w, fn = make_case("gate_up", 0)
+    with pytest.raises(ValueError):
+        os_plus_search(x, w, fn, mode="nope")
+
+
+def test_cache_records_the_m2_search(quantized):
+    cal, _ = quantized
+    rec = cal.cache.read_stage("text_layer.0")
+    for group in ("text.0.attn", "text.0.mlp"):
+        assert rec[f"m2.{group}.screened"].item() == rec[f"m2.{group}.grid"].item() >= 100  # full search
+        assert 1 <= rec[f"m2.{group}.evals"].item() <= 10
+        assert rec[f"m2.{group}.loss"].item() >= 0 and rec[f"m2.{group}.threshold"].item() > 0

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from llavaq.algorithms.blocks import Block
@@ -158,6 +159,9 @@ class RangeSearch:
         self.float_losses: dict[int, float] = {}
         self.int_losses: dict[int, float] = {}
         self._wq: Tensor | None = None
+        # torch._int_mm is exact on any shape on the CPU; on accelerators it has shape limits (CUDA)
+        # or no kernel (NPU), where screening falls back to the float loss (= the exhaustive search)
+        self._integer_path = isinstance(block_fn, Block) and x.device.type == "cpu"
 
     def float_loss(self, i: int) -> float:
         if i not in self.float_losses:
@@ -167,7 +171,7 @@ class RangeSearch:
 
     def int_loss(self, i: int) -> float:
         if i not in self.int_losses:
-            if not isinstance(self.block, Block):  # a plain callable: no integer path, screen in float
+            if not self._integer_path:  # screen in float: a plain callable, or not on a CPU
                 self.int_losses[i] = self.float_loss(i)
             else:
                 if self._wq is None:
@@ -247,23 +251,27 @@ def threshold_loss(x: Tensor, weight: Tensor, block_fn: BlockFn, t: float, y_ref
 _ROW_BLOCK_BYTES = 1 << 21  # weight rows quantized per step: keeps the working set in cache
 
 
-def quantize_weight_int8(weight: Tensor, s: Tensor, out: Tensor, buf: Tensor | None = None) -> Tensor:
+def quantize_weight_int8(weight: Tensor, s: Tensor, out: Tensor, rowsum: Tensor | None = None) -> Tensor:
     """Integer values and row scales of :func:`migration_fake_quant_weight` ``(weight * s)``.
 
-    Writes ``clamp(round(weight*s / r), -127, 127)`` into ``out`` (int8 ``[O, C]``) and returns ``r``
-    ``[O, 1]``; the same float operations per element as the fake quant, done in row blocks.
+    Writes ``round(weight*s / r)`` (|.| <= 127 by construction of ``r``) into ``out`` (int8 ``[O, C]``)
+    and returns ``r`` ``[O, 1]``; the same float operations per element as the fake quant, done in row
+    blocks that stay in cache. ``rowsum`` (optional, ``[O]``) receives each row's integer sum.
     """
     rows = max(1, _ROW_BLOCK_BYTES // (weight.shape[1] * weight.element_size()))
-    if buf is None or buf.shape[0] < rows:
-        buf = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    buf = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    mag = torch.empty_like(buf)
     scales = torch.empty(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
     for i in range(0, weight.shape[0], rows):
         j = min(i + rows, weight.shape[0])
         ws = torch.mul(weight[i:j], s, out=buf[: j - i])
-        mn, mx = torch.aminmax(ws, dim=1)
-        r = torch.clamp(torch.maximum(-mn.clamp_(max=0), mx.clamp_(min=0)) / 127, min=EPS).unsqueeze(1)
-        out[i:j].copy_(ws.div_(r).round_())  # |ws/r| <= 127 by construction: no clamp needed
+        # max(-min(row, 0), max(row, 0)) == max |row|: the kernel's scale, one cheap reduction
+        r = torch.clamp(torch.abs(ws, out=mag[: j - i]).amax(1, keepdim=True) / 127, min=EPS)
+        ws.div_(r).round_()
+        out[i:j].copy_(ws)
         scales[i:j] = r
+        if rowsum is not None:
+            rowsum[i:j] = ws.sum(1)  # integers < 2^24: exact in float
     return scales
 
 
@@ -282,14 +290,16 @@ def int_candidate_loss(x: Tensor, weight: Tensor, block: Block, cmx: Tensor, cmn
     q = (x / s).div_(sa).round_().add_(zp).clamp_(0, 255).sub_(128).to(torch.int8).reshape(-1, c)
     if wq is None:
         wq = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    r = quantize_weight_int8(weight, s, wq)
-    acc = torch._int_mm(q, wq.t())
     shift = int(128 - zp.item())  # q - zp = (q - 128) + shift, shift in {0, 1}
-    if shift:
-        acc += shift * wq.sum(1, dtype=torch.int32)
-    y = acc.to(x.dtype).mul_(sa).mul_(r.reshape(1, -1))
+    rowsum = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device) if shift else None
+    r = quantize_weight_int8(weight, s, wq, rowsum)
+    acc = torch._int_mm(q, wq.t())
+    sr = (r.reshape(1, -1) * sa).to(x.dtype)
+    y = torch.mul(acc, sr)  # int32 x float -> float in one pass
+    const = shift * rowsum * sr if shift else None
     if block.bias is not None:
-        y += block.bias
+        const = block.bias if const is None else const + block.bias
+    if const is not None:
+        y += const
     out = block.screen(y.reshape(*x.shape[:-1], -1))
-    out.sub_(y_ref)
-    return float(out.mul_(out).sum(-1).mean())
+    return float(F.mse_loss(out, y_ref, reduction="sum")) / (out.numel() // out.shape[-1])

@@ -73,7 +73,9 @@ Modules = typer.Option("msmodelslim", "--modules",
 KeepFloat = typer.Option(0, "--keep_float", help="Keep the N Linears with the largest W8A8 error on the cached "
                          "activation rows in float (export-time; no new calibration).")
 FloatLinears = typer.Option(None, "--float_linears", help="Comma-separated Linear names to keep in float.")
-M2Search = typer.Option("full", "--m2_search", help="m2 threshold search: full (msModelSlim grid) or fast.")
+M2Search = typer.Option("full", "--m2_search",
+                        help="m2 threshold search: full (msModelSlim's threshold, integer-screened), fast "
+                             "(coarse-to-fine, not msModelSlim-exact) or exhaustive (every candidate in float).")
 FloatDtype = typer.Option("auto", "--float_dtype", help="Dtype of float tensors and weight scales in the output: "
                           "auto = as the format's consumer gets them (msmodelslim/mindie: float32 like "
                           "msModelSlim's CPU run, the checkpoint dtype with --device_type npu; HF formats: the "

@@ -266,7 +266,8 @@ def _render(rep: dict[str, Any], console: Console) -> None:
                 s.add_column(col, justify="left" if col == "group" else "right")
             for g in searched:
                 s.add_row(g["group"], _num(g["m2_threshold"]), _num(g.get("m2_loss", float("nan"))),
-                          f"{g.get('m2_screened', 0):.0f} / {g.get('m2_grid', 0):.0f}", f"{g.get('m2_evals', 0):.0f}")
+                          (f"{g['m2_screened']:.0f}" if "m2_screened" in g else "–") + f" / {g.get('m2_grid', 0):.0f}",
+                          f"{g.get('m2_evals', 0):.0f}")
             console.print(s)
     if rep["ok"]:
         console.print("[green]✓[/] consistent: every tensor present with the right dtype/shape, deq_scale = "

@@ -162,3 +162,13 @@ def test_cache_records_the_m2_search(quantized):
         assert rec[f"m2.{group}.screened"].item() == rec[f"m2.{group}.grid"].item() >= 100  # full search
         assert 1 <= rec[f"m2.{group}.evals"].item() <= 10
         assert rec[f"m2.{group}.loss"].item() >= 0 and rec[f"m2.{group}.threshold"].item() > 0
+
+
+def test_without_an_integer_path_full_is_the_exhaustive_search():
+    """A plain callable block (as on accelerators, where there is no integer screening): every
+    candidate in float, the exhaustive threshold."""
+    x, w, fn = make_case("gate_up", 2)
+    info: dict = {}
+    scale = os_plus_search(x, w, lambda a, b: fn(a, b), info=info)
+    assert torch.equal(scale, os_plus_search(x, w, fn, mode="exhaustive"))
+    assert info["evals"] == info["screened"] == info["grid"]

@@ -240,14 +240,16 @@ def phase_forward(model: Path, images: Path) -> dict:
 
 
 def phase_io(model: Path, work: Path) -> dict:
-    """Read every weight once (positional reads) and write it once (streaming writer)."""
-    from llavaq.formats.sharding import save_file_streamed
+    """Read every weight once (positional reads) and write it once (streaming writer, layout planned
+    from the checkpoint's headers, so the copy needs its own size on disk and nothing more)."""
+    from llavaq.formats.sharding import TensorSpec, save_file_streamed
     from llavaq.model.checkpoint import Checkpoint
 
     ck = Checkpoint(model)
     dst = work / "io-copy.safetensors"
+    specs = [TensorSpec(name, ck.dtype_of(name), ck.shape(name)) for name in ck.names]
     t0 = time.perf_counter()
-    n = save_file_streamed(((name, ck.tensor(name, None)) for name in ck.names), dst)
+    n = save_file_streamed(((name, ck.tensor(name, None)) for name in ck.names), dst, specs=specs)
     os.sync()
     sec = time.perf_counter() - t0
     dst.unlink()
@@ -273,12 +275,15 @@ def child(args: list[str]) -> tuple[dict, float, int]:
 
 def run_size(size: str, work: Path, images: Path, m2_search: str, keep: bool, log) -> dict:
     model = work / f"llava-1.5-{size}-random"
-    need = SIZES[size]["hidden"] ** 2 * SIZES[size]["layers"] * 12 * 2 * 2.2  # model + outputs + cache
+    weights = SIZES[size]["hidden"] ** 2 * SIZES[size]["layers"] * 12 * 2  # fp16 bytes, roughly
+    built = (model / "model.safetensors.index.json").exists()
+    # the checkpoint (unless built), then the larger of the I/O floor's copy and output + cache
+    need = (0 if built else weights) + 1.2 * weights
     free = shutil.disk_usage(work).free
     if free < need:
         return {"size": size, "skipped": f"needs ~{need / GIB:.0f} GiB free disk, {free / GIB:.0f} GiB free"}
     r: dict = {"size": size}
-    if not (model / "model.safetensors.index.json").exists():
+    if not built:
         log(f"[{size}] building the checkpoint in {model}")
         r["build"], r["build_wall"], r["build_rss"] = child(["build", str(model), size, "--result",
                                                              str(work / f"{size}-build.json")])

@@ -87,14 +87,17 @@ def llama_qkv_block(
     masks: dict[tuple[int, torch.dtype], Tensor] = {}
     inv_norm = math.sqrt(head_dim)
 
-    def post(y: Tensor) -> Tensor:
+    def rotated_heads(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = y.shape
         q, k, v = torch.split(y, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
         q = q.view(b, n, num_heads, head_dim).transpose(1, 2)
         k = k.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
         v = v.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def post(y: Tensor) -> Tensor:
+        b, n, _ = y.shape
+        q, k, v = rotated_heads(y)
         k = _repeat_kv(k, n_rep)
         v = _repeat_kv(v, n_rep)
         attn = torch.matmul(q, k.transpose(2, 3)).div_(inv_norm)
@@ -111,12 +114,7 @@ def llama_qkv_block(
 
     def screen(y: Tensor) -> Tensor:
         b, n, _ = y.shape
-        q, k, v = torch.split(y, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
-        q = q.view(b, n, num_heads, head_dim).transpose(1, 2)
-        k = k.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
-        v = v.view(b, n, num_kv_heads, head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = rotated_heads(y)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
                                              enable_gqa=n_rep > 1)
         return out.transpose(1, 2).reshape(b, n, num_heads * head_dim)

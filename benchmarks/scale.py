@@ -308,7 +308,8 @@ def table(results: list[dict], m: dict, m2_search: str) -> str:
         f"### Scale benchmark ({m['date']}; {m['nproc']} CPU cores ({m['cpu']}), {m['ram_gib']:.0f} GiB RAM, "
         f"torch {m['torch']}; `python benchmarks/scale.py`, m2_search={m2_search})",
         "",
-        "Random-weight full-size checkpoints with the real llava-1.5-hf configs (fp16, 5 GB shards as llava-hf ships them: 3 for 7B, 6 for 13B), two 640x480 "
+        "Random-weight full-size checkpoints with the real llava-1.5-hf configs (fp16, 5 GB shards as llava-hf "
+        "ships them: 3 for 7B, 6 for 13B), two 640x480 "
         "photos at 336 px (~600 tokens each), layer-streamed, CPU only. Peak RSS is each child process's own "
         "(`os.wait4`, its `ru_maxrss`).",
         "",

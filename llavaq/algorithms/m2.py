@@ -19,6 +19,7 @@ from torch import Tensor
 
 from llavaq.algorithms.blocks import Block
 from llavaq.quant.int8 import EPS
+from llavaq.recipe import M2_SEARCH_MODES
 
 __all__ = [
     "scale_for_threshold",
@@ -28,7 +29,6 @@ __all__ = [
     "threshold_grid",
     "threshold_loss",
     "RangeSearch",
-    "M2_MODES",
     "int_candidate_loss",
     "quantize_weight_int8",
 ]
@@ -55,12 +55,17 @@ def migration_fake_quant_act(x: Tensor, t: float, bits: int = 8) -> Tensor:
     return _fake_quant_act_(x.clone(), t, bits)
 
 
+def _act_qparams(t: float, x: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of the uint8 grid over ``[-t, t]``, computed in ``x``'s dtype as the kernel does."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    scale = torch.clamp((t + t) / qmax, min=EPS)
+    return scale, torch.clamp(0 - torch.round(-t / scale), 0, qmax)
+
+
 def _fake_quant_act_(x: Tensor, t: float, bits: int = 8) -> Tensor:
     """:func:`migration_fake_quant_act` in place on ``x`` (same operations in the same order)."""
     qmax = 2**bits - 1
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    scale = torch.clamp((t + t) / qmax, min=EPS)
-    zp = torch.clamp(0 - torch.round(-t / scale), 0, qmax)
+    scale, zp = _act_qparams(t, x, qmax)
     return x.div_(scale).round_().add_(zp).clamp_(0, qmax).sub_(zp).mul_(scale)
 
 
@@ -117,7 +122,7 @@ def os_plus_search(
     ``info`` (optional) receives ``threshold``, ``loss`` (float), ``evals`` (float block forwards),
     ``screened`` (integer-path block forwards) and ``grid`` (size).
     """
-    if mode not in M2_MODES:
+    if mode not in M2_SEARCH_MODES:
         raise ValueError(f"unsupported mode {mode!r}")
     with torch.no_grad():
         search = RangeSearch(x, weight, block_fn, steps_min)
@@ -131,9 +136,6 @@ def os_plus_search(
             info.update(threshold=search.grid[best], loss=search.float_losses[best],
                         evals=len(search.float_losses), screened=len(search.int_losses), grid=len(search.grid))
         return scale_for_threshold(search.cmx, search.cmn, search.grid[best])
-
-
-M2_MODES = ("full", "fast", "exhaustive")
 
 
 class RangeSearch:
@@ -284,9 +286,7 @@ def int_candidate_loss(x: Tensor, weight: Tensor, block: Block, cmx: Tensor, cmn
     """
     s = scale_for_threshold(cmx, cmn, t)
     c = x.shape[-1]
-    tt = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    sa = torch.clamp((tt + tt) / 255, min=EPS)
-    zp = torch.clamp(0 - torch.round(-tt / sa), 0, 255)
+    sa, zp = _act_qparams(t, x, 255)
     q = (x / s).div_(sa).round_().add_(zp).clamp_(0, 255).sub_(128).to(torch.int8).reshape(-1, c)
     if wq is None:
         wq = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)

@@ -30,6 +30,7 @@ __all__ = [
     "threshold_loss",
     "RangeSearch",
     "int_candidate_loss",
+    "IntegerScreen",
     "quantize_weight_int8",
 ]
 
@@ -134,7 +135,7 @@ def os_plus_search(
             best = search.settle(search.coarse_to_fine())
         if info is not None:
             info.update(threshold=search.grid[best], loss=search.float_losses[best],
-                        evals=len(search.float_losses), screened=len(search.int_losses), grid=len(search.grid))
+                        evals=len(search.float_losses), screened=search.screened, grid=len(search.grid))
         return scale_for_threshold(search.cmx, search.cmn, search.grid[best])
 
 
@@ -145,6 +146,12 @@ class RangeSearch:
     ``int_loss(i)`` is the same quantity with the quantized operands multiplied exactly as integers
     and the block's screening ops (:attr:`Block.screen`), which differ from the float path only by
     float rounding (measured ≤ 3e-4 relative on the demo model, mostly < 1e-5).
+
+    Screening goes part by part (:meth:`Block.parts`: head groups, channel groups): a candidate's
+    loss is the sum of its parts' non-negative squared errors, so once the parts screened so far
+    exceed the bound a candidate must beat, it is dropped without screening the rest (branch and
+    bound: exact, the dropped candidates' losses are above the bound).  Parts are visited
+    largest-error first (the order measured on the first candidate completed).
     """
 
     #: candidates whose screened loss is within this relative margin of the best are re-evaluated in
@@ -160,10 +167,21 @@ class RangeSearch:
         self.y_ref = block_fn(x, weight)
         self.float_losses: dict[int, float] = {}
         self.int_losses: dict[int, float] = {}
-        self._wq: Tensor | None = None
         # torch._int_mm is exact on any shape on the CPU; on accelerators it has shape limits (CUDA)
         # or no kernel (NPU), where screening falls back to the float loss (= the exhaustive search)
         self._integer_path = isinstance(block_fn, Block) and x.device.type == "cpu"
+        self._screen = IntegerScreen(x, weight, block_fn, self.y_ref) if self._integer_path else None
+        self._order = list(range(len(self._screen.parts))) if self._screen else [0]
+        self._ordered = False
+        self._sse: dict[int, list[float]] = {}  # per candidate: squared errors of the parts screened, in _order
+        self._parts_screened = 0
+
+    @property
+    def screened(self) -> float:
+        """Integer-path block forwards spent, in whole-block units (parts screened / parts per block)."""
+        if not self._integer_path:
+            return float(len(self.int_losses))
+        return self._parts_screened / len(self._order)
 
     def float_loss(self, i: int) -> float:
         if i not in self.float_losses:
@@ -172,15 +190,68 @@ class RangeSearch:
         return self.float_losses[i]
 
     def int_loss(self, i: int) -> float:
-        if i not in self.int_losses:
-            if not self._integer_path:  # screen in float: a plain callable, or not on a CPU
-                self.int_losses[i] = self.float_loss(i)
-            else:
-                if self._wq is None:
-                    self._wq = torch.empty(self.weight.shape, dtype=torch.int8, device=self.weight.device)
-                self.int_losses[i] = int_candidate_loss(self.x, self.weight, self.block, self.cmx, self.cmn,
-                                                        self.grid[i], self.y_ref, self._wq)
+        """Candidate ``i``'s screened loss (all its parts)."""
+        self._advance(i)
         return self.int_losses[i]
+
+    def lower_bound(self, i: int) -> float:
+        """Candidate ``i``'s screened loss if complete, else the part of it screened so far (a lower bound)."""
+        if i in self.int_losses:
+            return self.int_losses[i]
+        return sum(self._sse.get(i, ())) / self._screen.tokens
+
+    def _advance(self, i: int, limit: float = math.inf, max_parts: int | None = None) -> bool:
+        """Screen candidate ``i``'s next parts until it is complete (True), its partial loss exceeds
+        ``limit``, or ``max_parts`` more parts are done."""
+        if i in self.int_losses:
+            return True
+        if not self._integer_path:  # screen in float: a plain callable, or not on a CPU
+            self.int_losses[i] = self.float_loss(i)
+            return True
+        done = self._sse.setdefault(i, [])
+        bound = limit * self._screen.tokens
+        total = sum(done)
+        if total > bound:
+            return False
+        stop = len(self._order) if max_parts is None else min(len(self._order), len(done) + max_parts)
+        act = self._screen.quantize_act(self.cmx, self.cmn, self.grid[i])
+        while len(done) < stop and total <= bound:
+            done.append(self._screen.part_sse(act, self._order[len(done)]))
+            total += done[-1]
+            self._parts_screened += 1
+        if len(done) < len(self._order):
+            return False
+        self.int_losses[i] = total / self._screen.tokens
+        return True
+
+    def _screen_set(self, cands: list[int], keep: int = 1, margin: float = 0.0) -> None:
+        """Screen ``cands`` until the ``keep`` smallest screened losses among them are known exactly;
+        every other candidate is left complete or with a partial loss above ``(1 + margin)`` x the
+        ``keep``-th smallest."""
+        pending = [i for i in cands if i not in self.int_losses]
+        for i in pending:  # probe: one part of each (a cheap first ranking)
+            if not self._sse.get(i):
+                self._advance(i, max_parts=1)
+        pending.sort(key=lambda i: (self.lower_bound(i), i))
+        if pending and not self._ordered:
+            self._advance(pending[0])
+            self._order_parts(self._sse.get(pending[0], []))
+        for i in pending:
+            done = sorted(self.int_losses[j] for j in cands if j in self.int_losses)
+            self._advance(i, done[keep - 1] * (1 + margin) if len(done) >= keep else math.inf)
+
+    def _order_parts(self, sse: list[float]) -> None:
+        """Visit the parts after the first in decreasing order of ``sse`` (one candidate's part errors),
+        so that candidates above the bound are dropped after fewer parts.  Only while no candidate
+        has gone past its first part (their partial sums stay sums over the same parts)."""
+        self._ordered = True
+        if len(sse) != len(self._order) or any(len(v) > 1 for j, v in self._sse.items() if j not in self.int_losses):
+            return
+        perm = [0] + sorted(range(1, len(sse)), key=lambda p: -sse[p])
+        self._order = [self._order[p] for p in perm]
+        for j, v in self._sse.items():
+            if len(v) == len(perm):
+                self._sse[j] = [v[p] for p in perm]
 
     def exhaustive(self) -> int:
         """msModelSlim's loop: every candidate in float, the first minimum."""
@@ -188,32 +259,38 @@ class RangeSearch:
 
     def coarse_to_fine(self, windows: int = 2) -> list[int]:
         """Screen every k-th candidate (k = isqrt(n)), then every candidate within k of the best
-        ``windows`` coarse points (so that a second dip next to the coarse winner is refined too)."""
+        ``windows`` coarse points (so that a second dip next to the coarse winner is refined too);
+        returns the candidates visited (those of the windows are screened by :meth:`settle`)."""
         n = len(self.grid)
         k = max(1, math.isqrt(n))
         coarse = sorted(set(range(0, n, k)) | {n - 1})
-        ranked = sorted(coarse, key=lambda i: (self.int_loss(i), i))
+        self._screen_set(coarse, keep=windows)
+        ranked = sorted((i for i in coarse if i in self.int_losses), key=lambda i: (self.int_losses[i], i))
+        cands = set(coarse)
         for c in ranked[:windows]:
-            for i in range(max(0, c - k + 1), min(n, c + k)):
-                self.int_loss(i)
-        return sorted(self.int_losses)
+            cands.update(range(max(0, c - k + 1), min(n, c + k)))
+        return sorted(cands)
 
     def settle(self, candidates) -> int:
         """Screen ``candidates`` on the integer path; re-evaluate in float those within the margin of
         the best screened loss and return the first float minimum among them.
 
-        Any candidate left out has a screened loss above ``best·(1 + margin)``; it cannot be the float
-        minimum unless the screening error exceeds ``margin/2``. The margin starts at ``MARGIN`` and is
-        widened to ``SAFETY`` x the largest relative screening error measured on the re-evaluated
-        candidates (re-evaluating more) until it covers it.
+        Any candidate left out has a screened loss above ``best·(1 + margin)`` (a candidate dropped
+        early has a partial loss above it); it cannot be the float minimum unless the screening error
+        exceeds ``margin/2``. The margin starts at ``MARGIN`` and is widened to ``SAFETY`` x the
+        largest relative screening error measured on the re-evaluated candidates (screening and
+        re-evaluating more) until it covers it.
         """
         cands = list(candidates)
-        for i in cands:
-            self.int_loss(i)
-        best = min(self.int_losses[i] for i in cands)
+        self._screen_set(cands, keep=1, margin=self.MARGIN)
+        best = min(self.int_losses[i] for i in cands if i in self.int_losses)
         margin = self.MARGIN
         while True:
-            chosen = [i for i in cands if self.int_losses[i] <= best * (1 + margin) or best <= 0]
+            limit = best * (1 + margin) if best > 0 else math.inf
+            for i in cands:
+                if self.lower_bound(i) <= limit:
+                    self._advance(i)
+            chosen = [i for i in cands if i in self.int_losses and self.int_losses[i] <= limit]
             err = max(abs(self.float_loss(i) - self.int_losses[i]) / max(self.float_loss(i), 1e-30)
                       for i in chosen)
             if self.SAFETY * err <= margin or len(chosen) == len(cands):
@@ -253,20 +330,27 @@ def threshold_loss(x: Tensor, weight: Tensor, block_fn: BlockFn, t: float, y_ref
 _ROW_BLOCK_BYTES = 1 << 21  # weight rows quantized per step: keeps the working set in cache
 
 
-def quantize_weight_int8(weight: Tensor, s: Tensor, out: Tensor, rowsum: Tensor | None = None) -> Tensor:
+def quantize_weight_int8(weight: Tensor, s: Tensor, out: Tensor, rowsum: Tensor | None = None,
+                         rows: Tensor | None = None) -> Tensor:
     """Integer values and row scales of :func:`migration_fake_quant_weight` ``(weight * s)``.
 
     Writes ``round(weight*s / r)`` (|.| <= 127 by construction of ``r``) into ``out`` (int8 ``[O, C]``)
     and returns ``r`` ``[O, 1]``; the same float operations per element as the fake quant, done in row
     blocks that stay in cache. ``rowsum`` (optional, ``[O]``) receives each row's integer sum.
+    ``rows`` (optional int64 indices) quantizes only those rows of ``weight``, in that order
+    (``O = len(rows)``).
     """
-    rows = max(1, _ROW_BLOCK_BYTES // (weight.shape[1] * weight.element_size()))
-    buf = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    n = weight.shape[0] if rows is None else rows.numel()
+    step = max(1, _ROW_BLOCK_BYTES // (weight.shape[1] * weight.element_size()))
+    buf = torch.empty(min(step, n), weight.shape[1], dtype=weight.dtype, device=weight.device)
     mag = torch.empty_like(buf)
-    scales = torch.empty(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    for i in range(0, weight.shape[0], rows):
-        j = min(i + rows, weight.shape[0])
-        ws = torch.mul(weight[i:j], s, out=buf[: j - i])
+    scales = torch.empty(n, 1, dtype=weight.dtype, device=weight.device)
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        if rows is None:
+            ws = torch.mul(weight[i:j], s, out=buf[: j - i])
+        else:
+            ws = torch.index_select(weight, 0, rows[i:j], out=buf[: j - i]).mul_(s)
         # max(-min(row, 0), max(row, 0)) == max |row|: the kernel's scale, one cheap reduction
         r = torch.clamp(torch.abs(ws, out=mag[: j - i]).amax(1, keepdim=True) / 127, min=EPS)
         ws.div_(r).round_()
@@ -277,29 +361,58 @@ def quantize_weight_int8(weight: Tensor, s: Tensor, out: Tensor, rowsum: Tensor 
     return scales
 
 
-def int_candidate_loss(x: Tensor, weight: Tensor, block: Block, cmx: Tensor, cmn: Tensor, t: float,
-                       y_ref: Tensor, wq: Tensor | None = None) -> float:
-    """:func:`threshold_loss` with the linear computed as an exact int8 x int8 -> int32 product.
+class IntegerScreen:
+    """The search's loss with the linear computed as an exact int8 x int8 -> int32 product, part by part.
 
     The quantized integers are those of the float search; only the product differs from the float
-    GEMM — it is exact here, where the float GEMM rounds (relative error ~1e-7 per output).
+    GEMM — it is exact here, where the float GEMM rounds (relative error ~1e-7 per output).  A
+    candidate's activations are quantized once (:meth:`quantize_act`), then each part
+    (:meth:`Block.parts`) quantizes its weight rows and returns its summed squared error
+    (:meth:`part_sse`); the loss is the parts' sum over ``tokens``.
     """
-    s = scale_for_threshold(cmx, cmn, t)
-    c = x.shape[-1]
-    sa, zp = _act_qparams(t, x, 255)
-    q = (x / s).div_(sa).round_().add_(zp).clamp_(0, 255).sub_(128).to(torch.int8).reshape(-1, c)
-    if wq is None:
-        wq = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    shift = int(128 - zp.item())  # q - zp = (q - 128) + shift, shift in {0, 1}
-    rowsum = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device) if shift else None
-    r = quantize_weight_int8(weight, s, wq, rowsum)
-    acc = torch._int_mm(q, wq.t())
-    sr = (r.reshape(1, -1) * sa).to(x.dtype)
-    y = torch.mul(acc, sr)  # int32 x float -> float in one pass
-    const = shift * rowsum * sr if shift else None
-    if block.bias is not None:
-        const = block.bias if const is None else const + block.bias
-    if const is not None:
-        y += const
-    out = block.screen(y.reshape(*x.shape[:-1], -1))
-    return float(F.mse_loss(out, y_ref, reduction="sum")) / (out.numel() // out.shape[-1])
+
+    def __init__(self, x: Tensor, weight: Tensor, block: Block, y_ref: Tensor) -> None:
+        self.x, self.weight, self.block, self.y_ref = x, weight, block, y_ref
+        self.parts = block.parts(weight.shape[0])
+        self.tokens = y_ref.numel() // y_ref.shape[-1]
+        rows = max(p.rows.numel() for p in self.parts)
+        self._wq = torch.empty(rows, weight.shape[1], dtype=torch.int8, device=weight.device)
+        self._rows = [p.rows.to(weight.device) for p in self.parts]
+        self._bias = [None if block.bias is None else block.bias[r] for r in self._rows]
+
+    def quantize_act(self, cmx: Tensor, cmn: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor, int]:
+        """``(s, q, sa, shift)``: the migration scale, the activations as int8 ``q - 128`` ``[B*N, C]``,
+        their scale, and ``128 - zero point`` (0 or 1)."""
+        x = self.x
+        s = scale_for_threshold(cmx, cmn, t)
+        sa, zp = _act_qparams(t, x, 255)
+        q = (x / s).div_(sa).round_().add_(zp).clamp_(0, 255).sub_(128).to(torch.int8).reshape(-1, x.shape[-1])
+        return s, q, sa, int(128 - zp.item())  # q - zp = (q - 128) + shift
+
+    def part_sse(self, act: tuple[Tensor, Tensor, Tensor, int], k: int) -> float:
+        """Summed squared error of part ``k``'s block output for the quantized candidate ``act``."""
+        s, q, sa, shift = act
+        x, rows = self.x, self._rows[k]
+        wq = self._wq[: rows.numel()]
+        rowsum = torch.empty(rows.numel(), dtype=x.dtype, device=x.device) if shift else None
+        r = quantize_weight_int8(self.weight, s, wq, rowsum, rows)
+        acc = torch._int_mm(q, wq.t())
+        sr = (r.reshape(1, -1) * sa).to(x.dtype)
+        y = torch.mul(acc, sr)  # int32 x float -> float in one pass
+        const = shift * rowsum * sr if shift else None
+        if self._bias[k] is not None:
+            const = self._bias[k] if const is None else const + self._bias[k]
+        if const is not None:
+            y += const
+        part = self.parts[k]
+        out = part.screen(y.reshape(*x.shape[:-1], -1))
+        return float(F.mse_loss(out, self.y_ref[..., part.cols], reduction="sum"))
+
+
+def int_candidate_loss(x: Tensor, weight: Tensor, block: Block, cmx: Tensor, cmn: Tensor, t: float,
+                       y_ref: Tensor) -> float:
+    """:func:`threshold_loss` with the linear computed as an exact int8 x int8 -> int32 product
+    (all parts of :class:`IntegerScreen`)."""
+    screen = IntegerScreen(x, weight, block, y_ref)
+    act = screen.quantize_act(cmx, cmn, t)
+    return sum(screen.part_sse(act, k) for k in range(len(screen.parts))) / screen.tokens

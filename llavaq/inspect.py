@@ -262,7 +262,7 @@ def _render(rep: dict[str, Any], console: Console) -> None:
         searched = [g for g in rep["smoothing"] if "m2_threshold" in g]
         if searched:
             s = Table(title="m2 range search (per group)")
-            for col in ("group", "threshold", "block loss", "screened (int8) / grid", "float forwards"):
+            for col in ("group", "threshold", "block loss", "screened (int8 block equiv.) / grid", "float forwards"):
                 s.add_column(col, justify="left" if col == "group" else "right")
             for g in searched:
                 s.add_row(g["group"], _num(g["m2_threshold"]), _num(g.get("m2_loss", float("nan"))),

@@ -183,6 +183,22 @@ def test_fast_search_against_the_full_grid(kind):
         assert close >= 3 and worst < 1.15, (close, worst)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_search_is_unchanged_by_dropping_candidates(kind, monkeypatch):
+    """The early stop changes the work, not the answer: the fast search over many parts (candidates
+    dropped part-way) picks the threshold of the one-part search (every visited candidate screened)."""
+    for seed in range(3):
+        x, w, fn = make_case(kind, seed)
+        monkeypatch.setattr(blocks, "MIN_PART_ROWS", 1)
+        info_parts: dict = {}
+        os_plus_search(x, w, fn, mode="fast", info=info_parts)
+        monkeypatch.setattr(blocks, "MIN_PART_ROWS", 10**9)
+        info_whole: dict = {}
+        os_plus_search(x, w, fn, mode="fast", info=info_whole)
+        assert info_parts["threshold"] == info_whole["threshold"] and info_parts["loss"] == info_whole["loss"]
+        assert info_parts["screened"] < info_whole["screened"]
+
+
 @pytest.mark.parametrize("mode", ["full", "fast", "exhaustive"])
 def test_search_reports_threshold_loss_and_evaluations(mode):
     x, w, fn = make_case("gate_up", 0)

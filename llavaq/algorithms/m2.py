@@ -113,15 +113,16 @@ def os_plus_search(
 
     - ``"exhaustive"``: every candidate in float, msModelSlim's loop operation for operation.
     - ``"full"`` (default): every candidate screened on the integer path (int8 x int8 -> int32
-      products, ~4x the float GEMM's throughput, fused attention), then the candidates within a
-      verified margin of the best re-evaluated in float; returns the exhaustive search's threshold
-      (the margin is widened until it covers the largest screening error seen, see
-      :meth:`RangeSearch.settle`).
+      products, ~4x the float GEMM's throughput, fused attention; part by part, dropped once its
+      parts exceed the bound), then the candidates within a verified margin of the best
+      re-evaluated in float; returns the exhaustive search's threshold (the margin is widened until
+      it covers the largest screening error seen, see :meth:`RangeSearch.settle`).
     - ``"fast"``: the grid screened coarse-to-fine (about a third of it), then settled the same way;
       not guaranteed to find the full search's threshold (loss curves can have several dips).
 
     ``info`` (optional) receives ``threshold``, ``loss`` (float), ``evals`` (float block forwards),
-    ``screened`` (integer-path block forwards) and ``grid`` (size).
+    ``screened`` (integer-path work in whole-block forwards: parts screened / parts per block) and
+    ``grid`` (size).
     """
     if mode not in M2_SEARCH_MODES:
         raise ValueError(f"unsupported mode {mode!r}")

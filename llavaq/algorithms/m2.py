@@ -157,8 +157,10 @@ class RangeSearch:
 
     #: candidates whose screened loss is within this relative margin of the best are re-evaluated in
     #: float; it is widened to ``SAFETY`` x the largest screening error observed on them.
-    MARGIN = 1e-2
+    MARGIN = 2e-3
     SAFETY = 8.0
+    #: quantized activations (int8) kept between a candidate's probe and its continuation
+    ACT_CACHE_BYTES = 1 << 30
 
     def __init__(self, x: Tensor, weight: Tensor, block_fn: BlockFn, steps_min: int = 100) -> None:
         self.x, self.weight, self.block = x, weight, block_fn
@@ -176,6 +178,7 @@ class RangeSearch:
         self._ordered = False
         self._sse: dict[int, list[float]] = {}  # per candidate: squared errors of the parts screened, in _order
         self._parts_screened = 0
+        self._acts: dict[int, tuple[Tensor, Tensor, Tensor, int]] = {}
 
     @property
     def screened(self) -> float:
@@ -215,12 +218,15 @@ class RangeSearch:
         if total > bound:
             return False
         stop = len(self._order) if max_parts is None else min(len(self._order), len(done) + max_parts)
-        act = self._screen.quantize_act(self.cmx, self.cmn, self.grid[i])
+        act = self._acts.pop(i, None) or self._screen.quantize_act(self.cmx, self.cmn, self.grid[i])
         while len(done) < stop and total <= bound:
             done.append(self._screen.part_sse(act, self._order[len(done)]))
             total += done[-1]
             self._parts_screened += 1
         if len(done) < len(self._order):
+            # stopped by max_parts (the probe): keep the quantized activations for the continuation
+            if total <= bound and (len(self._acts) + 1) * act[1].numel() <= self.ACT_CACHE_BYTES:
+                self._acts[i] = act
             return False
         self.int_losses[i] = total / self._screen.tokens
         return True

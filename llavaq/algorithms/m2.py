@@ -10,6 +10,7 @@ Smoothing is then applied as ``x / s`` (into the preceding norm) and ``W * s`` (
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 
@@ -243,9 +244,12 @@ class RangeSearch:
         if pending and not self._ordered:
             self._advance(pending[0])
             self._order_parts(self._sse.get(pending[0], []))
+        done = sorted(self.int_losses[j] for j in cands if j in self.int_losses)
         for i in pending:
-            done = sorted(self.int_losses[j] for j in cands if j in self.int_losses)
-            self._advance(i, done[keep - 1] * (1 + margin) if len(done) >= keep else math.inf)
+            if i in self.int_losses:  # the candidate completed above to order the parts
+                continue
+            if self._advance(i, done[keep - 1] * (1 + margin) if len(done) >= keep else math.inf):
+                bisect.insort(done, self.int_losses[i])
 
     def _order_parts(self, sse: list[float]) -> None:
         """Visit the parts after the first in decreasing order of ``sse`` (one candidate's part errors),
@@ -379,7 +383,7 @@ class IntegerScreen:
     """
 
     def __init__(self, x: Tensor, weight: Tensor, block: Block, y_ref: Tensor) -> None:
-        self.x, self.weight, self.block, self.y_ref = x, weight, block, y_ref
+        self.x, self.weight, self.y_ref = x, weight, y_ref
         self.parts = block.parts(weight.shape[0])
         self.tokens = y_ref.numel() // y_ref.shape[-1]
         rows = max(p.rows.numel() for p in self.parts)

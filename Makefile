@@ -8,7 +8,7 @@ DEMO_OUT ?= demo/out-w8a8
 DEMO_CACHE ?= demo/cache
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo-model demo test lint parity-env parity bench-fidelity bench-scale bench-vs-msmodelslim clean
+.PHONY: install install-dev demo-model demo test lint parity-env parity bench-fidelity bench-scale bench-streams bench-vs-msmodelslim clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,9 @@ bench-vs-msmodelslim: demo-model parity-env
 
 bench-scale: install-dev
 	$(PY) benchmarks/scale.py --size 7b
+
+bench-streams: demo-model
+	$(PY) benchmarks/streams.py --model $(DEMO_MODEL) --work demo/bench-streams --markdown docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache .ruff_cache

@@ -15,7 +15,7 @@ import torch
 from llavaq.calib.cache import SessionCache, default_cache_dir
 from llavaq.calib.engine import CalibrationEngine
 from llavaq.calib.images import load_images
-from llavaq.calib.samples import build_samples, load_processor, samples_digest
+from llavaq.calib.samples import image_sample, load_processor, samples_digest, text_samples
 from llavaq.device import resolve_devices
 from llavaq.errors import CacheError, LlavaqError
 from llavaq.formats import ExportContext, get_format
@@ -67,19 +67,26 @@ def calibrate(
     device_type: str = "cpu",
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    stream_memory_gb: float | None = None,
 ) -> CalibrationResult:
-    """Run the anti-outlier + calibration passes once and fill the session cache (resumable)."""
+    """Run the anti-outlier + calibration passes once and fill the session cache (resumable).
+
+    ``stream_memory_gb``: memory for the samples' hidden states between layers (default a quarter of
+    the available memory); beyond it they are read back from files in the session cache.  It changes
+    no result, only where the hidden states wait.
+    """
     t0 = time.perf_counter()
+    budget = _stream_budget(stream_memory_gb)
     recipe = recipe or QuantRecipe()
     progress = progress or NullProgress()
     arch = open_model(model_path, trust_remote_code=trust_remote_code)
     device = resolve_devices(device_type)
-    loaded = load_images(calib_images)
+    processor = load_processor(model_path, trust_remote_code=trust_remote_code)
+    # each photo is encoded as it is decoded: one decoded photo in memory at a time
+    loaded = load_images(calib_images, lambda im, path: image_sample(processor, im, recipe.prompt, path.name))
     if loaded.skipped_line():
         progress.log(f"warning: {loaded.skipped_line()}")
-    processor = load_processor(model_path, trust_remote_code=trust_remote_code)
-    samples = build_samples(processor, loaded.images, recipe.prompt, recipe.text_prompts,
-                            labels=[p.name for p in loaded.paths])
+    samples = loaded.images + text_samples(processor, recipe.text_prompts)
     identity = {
         "model_path": str(Path(model_path).resolve()),
         "fingerprint": arch.ckpt.fingerprint(),
@@ -98,9 +105,18 @@ def calibrate(
         if cache.manifest["stages_done"]:
             progress.log(f"resuming calibration at layer {len(cache.manifest['stages_done']) + 1} "
                          f"from {cache.path}")
-        CalibrationEngine(arch, samples, recipe, cache, progress=progress, device=device).run()
+        CalibrationEngine(arch, samples, recipe, cache, progress=progress, device=device,
+                          stream_budget=budget, release_images=True).run()
     return CalibrationResult(cache, len(samples), loaded.summary(), reused, time.perf_counter() - t0,
                              int(cache.manifest.get("forward_passes", 0)))
+
+
+def _stream_budget(stream_memory_gb: float | None) -> int | None:
+    if stream_memory_gb is None:
+        return None
+    if not stream_memory_gb >= 0:  # also NaN
+        raise LlavaqError(f"--stream_memory_gb must be a number of GB >= 0, not {stream_memory_gb}")
+    return int(stream_memory_gb * GB)
 
 
 def _float_dtype(name: str, fmt, checkpoint_dtype: torch.dtype, device_type: str) -> torch.dtype:
@@ -188,16 +204,18 @@ def quantize(
     device_type: str = "cpu",
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    stream_memory_gb: float | None = None,
 ) -> tuple[CalibrationResult, ExportResult]:
     """calibrate (reusing a matching cache) + export."""
     if part_file_size is not None and part_file_size <= 0:
         raise LlavaqError(f"--part_file_size must be a positive number of GB, not {part_file_size}")
+    _stream_budget(stream_memory_gb)
     get_format(format)
     AtomicOutputDir.check(Path(save_directory), overwrite)
     if recipe is not None and recipe.float_linears:  # fail before the calibration, not after it
         check_float_linears(open_model(model_path, trust_remote_code=trust_remote_code), recipe.float_linears)
     cal = calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
-                    trust_remote_code=trust_remote_code, progress=progress)
+                    trust_remote_code=trust_remote_code, progress=progress, stream_memory_gb=stream_memory_gb)
     exp = export(model_path, cal.cache, save_directory, format=format, recipe=recipe,
                  part_file_size=part_file_size, overwrite=overwrite, device_type=device_type,
                  trust_remote_code=trust_remote_code)

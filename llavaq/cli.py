@@ -83,6 +83,10 @@ FloatDtype = typer.Option("auto", "--float_dtype", help="Dtype of float tensors 
 TextPrompts = typer.Option(None, "--text_prompts", help="JSON list or text file (one per line) of text-only "
                            "calibration prompts, added after the image samples.")
 CacheDir = typer.Option(None, "--cache_dir", help="Session cache root (default $LLAVAQ_CACHE_DIR or ~/.cache/llavaq).")
+StreamMemory = typer.Option(None, "--stream_memory_gb",
+                            help="GB of RAM for the calibration samples' hidden states between layers; beyond it "
+                                 "they are kept on disk in the session cache (default: a quarter of the available "
+                                 "memory; 0 = all on disk).")
 PartFileSize = typer.Option(None, "--part_file_size", help="Shard size in GB (default: one file).")
 Overwrite = typer.Option(False, "--overwrite", help="Replace a non-empty save directory.")
 
@@ -159,6 +163,7 @@ def quantize(
     keep_float: int = KeepFloat,
     float_linears: str = FloatLinears,
     cache_dir: Path = CacheDir,
+    stream_memory_gb: float = StreamMemory,
     overwrite: bool = Overwrite,
 ) -> None:
     """Calibrate (reusing a matching session cache) and write the W8A8 model."""
@@ -172,7 +177,8 @@ def quantize(
     with _progress() as progress:
         cal, res = api.quantize(model_path, calib_images, save_directory, recipe, format=fmt,
                                 part_file_size=part_file_size, overwrite=overwrite, cache_dir=cache_dir,
-                                device_type=device_type, trust_remote_code=trust, progress=progress)
+                                device_type=device_type, trust_remote_code=trust, progress=progress,
+                                stream_memory_gb=stream_memory_gb)
     _print_calibration(cal)
     _print_export(res)
     _summary(0.0 if cal.reused else cal.seconds, res)
@@ -200,6 +206,7 @@ def calibrate(
     modules: str = Modules,
     m2_search: str = M2Search,
     text_prompts: Path = TextPrompts,
+    stream_memory_gb: float = StreamMemory,
 ) -> None:
     """Run calibration once and store the session cache (resumes if interrupted)."""
     from llavaq import api
@@ -208,7 +215,8 @@ def calibrate(
     _device_line(device_type)
     with _progress() as progress:
         cal = api.calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
-                            trust_remote_code=_bool(trust_remote_code, "--trust_remote_code"), progress=progress)
+                            trust_remote_code=_bool(trust_remote_code, "--trust_remote_code"), progress=progress,
+                            stream_memory_gb=stream_memory_gb)
     _print_calibration(cal)
     _print_range_drivers(cal.cache)
     out.print(str(cal.cache.path))

@@ -30,7 +30,9 @@ def test_interrupted_calibration_resumes_to_identical_cache(tiny_model, calib_di
     (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     part = SessionCache.load(path)
     assert part.manifest["stages_done"] == stages[: k + 1] and not part.complete
-    assert (path / "streams.safetensors").is_file()
+    # the resume point: the sealed streams after stage k; the generation being written was removed
+    assert sorted(p.name for p in (path / "streams").iterdir()) == [f"{k + 1:04d}"]
+    assert (path / "streams" / f"{k + 1:04d}" / "streams.json").is_file()
     with pytest.raises(Exception, match="incomplete"):
         api.export(tiny_model, path, tmp_path / "never", format="fakequant")
     assert not (tmp_path / "never").exists()
@@ -39,7 +41,7 @@ def test_interrupted_calibration_resumes_to_identical_cache(tiny_model, calib_di
     assert cal.cache.path == path and cal.cache.complete
     assert cal.cache.manifest["stages_done"] == stages
     assert cal.forward_passes == ref_cache.manifest["forward_passes"]
-    assert not (path / "streams.safetensors").exists()
+    assert not (path / "streams").exists()
     for st in stages:
         a, b = load_file(str(cal.cache.stage_file(st))), load_file(str(ref_cache.stage_file(st)))
         assert sorted(a) == sorted(b), st

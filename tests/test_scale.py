@@ -107,9 +107,9 @@ def test_round_robin_devices_give_the_same_output(tiny_model, calib_dir, tmp_pat
     seen = []
     real = CalibrationEngine._run_stage
 
-    def run_stage(self, stage, s):
+    def run_stage(self, stage, *args):
         seen.append((stage.name, self.device))
-        return real(self, stage, s)
+        return real(self, stage, *args)
 
     monkeypatch.setattr(CalibrationEngine, "_run_stage", run_stage)
     monkeypatch.setattr(api_mod, "resolve_devices", lambda dt: [torch.device("cpu", 0), torch.device("cpu", 1)])

@@ -7,7 +7,8 @@ Layout (one directory per session)::
         stage-<name>.safetensors   per layer: smoothing scales/shifts, observer states, input
                                    scale/offset per quantized Linear, float per-channel min/max and
                                    a sample of activation rows per Linear input
-        streams.safetensors        hidden states between layers (only while incomplete: resume)
+        streams/<n>/               hidden states after n layers, one file per sample and stream
+                                   (only while incomplete: the resume point; see calib/streams.py)
 
 Safetensors + JSON only, never pickle. Every file is written to a temporary name and renamed, so
 an interrupted calibration leaves a consistent cache that resumes at the first unfinished layer.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,18 +147,17 @@ class SessionCache:
         stage: str,
         tensors: dict[str, torch.Tensor],
         forward_passes: int,
-        streams: dict[str, torch.Tensor] | None = None,
+        seal_streams: Callable[[int], None] | None = None,
     ) -> None:
         """Record a finished stage: its tensors, then the streams after it, then the manifest.
 
         The order makes every interruption safe: the manifest never lists a stage whose record or
-        following streams are missing, and the streams file says which stage it follows
-        (``meta.stages_done``), so a resume never feeds a layer the wrong hidden states.
+        following streams are missing, and the sealed streams say which stage they follow
+        (``seal_streams(stages_done)``), so a resume never feeds a layer the wrong hidden states.
         """
         _atomic_save_tensors(self.stage_file(stage), tensors)
-        if streams is not None:
-            n_done = len(self.manifest["stages_done"]) + (stage not in self.manifest["stages_done"])
-            self.save_streams({**streams, "meta.stages_done": torch.tensor(n_done)})
+        if seal_streams is not None:
+            seal_streams(len(self.manifest["stages_done"]) + (stage not in self.manifest["stages_done"]))
         if stage not in self.manifest["stages_done"]:
             self.manifest["stages_done"].append(stage)
         self.manifest["forward_passes"] = forward_passes
@@ -174,25 +176,12 @@ class SessionCache:
         except Exception:
             raise CacheError(f"{f}: corrupted cache file; delete {self.path} and run calibrate again") from None
 
-    def save_streams(self, tensors: dict[str, torch.Tensor]) -> None:
-        _atomic_save_tensors(self.path / "streams.safetensors", tensors)
-
-    def load_streams(self) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file
-
-        f = self.path / "streams.safetensors"
-        if not f.is_file():
-            return None
-        try:
-            return load_file(str(f))
-        except Exception:
-            raise CacheError(f"{f}: corrupted cache file; delete {self.path} and run calibrate again") from None
-
     def finish(self, forward_passes: int) -> None:
         self.manifest["complete"] = True
         self.manifest["forward_passes"] = forward_passes
         self.save_manifest()
-        (self.path / "streams.safetensors").unlink(missing_ok=True)
+        shutil.rmtree(self.path / "streams", ignore_errors=True)
+        (self.path / "streams.safetensors").unlink(missing_ok=True)  # the single resume file of earlier versions
 
     def save_manifest(self) -> None:
         _atomic_write_bytes(self.path / "manifest.json", json.dumps(self.manifest, indent=2).encode())

@@ -11,13 +11,13 @@ all samples, with identical arithmetic:
 * stream ``flt`` - every sample, float, through the original layers (float statistics and activation
   row samples for recipes derived at export time without a forward pass).
 
-Only one layer's weights are in memory at a time; the streams are small (tokens × hidden).
-After each layer its results are written to the session cache (and the streams, for resume).
+Only one layer's weights are in memory at a time.  The streams (tokens × hidden per sample) stay in
+memory within a budget and are read back from disk beyond it (:mod:`llavaq.calib.streams`).
+After each layer its results are written to the session cache, and its output streams are sealed
+there as the resume point.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,55 +28,22 @@ from llavaq.algorithms.smoothing import channel_shift, fold_scale, fold_shift, s
 from llavaq.calib.cache import SessionCache
 from llavaq.calib.fakequant import FakeQuantLinear, InputRecorder, set_submodule
 from llavaq.calib.samples import Sample
+from llavaq.calib.streams import Generation, Streams, StreamStore, default_stream_budget
 from llavaq.errors import LlavaqError
+from llavaq.memory import release_free_memory
 from llavaq.model.llava import LlavaArch, SmoothGroup, Stage
 from llavaq.progress import NullProgress, Progress
 from llavaq.recipe import QuantRecipe
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 class ForwardCounter:
     """Counts per-sample layer forwards (tests assert that exports run none)."""
 
     count = 0
-
-
-@dataclass
-class Streams:
-    fq: list[torch.Tensor] = field(default_factory=list)
-    flt: list[torch.Tensor] = field(default_factory=list)
-    m2: torch.Tensor | None = None
-    # vision features captured at vision_feature_layer, per image sample
-    feat_fq: list[torch.Tensor] = field(default_factory=list)
-    feat_flt: list[torch.Tensor] = field(default_factory=list)
-    feat_m2: torch.Tensor | None = None
-    # language-model inputs per sample (all samples)
-    masks: list[torch.Tensor | None] = field(default_factory=list)
-    positions: list[torch.Tensor] = field(default_factory=list)
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key in ("fq", "flt", "feat_fq", "feat_flt", "positions"):
-            for j, t in enumerate(getattr(self, key)):
-                out[f"{key}.{j}"] = t
-        for j, m in enumerate(self.masks):
-            if m is not None:
-                out[f"masks.{j}"] = m
-        out["meta.n_masks"] = torch.tensor(len(self.masks))
-        for key in ("m2", "feat_m2"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        return out
-
-    @classmethod
-    def from_tensors(cls, d: dict[str, torch.Tensor]) -> Streams:
-        s = cls()
-        for key in ("fq", "flt", "feat_fq", "feat_flt", "positions"):
-            n = sum(1 for k in d if k.startswith(key + "."))
-            setattr(s, key, [d[f"{key}.{j}"] for j in range(n)])
-        s.masks = [d.get(f"masks.{j}") for j in range(int(d["meta.n_masks"]))]
-        s.m2 = d.get("m2")
-        s.feat_m2 = d.get("feat_m2")
-        return s
 
 
 class CalibrationEngine:
@@ -89,6 +56,8 @@ class CalibrationEngine:
         *,
         progress: Progress | None = None,
         device: torch.device | str | list[torch.device | str] = "cpu",
+        stream_budget: int | None = None,
+        release_images: bool = False,
     ) -> None:
         if not samples:
             raise LlavaqError("no calibration samples")
@@ -111,6 +80,13 @@ class CalibrationEngine:
             raise LlavaqError("m2 needs an image sample first: the anti-outlier pass runs on calibration sample 0")
         self.rows_per_call = max(1, recipe.activation_sample_tokens // len(samples)) \
             if recipe.activation_sample_tokens else 0
+        #: drop each sample's pixel values once embedded (the caller does not need them again)
+        self.release_images = release_images
+        #: the per-sample hidden states between layers: in memory up to the budget, read back from disk beyond it
+        budget = default_stream_budget() if stream_budget is None else stream_budget
+        self.streams = StreamStore(cache.path / "streams", budget, on_spill=lambda: self.progress.log(
+            f"the calibration samples' hidden states exceed the stream budget ({_size(budget)}): "
+            f"keeping the rest on disk in {cache.path / 'streams'} (--stream_memory_gb)"))
 
     # ------------------------------------------------------------------ driver
     @torch.no_grad()
@@ -119,61 +95,75 @@ class CalibrationEngine:
         ForwardCounter.count = int(self.cache.manifest.get("forward_passes", 0))
         if self.cache.complete:
             return self.cache
-        saved = self.cache.load_streams()
-        # Resume exactly after the stage the saved streams follow (see SessionCache.write_stage).
-        n_done = int(saved.pop("meta.stages_done")) if saved is not None and "meta.stages_done" in saved else 0
+        store = self.streams
+        # Resume exactly after the stage the newest sealed streams follow (see SessionCache.write_stage).
+        sealed = store.latest_sealed()
+        streams, n_done = sealed.load() if sealed is not None else (None, 0)
         done = {s.name for s in stages[:n_done]}
         self.cache.manifest["stages_done"] = [s.name for s in stages[:n_done]]
-        streams = Streams.from_tensors(saved) if n_done else self._initial_streams()
         self.progress.stage("Calibrating layers", total=len(stages))
-        for i, stage in enumerate(stages):
-            if stage.name in done:
-                self.progress.advance()
-                continue
-            if stage.kind == "text_layer" and (i == 0 or stages[i - 1].kind != "text_layer"):
-                self._enter_language_model(streams)
-            self.device = self.devices[i % len(self.devices)]
-            record = self._run_stage(stage, streams)
-            self.cache.write_stage(stage.name, record, ForwardCounter.count,
-                                   streams.to_tensors() if i + 1 < len(stages) else None)
-            self.progress.advance()
-        self.cache.finish(ForwardCounter.count)
+        try:
+            if not n_done:
+                streams = self._initial_streams(store.begin(0))
+            for i, stage in enumerate(stages):
+                if stage.name in done:
+                    self.progress.advance()
+                    continue
+                gen = store.begin(i + 1)
+                if stage.kind == "text_layer" and (i == 0 or stages[i - 1].kind != "text_layer"):
+                    self._enter_language_model(streams, gen)
+                self.device = self.devices[i % len(self.devices)]
+                record = self._run_stage(stage, streams, gen)
+                streams.carry_into(gen)
+                last = i + 1 == len(stages)
+                self.cache.write_stage(stage.name, record, ForwardCounter.count,
+                                       None if last else (lambda n, s=streams, g=gen: g.seal(s, n)))
+                store.keep_only(i + 1)
+        except BaseException:
+            store.discard_unsealed()  # nothing half-written is left behind: the sealed resume point stays
+            raise
+        self.cache.finish(ForwardCounter.count)  # removes the streams
         return self.cache
 
     # ------------------------------------------------------------------ streams
-    def _initial_streams(self) -> Streams:
+    def _initial_streams(self, gen: Generation) -> Streams:
         self.device = self.devices[0]
-        s = Streams()
+        s = Streams(fq=gen.new_list("fq"), flt=gen.new_list("flt"))
         if not self.image_idx:
             return s
         emb = self.arch.build_vision_embeddings().to(self.device)
         for j in self.image_idx:
             h = emb(self.samples[j].pixel_values.to(self.device)).cpu()
+            if self.release_images:
+                self.samples[j].pixel_values = None
             s.fq.append(h)
             s.flt.append(h.clone())
-        if self.recipe.anti_outlier == "m2":
-            s.m2 = s.fq[0].clone()
-        self._maybe_capture(s, 0)
+            if j == 0 and self.recipe.anti_outlier == "m2":
+                s.m2 = h.clone()
+        self._maybe_capture(s, 0, gen)
         return s
 
     def _feature_index(self) -> int:
         return self.arch.config.vision_feature_layer % (self.arch.n_vision_layers + 1)
 
-    def _maybe_capture(self, s: Streams, hidden_index: int) -> None:
+    def _maybe_capture(self, s: Streams, hidden_index: int, gen: Generation) -> None:
         if hidden_index != self._feature_index():
             return
-        s.feat_fq = [self._select(h) for h in s.fq]
-        s.feat_flt = [self._select(h) for h in s.flt]
+        s.feat_fq, s.feat_flt = gen.new_list("feat_fq"), gen.new_list("feat_flt")
+        for h in s.fq:
+            s.feat_fq.append(self._select(h))
+        for h in s.flt:
+            s.feat_flt.append(self._select(h))
         s.feat_m2 = self._select(s.m2) if s.m2 is not None else None
 
     def _select(self, h: torch.Tensor) -> torch.Tensor:
         strategy = self.arch.config.vision_feature_select_strategy
         return h[:, 1:].clone() if strategy == "default" else h.clone()
 
-    def _enter_language_model(self, s: Streams) -> None:
+    def _enter_language_model(self, s: Streams, gen: Generation) -> None:
         """Token embeddings merged with projected image features, as LlavaForConditionalGeneration."""
         embed = self.arch.build_token_embedding()
-        fq, flt, masks, positions = [], [], [], []
+        fq, flt, masks, positions = gen.new_list("lm_fq"), gen.new_list("lm_flt"), gen.new_list("masks"), []
         img_pos = {j: k for k, j in enumerate(self.image_idx)}
         m2_h = None
         for j, smp in enumerate(self.samples):
@@ -217,9 +207,12 @@ class CalibrationEngine:
                         position_ids=s.positions[j].to(self.device))[0]
         else:
             out = layer(h)
-        return out.cpu()
+        out = out.cpu()
+        release_free_memory()  # RSS stays at the live tensors however many samples (llavaq/memory.py)
+        return out
 
-    def _run_stage(self, stage: Stage, s: Streams) -> dict[str, torch.Tensor]:
+    def _run_stage(self, stage: Stage, s: Streams, gen: Generation) -> dict[str, torch.Tensor]:
+        """Calibrate one layer over every sample; its outputs go to the streams of ``gen``."""
         layer = self._build(stage).to(self.device)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         groups = self.arch.smooth_groups(stage)
@@ -231,7 +224,7 @@ class CalibrationEngine:
         # 1. float statistics on the original layer (all samples)
         rec = InputRecorder(linears, self.rows_per_call)
         src = s.feat_flt if stage.kind == "projector" else s.flt
-        out = []
+        out = gen.new_list("feat_flt" if stage.kind == "projector" else "flt")
         for j, h in enumerate(src):
             out.append(self._forward(stage, layer, h, j if not is_vision_side else j, s))
             self.progress.sub_advance()
@@ -273,7 +266,7 @@ class CalibrationEngine:
                 fq_mods[full] = FakeQuantLinear(lin, self.recipe.observer)
                 set_submodule(layer, rel, fq_mods[full])
         src = s.feat_fq if stage.kind == "projector" else s.fq
-        fq_out = []
+        fq_out = gen.new_list("feat_fq" if stage.kind == "projector" else "fq")
         for j, h in enumerate(src):
             fq_out.append(self._forward(stage, layer, h, j, s))
             self.progress.sub_advance()
@@ -293,7 +286,7 @@ class CalibrationEngine:
             s.fq, s.flt = fq_out, out
             s.m2 = m2_out if method == "m2" else None
             if stage.kind == "vision_layer":
-                self._maybe_capture(s, stage.index + 1)
+                self._maybe_capture(s, stage.index + 1, gen)
         del layer
         return record
 

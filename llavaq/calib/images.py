@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -36,17 +38,17 @@ MIN_SIDE = 8
 
 @dataclass
 class LoadedImages:
-    images: list[Image.Image]
+    #: the decoded images, or what ``load_images``' ``convert`` made of each
+    images: list[Any]
     paths: list[Path]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     folder: Path | None = None
+    #: hash of every used file's name and decoded pixels (see :meth:`digest`)
+    pixels_digest: str = ""
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        for p, im in zip(self.paths, self.images, strict=True):
-            h.update(p.name.encode())
-            h.update(im.tobytes())
-        return h.hexdigest()[:16]
+        """Identity of the images: names and decoded pixels, in order."""
+        return self.pixels_digest
 
     def summary(self) -> str:
         s = f"{len(self.images)} image(s) used"
@@ -141,18 +143,29 @@ def is_doc_file(path: Path) -> bool:
     return path.suffix.lower() in (".md", ".rst") or path.stem.upper() in DOC_NAMES
 
 
-def load_images(folder: str | Path) -> LoadedImages:
+def load_images(folder: str | Path, convert: Callable[[Image.Image, Path], Any] | None = None) -> LoadedImages:
+    """Every usable image of ``folder`` (sorted by name); unreadable files are listed in ``skipped``.
+
+    ``convert(image, path)`` (optional) replaces each decoded image as soon as it is read, so that only
+    one decoded photo is in memory at a time (calibration keeps the processor's 336 px tensors).
+    """
     folder = Path(folder)
     skipped: list[tuple[Path, str]] = []
     files = [f for f in list_image_files(folder, skipped) if not is_doc_file(f)]
     images, paths = [], []
+    h = hashlib.sha256()
     for f in files:
         try:
-            images.append(load_image(f))
-            paths.append(f)
+            im = load_image(f)
         except ImageError as e:
             reason = e.message.split(": ", 1)[-1]
             skipped.append((f, reason))
+            continue
+        h.update(f.name.encode())
+        h.update(im.tobytes())
+        images.append(im if convert is None else convert(im, f))
+        paths.append(f)
+        del im
     if not images:
         if not skipped:
             subdirs = any(p.is_dir() for p in folder.iterdir())
@@ -160,4 +173,4 @@ def load_images(folder: str | Path) -> LoadedImages:
         shown = ", ".join(f"{p.name}: {r}" for p, r in skipped[:5])
         more = f", and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         raise ImageError(f"no usable images in {folder} ({len(skipped)} unreadable: {shown}{more})")
-    return LoadedImages(images, paths, skipped, folder)
+    return LoadedImages(images, paths, skipped, folder, h.hexdigest()[:16])

@@ -47,17 +47,27 @@ def load_processor(model_path: str | Path, *, trust_remote_code: bool = False):
         hf_logging.set_verbosity(prev)
 
 
-def build_samples(processor, images, prompt: str, text_prompts=(), labels=None) -> list[Sample]:
-    samples = []
-    for i, img in enumerate(images):
-        enc = processor(images=img, text=prompt, return_tensors="pt")
-        samples.append(Sample(enc["input_ids"], enc["attention_mask"], enc["pixel_values"].float(),
-                              labels[i] if labels else f"image{i}"))
+def image_sample(processor, image, prompt: str, label: str = "") -> Sample:
+    """One image prompt as the processor encodes it (pixel values in float32)."""
+    enc = processor(images=image, text=prompt, return_tensors="pt")
+    return Sample(enc["input_ids"], enc["attention_mask"], enc["pixel_values"].float(), label)
+
+
+def text_samples(processor, text_prompts=()) -> list[Sample]:
+    """Text-only prompts (no image), tokenized."""
     tok = getattr(processor, "tokenizer", processor)
+    out = []
     for j, text in enumerate(text_prompts):
         enc = tok(text, return_tensors="pt")
-        samples.append(Sample(enc["input_ids"], enc["attention_mask"], None, f"text{j}"))
-    return samples
+        out.append(Sample(enc["input_ids"], enc["attention_mask"], None, f"text{j}"))
+    return out
+
+
+def build_samples(processor, images, prompt: str, text_prompts=(), labels=None) -> list[Sample]:
+    """Image prompts (in order), then the text-only prompts."""
+    samples = [image_sample(processor, img, prompt, labels[i] if labels else f"image{i}")
+               for i, img in enumerate(images)]
+    return samples + text_samples(processor, text_prompts)
 
 
 def samples_digest(samples: list[Sample]) -> str:

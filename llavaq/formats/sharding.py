@@ -125,9 +125,10 @@ class SafetensorsFileWriter:
     """One safetensors file written tensor by tensor (see the module docstring for the two modes)."""
 
     def __init__(self, path: Path, metadata: dict[str, str] | None = None,
-                 specs: Sequence[TensorSpec] | None = None) -> None:
+                 specs: Sequence[TensorSpec] | None = None, durable: bool = True) -> None:
         self.path = Path(path)
         self.metadata = metadata
+        self.durable = durable  # fsync on close
         self.specs = list(specs) if specs is not None else None
         self._seen: list[TensorSpec] = []
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -168,7 +169,8 @@ class SafetensorsFileWriter:
             _pwrite_all(self._fd, memoryview(head), 0)
             for s in self._seen:
                 _copy_range(self._spill_fd, self._fd, self._spill_at[s.name], offsets[s.name], s.nbytes)
-        os.fsync(self._fd)
+        if self.durable:
+            os.fsync(self._fd)
         self._release()
 
     def abort(self) -> None:
@@ -186,9 +188,12 @@ class SafetensorsFileWriter:
 
 
 def save_file_streamed(tensors: Iterable[tuple[str, torch.Tensor]], path: Path,
-                       metadata: dict[str, str] | None = None, specs: Sequence[TensorSpec] | None = None) -> int:
-    """Stream ``tensors`` into one safetensors file (byte-identical to ``save_file``); return the data bytes."""
-    w = SafetensorsFileWriter(path, metadata, specs)
+                       metadata: dict[str, str] | None = None, specs: Sequence[TensorSpec] | None = None,
+                       durable: bool = True) -> int:
+    """Stream ``tensors`` into one safetensors file (byte-identical to ``save_file``); return the data bytes.
+
+    ``durable=False`` skips the final fsync (files that only need to survive an interrupted process)."""
+    w = SafetensorsFileWriter(path, metadata, specs, durable)
     total = 0
     try:
         for name, t in tensors:

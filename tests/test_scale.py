@@ -117,3 +117,38 @@ def test_round_robin_devices_give_the_same_output(tiny_model, calib_dir, tmp_pat
     api.quantize(tiny_model, calib_dir, two, cache_dir=tmp_path / "c2", device_type="cpu")
     assert [d.index for _, d in seen] == [i % 2 for i in range(len(seen))] and len(seen) == 5
     assert _files(one) == _files(two)
+
+
+class ProgressLog:
+    """A Progress that records what the bars would show."""
+
+    def __init__(self) -> None:
+        self.stages: list[list] = []  # [description, total, advanced]
+        self.subs: list[list] = []
+
+    def stage(self, description, total):
+        self.stages.append([description, total, 0])
+
+    def advance(self, n=1):
+        self.stages[-1][2] += n
+
+    def sub(self, description, total):
+        self.subs.append([description, total, 0])
+
+    def sub_advance(self, n=1):
+        self.subs[-1][2] += n
+
+    def log(self, message):
+        pass
+
+
+def test_progress_goes_over_every_layer_and_sample(tiny_model, calib_dir, quantized, tmp_path):
+    log = ProgressLog()
+    api.calibrate(tiny_model, calib_dir, cache_dir=tmp_path, device_type="cpu", progress=log)
+    stages = quantized[0].cache.manifest["stages_done"]
+    assert log.stages == [["Calibrating layers", len(stages), len(stages)]]
+    n = len(list(calib_dir.iterdir()))
+    # per layer: the float pass and the fake-quant pass over every sample, and the m2 search (the
+    # projector has no smoothing group)
+    m2 = {name: int(name != "projector") for name in stages}
+    assert log.subs == [[name, 2 * n + m2[name], 2 * n + m2[name]] for name in stages]

@@ -119,6 +119,7 @@ class CalibrationEngine:
                 self.cache.write_stage(stage.name, record, ForwardCounter.count,
                                        None if last else (lambda n, s=streams, g=gen: g.seal(s, n)))
                 store.keep_only(i + 1)
+                self.progress.advance()
         except BaseException:
             store.discard_unsealed()  # nothing half-written is left behind: the sealed resume point stays
             raise
@@ -219,7 +220,7 @@ class CalibrationEngine:
         record: dict[str, torch.Tensor] = {}
         is_vision_side = stage.kind in ("vision_layer", "projector")
         n_stream = len(s.fq) if stage.kind != "projector" else len(s.feat_fq)
-        self.progress.sub(stage.name, total=n_stream * 2 + (1 if self.recipe.anti_outlier == "m2" else 0))
+        self.progress.sub(stage.name, total=n_stream * 2 + (1 if groups and self.recipe.anti_outlier == "m2" else 0))
 
         # 1. float statistics on the original layer (all samples)
         rec = InputRecorder(linears, self.rows_per_call)

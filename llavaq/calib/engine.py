@@ -30,7 +30,7 @@ from llavaq.calib.fakequant import FakeQuantLinear, InputRecorder, set_submodule
 from llavaq.calib.samples import Sample
 from llavaq.calib.streams import Generation, Streams, StreamStore, default_stream_budget
 from llavaq.errors import LlavaqError
-from llavaq.memory import release_free_memory
+from llavaq.memory import IdleMemoryTrimmer
 from llavaq.model.llava import LlavaArch, SmoothGroup, Stage
 from llavaq.progress import NullProgress, Progress
 from llavaq.recipe import QuantRecipe
@@ -40,8 +40,8 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-#: free heap memory the allocator may keep between sample forwards before it is given back to the OS
-IDLE_HEAP_BYTES = 128 << 20
+#: memory held but unused that may pile up between sample forwards before it is given back to the OS
+IDLE_MEMORY_SLACK = 128 << 20
 
 
 class ForwardCounter:
@@ -84,6 +84,7 @@ class CalibrationEngine:
             raise LlavaqError("m2 needs an image sample first: the anti-outlier pass runs on calibration sample 0")
         self.rows_per_call = max(1, recipe.activation_sample_tokens // len(samples)) \
             if recipe.activation_sample_tokens else 0
+        self._trim = IdleMemoryTrimmer(IDLE_MEMORY_SLACK)
         #: drop each sample's pixel values once embedded (the caller does not need them again)
         self.release_images = release_images
         #: the per-sample hidden states between layers: in memory up to the budget, read back from disk beyond it
@@ -213,7 +214,7 @@ class CalibrationEngine:
         else:
             out = layer(h)
         out = out.cpu()
-        release_free_memory(IDLE_HEAP_BYTES)  # RSS follows the live tensors, not the samples seen (memory.py)
+        self._trim()  # RSS follows the live tensors, not the number of samples seen (llavaq/memory.py)
         return out
 
     def _run_stage(self, stage: Stage, s: Streams, gen: Generation) -> dict[str, torch.Tensor]:

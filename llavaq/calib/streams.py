@@ -98,9 +98,12 @@ class StreamStore:
         self._on_spill = on_spill
         self._held: set[int] = set()  # ids of the tensors counted in ``resident``
 
+    def _path(self, n: int) -> Path:
+        return self.root / f"{n:04d}"
+
     def begin(self, n: int) -> Generation:
         """A new, empty generation ``n`` (a stale unsealed one of the same number is replaced)."""
-        path = self.root / f"{n:04d}"
+        path = self._path(n)
         if path.exists():
             shutil.rmtree(path)
         try:
@@ -122,7 +125,7 @@ class StreamStore:
         """Delete every generation but ``n`` (after the manifest lists the stage that made ``n``)."""
         if self.root.is_dir():
             for path in self.root.iterdir():
-                if path.name != f"{n:04d}":
+                if path != self._path(n):
                     shutil.rmtree(path, ignore_errors=True)
 
     def discard_unsealed(self) -> None:

@@ -7,7 +7,10 @@ the integer screening cost of one candidate, the grid size, how many candidates 
 1 % and 10 % of the best screened loss, and the screening work (in whole-block equivalents) of
 ``--m2_search full`` (part-wise early stop) against two references: every candidate screened whole
 (the grid size) and the early stop with the candidates visited in the order of their true losses
-(an oracle: the least work any visiting order can reach with this bound). The numbers back the
+(an oracle: the least work any visiting order can reach with this bound). It also measures what
+reusing the integer product from one threshold to the next could save: the share of a whole
+candidate's screening time spent in the int8 GEMM, and the fraction of the quantized operands'
+integers (activations, weights) that differ between neighbouring thresholds. The numbers back the
 "Why the m2 search is still ~14x one forward" paragraph of docs/BENCHMARKS.md.
 """
 
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llavaq.algorithms.blocks import gate_up_block, llama_qkv_block  # noqa: E402
-from llavaq.algorithms.m2 import IntegerScreen, RangeSearch  # noqa: E402
+from llavaq.algorithms.m2 import IntegerScreen, RangeSearch, quantize_weight_int8  # noqa: E402
 
 
 def layer(tokens: int, seed: int = 0):
@@ -55,6 +58,47 @@ def oracle_work(sse: list[list[float]], margin: float) -> float:
             if total > best * (1 + margin):
                 break
     return parts / len(order)
+
+
+def operand_changes(screen: IntegerScreen, search: RangeSearch) -> tuple[list[float], list[float]]:
+    """Fraction of the activation and weight integers that differ from the previous threshold's."""
+    wq = torch.empty_like(screen.weight, dtype=torch.int8)
+    prev_q = prev_w = None
+    act, wgt = [], []
+    for th in search.grid:
+        s, q, _, _ = screen.quantize_act(search.cmx, search.cmn, th)
+        quantize_weight_int8(screen.weight, s, wq)
+        if prev_q is not None:
+            act.append((q != prev_q).float().mean().item())
+            wgt.append((wq != prev_w).float().mean().item())
+        prev_q, prev_w = q, wq.clone()
+    return act, wgt
+
+
+def gemm_share(screen: IntegerScreen, search: RangeSearch, th: float, repeat: int = 3) -> float:
+    """Share of one whole candidate's screening time spent in the int8 x int8 -> int32 products."""
+    act = screen.quantize_act(search.cmx, search.cmn, th)
+    wq = torch.empty_like(screen.weight, dtype=torch.int8)
+    quantize_weight_int8(screen.weight, act[0], wq)
+    part_w = [wq[rows].contiguous() for rows in screen._rows]
+    gemm = whole = math.inf
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for w in part_w:
+            torch._int_mm(act[1], w.t())
+        gemm = min(gemm, time.perf_counter() - t)
+        t = time.perf_counter()
+        act = screen.quantize_act(search.cmx, search.cmn, th)
+        for k in range(len(screen.parts)):
+            screen.part_sse(act, k)
+        whole = min(whole, time.perf_counter() - t)
+    return gemm / whole
+
+
+def _spread(v: list[float]) -> str:
+    v = sorted(v)
+    return " / ".join(f"{100 * v[int(f * (len(v) - 1))]:.2g} %" for f in (0.0, 0.5, 1.0)) + \
+        f" (mean {100 * sum(v) / len(v):.2g} %)"
 
 
 @torch.no_grad()
@@ -88,6 +132,14 @@ def main() -> None:
               f"(oracle order {oracle_work(sse, RangeSearch.MARGIN):.1f}, whole grid {len(search.grid)}), "
               f"{len(search.float_losses)} float forwards, threshold {search.grid[best]:.4g}")
         assert math.isclose(min(losses) / screen.tokens, min(search.int_losses.values()), rel_tol=1e-6)
+        share = gemm_share(screen, search, search.grid[best])
+        act, wgt = operand_changes(screen, search)
+        near = [i - 1 for i in range(1, len(losses)) if losses[i] <= lo * 1.1]  # changes into candidate i
+        print(f"  int8 GEMM {100 * share:.0f} % of a whole candidate's screening time "
+              f"(were it free: at most {1 / (1 - share):.1f}x faster); integers changed from one threshold "
+              f"to the next, min / median / max: activations {_spread(act)}, weights {_spread(wgt)}; "
+              f"into the {len(near)} candidates within 10 % of the best: activations "
+              f"{_spread([act[i] for i in near])}, weights {_spread([wgt[i] for i in near])}")
 
 
 if __name__ == "__main__":

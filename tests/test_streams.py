@@ -6,6 +6,7 @@ import gc
 import os
 import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,36 @@ def test_unsealed_generation_is_not_a_resume_point_and_corruption_is_a_clear_err
     lst.files[0].write_bytes(b"not a safetensors file")
     with pytest.raises(CacheError, match="corrupted calibration stream file"):
         lst[0]
+
+
+def test_seal_flushes_the_new_files_then_the_index_then_the_directory(tmp_path, monkeypatch):
+    """A sealed generation must be readable after a power cut: its tensor files reach the disk before its
+    index, and the directory (file names, links, the index's rename) after it."""
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store = StreamStore(tmp_path / "streams", budget_bytes=1 << 20)
+    first = store.begin(1)
+    s1 = Streams(fq=first.carry("fq", [torch.full((2, 4), float(j)) for j in range(3)]))
+    s1.carry_into(first)
+    first.seal(s1, 1)
+    index = next(i for i, p in enumerate(synced) if p.name.startswith(".streams.json.tmp"))
+    assert all(f in synced[:index] for f in s1.fq.files)  # every tensor file before the index
+    assert synced[-1] == first.path
+    # the next generation links the unchanged stream (flushed already) and flushes only its new file
+    synced.clear()
+    second = store.begin(2)
+    s2 = Streams(fq=s1.fq, flt=second.carry("flt", [torch.ones(3)]))
+    s2.carry_into(second)
+    second.seal(s2, 2)
+    flushed = {p for p in synced if p.suffix == ".safetensors" and not p.name.startswith(".")}
+    assert flushed == set(s2.flt.files) and len(s2.fq.files) == 3
+    assert synced[-1] == second.path
 
 
 # ------------------------------------------------------------------------------------------ calibration

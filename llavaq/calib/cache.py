@@ -45,7 +45,22 @@ def session_id(fingerprint: dict, samples_digest: str, calibration: dict) -> str
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (new names, renames) to the disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # file systems that cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temp file, flushed to the disk, renamed, and the rename flushed."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -53,6 +68,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
     except BaseException as e:  # Ctrl-C or a full disk: never leave the temp file behind
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):

@@ -15,8 +15,10 @@ is kept and the next layer reads the tensor back when it gets to that sample.  T
 not change (masks, captured vision features) are hard-linked into the next generation.
 
 :meth:`Generation.seal` writes the generation's index after the stage's record: the newest sealed
-generation is where an interrupted calibration resumes.  Older generations are deleted once the
-manifest lists the stage, and the whole directory when calibration is complete.
+generation is where an interrupted calibration resumes.  Sealing first flushes the generation's new
+files to the disk (``fsync``), then the index and the directory, so a sealed generation is readable
+after a power cut too.  Older generations are deleted once the manifest lists the stage, and the whole directory
+when calibration is complete.
 """
 
 from __future__ import annotations
@@ -71,6 +73,18 @@ def _write_tensor(path: Path, t: Tensor) -> None:
     t = t.detach().cpu().contiguous()
     try:
         save_file_streamed([("t", t)], path, specs=[TensorSpec.of("t", t)], durable=False)
+    except OSError as e:
+        raise CacheError(f"cannot write calibration stream file {path} ({e.strerror or e})") from None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a stream file's data to the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise CacheError(f"cannot write calibration stream file {path} ({e.strerror or e})") from None
 
@@ -164,6 +178,7 @@ class Generation:
     def __init__(self, store: StreamStore, n: int, path: Path) -> None:
         self.store, self.n, self.path = store, n, path
         self._keys: set[str] = set()
+        self.unsynced: list[Path] = []  # files written here and not yet flushed to the disk
 
     def new_list(self, key: str) -> StateList:
         """An empty stream in this generation; its files are named after ``key`` (made unique)."""
@@ -186,9 +201,13 @@ class Generation:
         return out
 
     def seal(self, streams: Streams, stages_done: int) -> None:
-        """Write the index (after every tensor file): this generation becomes the resume point."""
+        """Flush every tensor file to the disk, then write the index: this generation becomes the
+        resume point."""
         from llavaq.calib.cache import _atomic_save_tensors, _atomic_write_bytes
 
+        for path in self.unsynced:  # hard-linked files were flushed when their generation was sealed
+            _fsync(path)
+        self.unsynced.clear()
         small: dict[str, Tensor] = {f"positions.{j}": p for j, p in enumerate(streams.positions)}
         for key in ("m2", "feat_m2"):
             if getattr(streams, key) is not None:
@@ -201,6 +220,7 @@ class Generation:
                 raise ValueError(f"stream {name} is not stored in generation {self.n}")
             lists[name] = {"key": lst.key, "items": [None if f is None else f.name for f in lst.files]}
         index = {"stages_done": stages_done, "lists": lists, "positions": len(streams.positions)}
+        # written last and flushed with the directory: the files' names, the links and the index itself
         _atomic_write_bytes(self.path / INDEX, json.dumps(index).encode())
 
     def load(self) -> tuple[Streams, int]:
@@ -244,6 +264,7 @@ class StateList(Sequence):
             return
         path = self.generation.path / f"{self.key}.{len(self.files)}.safetensors"
         _write_tensor(path, t)
+        self.generation.unsynced.append(path)
         self._adopt(path, t)
 
     def _adopt(self, path: Path | None, t: Tensor | None = None) -> None:
@@ -260,6 +281,7 @@ class StateList(Sequence):
             os.link(src, dst)
         except OSError:  # no hard links on this file system
             shutil.copyfile(src, dst)
+            self.generation.unsynced.append(dst)
         self._adopt(dst, other._resident[j])
 
     def __len__(self) -> int:

@@ -1,6 +1,6 @@
 """Full-size scale benchmark: quantize a LLaVA-1.5-7B (and 13B) shaped checkpoint end to end on this machine.
 
-    python benchmarks/scale.py --size 7b [--workdir DIR] [--m2_search fast|full] [--keep]
+    python benchmarks/scale.py --size 7b [--workdir DIR] [--m2_search full|fast] [--keep]
 
 1. Builds a FULL-SIZE llava-1.5-{7b,13b}-hf checkpoint with the real config and seeded random fp16
    weights (N(0, 0.02); norms ~1 with a few outlier channels), tensor by tensor (bounded memory),
@@ -356,7 +356,8 @@ def main() -> None:
     ap.add_argument("--size", choices=["7b", "13b", "both", "smoke"], default="7b")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-scale")
     ap.add_argument("--images", type=Path, default=None, help="calibration photos (default: 2 from calibImages/)")
-    ap.add_argument("--m2_search", choices=["full", "fast"], default="fast")
+    ap.add_argument("--m2_search", choices=["full", "fast"], default="full",
+                    help="the m2 search to measure (default: full, llavaq's own default)")
     ap.add_argument("--keep", action="store_true", help="keep the quantized output and cache")
     ap.add_argument("--report", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     a = ap.parse_args()

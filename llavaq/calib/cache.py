@@ -45,18 +45,21 @@ def session_id(fingerprint: dict, samples_digest: str, calibration: dict) -> str
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _fsync_directory(path: Path) -> None:
-    """Flush a directory's entries (new names, renames) to the disk, where the platform allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
+def fsync_path(path: Path) -> None:
+    """Flush a written file's data, or a directory's entries, to the disk (raises ``OSError``)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # file systems that cannot fsync a directory
-        pass
     finally:
         os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    """:func:`fsync_path` of a directory, where the platform allows it."""
+    try:
+        fsync_path(path)
+    except OSError:  # Windows cannot open a directory; some file systems cannot fsync one
+        pass
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

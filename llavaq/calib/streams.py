@@ -33,6 +33,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from llavaq.calib.cache import _atomic_save_tensors, _atomic_write_bytes, fsync_path
 from llavaq.errors import CacheError
 from llavaq.formats.sharding import TensorSpec, save_file_streamed
 
@@ -80,11 +81,7 @@ def _write_tensor(path: Path, t: Tensor) -> None:
 def _fsync(path: Path) -> None:
     """Flush a stream file's data to the disk."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
     except OSError as e:
         raise CacheError(f"cannot write calibration stream file {path} ({e.strerror or e})") from None
 
@@ -203,8 +200,6 @@ class Generation:
     def seal(self, streams: Streams, stages_done: int) -> None:
         """Flush every tensor file to the disk, then write the index: this generation becomes the
         resume point."""
-        from llavaq.calib.cache import _atomic_save_tensors, _atomic_write_bytes
-
         for path in self.unsynced:  # hard-linked files were flushed when their generation was sealed
             _fsync(path)
         self.unsynced.clear()

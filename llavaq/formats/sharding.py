@@ -192,7 +192,8 @@ def save_file_streamed(tensors: Iterable[tuple[str, torch.Tensor]], path: Path,
                        durable: bool = True) -> int:
     """Stream ``tensors`` into one safetensors file (byte-identical to ``save_file``); return the data bytes.
 
-    ``durable=False`` skips the final fsync (files that only need to survive an interrupted process)."""
+    ``durable=False`` skips the final fsync (the caller flushes the file later, or it only needs to
+    survive an interrupted process)."""
     w = SafetensorsFileWriter(path, metadata, specs, durable)
     total = 0
     try:

@@ -275,8 +275,12 @@ def verify(
     prompts: Path = typer.Option(None, "--prompts", help="JSON list of {image, question} / text prompts."),
     text: Path = typer.Option(None, "--text", help="Held-out plain text for perplexity."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
-    max_ppl_increase: float = typer.Option(None, "--max-ppl-increase", help="Fail if Δppl % exceeds this."),
-    min_top1: float = typer.Option(None, "--min-top1", help="Fail if top-1 agreement (0..1) is below this."),
+    max_ppl_increase: float = typer.Option(None, "--max_ppl_increase", help="Exit 1 if the held-out perplexity "
+                                           "rises by more than this many percent."),
+    min_top1: float = typer.Option(None, "--min_top1", help="Exit 1 if top-1 agreement (0..1) on the held-out text "
+                                   "or on the answers to image prompts is below this (each must hold)."),
+    max_ppl_increase_alias: float = typer.Option(None, "--max-ppl-increase", hidden=True),
+    min_top1_alias: float = typer.Option(None, "--min-top1", hidden=True),
     mode: str = typer.Option("static", "--mode", help="static (as the kernels run the output); dynamic "
                              "(per-token activations) or weight_only (float activations): references that "
                              "separate what the static ranges and the int8 weights cost."),
@@ -284,6 +288,8 @@ def verify(
     """Measure W8A8 fidelity against the float model with integer-exact kernel emulation."""
     from llavaq.verify import run_verify
 
+    max_ppl_increase = max_ppl_increase if max_ppl_increase is not None else max_ppl_increase_alias
+    min_top1 = min_top1 if min_top1 is not None else min_top1_alias
     raise typer.Exit(run_verify(model_path, quantized, images=images, prompts=prompts, text=text,
                                 json_out=json_out, max_ppl_increase=max_ppl_increase, min_top1=min_top1,
                                 mode=mode, console=out))

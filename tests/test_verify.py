@@ -135,6 +135,15 @@ def test_verify_report_numbers(quantized, tiny_model, eval_set, calib_dir):
     assert rep.ppl_fp > 1 and rep.ppl_q > 1 and rep.text_tokens > 50
     assert 0.3 < rep.top1 <= 1.0 and 0.5 < rep.cosine <= 1.0 and rep.kl > 0
     assert all(0 <= p.top1 <= 1 and p.answer_tokens >= 1 for p in rep.prompts)
+    # image-prompt answers and text-only answers are pooled apart; together they are the prompts' share of top-1
+    img = [p for p in rep.prompts if p.image is not None]
+    assert rep.image_positions == sum(p.answer_tokens for p in img) and rep.text_prompt_positions == 4
+    assert rep.image_top1 == pytest.approx(sum(p.top1 * p.answer_tokens for p in img) / rep.image_positions)
+    assert rep.image_kl == pytest.approx(sum(p.kl * p.answer_tokens for p in img) / rep.image_positions)
+    assert rep.text_prompt_top1 == rep.prompts[2].top1 and rep.text_prompt_kl == pytest.approx(rep.prompts[2].kl)
+    n_all = rep.image_positions + rep.text_prompt_positions + rep.text_tokens
+    pooled = rep.image_top1 * rep.image_positions + rep.text_prompt_top1 * 4 + rep.text_top1 * rep.text_tokens
+    assert rep.top1 == pytest.approx(pooled / n_all)
     assert rep.worst_layers and rep.worst_layers[0].rel_mse >= rep.worst_layers[-1].rel_mse > 0
     assert rep.worst_layers[0].rel_mse < 0.1  # int8 error of one Linear, smoothing undone exactly
     # the dynamic per-token reference uses the same weights and is at least as close on the Linears
@@ -142,7 +151,12 @@ def test_verify_report_numbers(quantized, tiny_model, eval_set, calib_dir):
                  text=eval_set / "heldout.txt", answer_tokens=4, mode="dynamic")
     assert dyn.ppl_fp == rep.ppl_fp
     assert check_thresholds(rep, 1e9, 0.0) == []
-    assert len(check_thresholds(rep, -100.0, 1.01)) == 2
+    failed = check_thresholds(rep, -100.0, 1.01)  # perplexity, then held-out text and image answers each
+    assert len(failed) == 3 and "held-out text" in failed[1] and "image-prompt answers" in failed[2]
+    just_image = (rep.text_top1 + rep.image_top1) / 2 if rep.image_top1 < rep.text_top1 else None
+    if just_image is not None:  # a threshold between the two fails on the image answers alone
+        assert [m.split(" 0.")[0] for m in check_thresholds(rep, None, just_image)] == \
+            ["top-1 agreement on image-prompt answers"]
 
 
 def test_shared_float_reference_gives_the_same_report(quantized, tiny_model, eval_set, calib_dir):
@@ -169,14 +183,19 @@ def test_verify_cli_json_and_thresholds(quantized, tiny_model, eval_set, calib_d
     base = ["verify", "--model_path", str(tiny_model), "--quantized", str(res.save_directory),
             "--images", str(calib_dir), "--prompts", str(eval_set / "prompts.json"),
             "--text", str(eval_set / "heldout.txt"), "--json"]
-    r = CliRunner().invoke(app, base + ["--max-ppl-increase", "1000", "--min-top1", "0.1"])
+    r = CliRunner().invoke(app, base + ["--max_ppl_increase", "1000", "--min_top1", "0.1"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["ppl_increase_percent"] == pytest.approx((d["ppl_q"] / d["ppl_fp"] - 1) * 100)
     assert len(d["prompts"]) == 3 and d["worst_layers"]
-    r = CliRunner().invoke(app, base + ["--max-ppl-increase", "-50"])
-    assert r.exit_code == 1
-    assert "perplexity" in str(r.exception)
+    assert 0 <= d["image_top1"] <= 1 and d["image_kl"] >= 0 and d["image_positions"] > 0
+    for flag in ("--max_ppl_increase", "--max-ppl-increase"):  # the old spelling stays as a hidden alias
+        r = CliRunner().invoke(app, base + [flag, "-50"])
+        assert r.exit_code == 1
+        assert "perplexity" in str(r.exception)
+    r = CliRunner().invoke(app, base + ["--min-top1", "1.01"])
+    assert r.exit_code == 1 and "image-prompt answers" in str(r.exception)
+    assert "--max-ppl-increase" not in CliRunner().invoke(app, ["verify", "--help"]).output
     r = CliRunner().invoke(app, base + ["--mode", "weight_only"])
     assert r.exit_code == 0, r.output
     w = json.loads(r.stdout)

@@ -56,6 +56,8 @@ class ExportResult:
     extra: dict[str, Any] = field(default_factory=dict)
     #: Linears kept in float beyond the module preset (--float_linears / --keep_float), with their error
     kept_float: dict[str, float | None] = field(default_factory=dict)
+    #: --weight_method gptq: per Linear, relative output error on the calibration inputs, {"rtn": e, "gptq": e}
+    gptq_error: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def calibrate(
@@ -157,6 +159,11 @@ def export(
         raise CacheError(f"cache {cache.path} is incomplete (calibration was interrupted); run calibrate to resume")
     cached_recipe = QuantRecipe.from_dict(cache.manifest["recipe"])
     recipe = recipe or cached_recipe
+    if recipe.weight_method == "gptq" and not cached_recipe.input_moments:
+        raise CacheError(f"cache {cache.path} has no input moments, which --weight_method gptq needs (it was "
+                         "calibrated for round-to-nearest weights); run calibrate with --weight_method gptq")
+    # input moments are extra statistics: a cache that has them serves recipes that do not need them
+    recipe = recipe.replace(input_moments=cached_recipe.input_moments)
     derived = recipe.calibration_dict() != cached_recipe.calibration_dict()
     if derived:
         if recipe.anti_outlier not in ("none", "m1") or recipe.modules != cached_recipe.modules:
@@ -165,16 +172,22 @@ def export(
                 "--anti_outlier none|m1 with the same module set can be derived without a forward pass; "
                 "run calibrate with this recipe"
             )
-    recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived)
+    float_dtype = _float_dtype(recipe.float_dtype, fmt, arch.ckpt.torch_dtype, device_type)
+    recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=float_dtype)
     extra_record: dict[str, Any] = {"cache": str(cache.path)}
     if errors:
         extra_record["linear_errors"] = {n: errors[n] for n in recipe.float_linears if n in errors}
-    float_dtype = _float_dtype(recipe.float_dtype, fmt, arch.ckpt.torch_dtype, device_type)
+    gptq_report: dict[str, dict[str, float]] | None = None
+    if recipe.weight_method == "gptq":
+        gptq_report = {}
+        extra_record["gptq"] = {"damp": recipe.gptq_damp, "block_size": recipe.gptq_block_size,
+                                "act_order": recipe.gptq_act_order, "error": gptq_report}
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,
                         device_type=device_type, derived=derived, float_dtype=float_dtype,
                         extra_record=extra_record, planned_stream="quantized")
     with AtomicOutputDir(Path(save_directory), overwrite) as tmp:
-        tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype)
+        tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype,
+                                         gptq_report=gptq_report)
         info = fmt.write(tmp, tensors, ctx)
     out = Path(save_directory)
     files = sorted(p.name for p in out.iterdir())
@@ -182,7 +195,7 @@ def export(
     nq = len(arch.quantized_linears(recipe.modules, recipe.float_linears))
     return ExportResult(out, format, files, info.get("tensors", 0), size, nq, len(arch.linear_names) - nq,
                         derived, time.perf_counter() - t0, info,
-                        {n: errors.get(n) for n in recipe.float_linears})
+                        {n: errors.get(n) for n in recipe.float_linears}, gptq_report or {})
 
 
 def _diff(a: QuantRecipe, b: QuantRecipe) -> str:

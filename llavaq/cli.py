@@ -46,7 +46,7 @@ def _float_linears(value: str | None) -> tuple[str, ...]:
 
 def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: int, modules: str,
             m2_search: str, float_dtype: str, text_prompts: Path | None, keep_float: int = 0,
-            float_linears: str | None = None) -> QuantRecipe:
+            float_linears: str | None = None, **weight_options) -> QuantRecipe:
     prompts: tuple[str, ...] = ()
     if text_prompts is not None:
         from llavaq.calib.prompts import read_text_prompts
@@ -54,7 +54,14 @@ def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: i
         prompts = read_text_prompts(text_prompts)
     return QuantRecipe(w_bit=w_bit, a_bit=a_bit, anti_outlier=anti_outlier, alpha=alpha, act_method=act_method,
                        modules=modules, m2_search=m2_search, float_dtype=float_dtype, text_prompts=prompts,
-                       prompt=DEFAULT_PROMPT, keep_float=keep_float, float_linears=_float_linears(float_linears))
+                       prompt=DEFAULT_PROMPT, keep_float=keep_float, float_linears=_float_linears(float_linears),
+                       **_weight_options(**weight_options))
+
+
+def _weight_options(weight_method: str = "rtn", gptq_damp: float = 0.01, gptq_block_size: int = 128,
+                    gptq_act_order: str = "True") -> dict:
+    return {"weight_method": weight_method, "gptq_damp": gptq_damp, "gptq_block_size": gptq_block_size,
+            "gptq_act_order": _bool(gptq_act_order, "--gptq_act_order")}
 
 
 # Options shared by calibrate / quantize / export ------------------------------------------------
@@ -82,6 +89,13 @@ FloatDtype = typer.Option("auto", "--float_dtype", help="Dtype of float tensors 
                           "checkpoint dtype), or float16 | bfloat16 | float32.")
 TextPrompts = typer.Option(None, "--text_prompts", help="JSON list or text file (one per line) of text-only "
                            "calibration prompts, added after the image samples.")
+WeightMethod = typer.Option("rtn", "--weight_method", help="int8 weight codes: rtn (round to nearest, msModelSlim) "
+                            "or gptq (error-compensated on the same grid, from input moments recorded at "
+                            "calibration; export-time: one gptq calibration serves both).")
+GptqDamp = typer.Option(0.01, "--gptq_damp", help="GPTQ dampening: fraction of the mean Hessian diagonal added to it.")
+GptqBlock = typer.Option(128, "--gptq_block_size", help="GPTQ columns per lazy update (speed only).")
+GptqActOrder = typer.Option("True", "--gptq_act_order", help="GPTQ: quantize input columns in decreasing order of "
+                            "their activation power (True/False).")
 CacheDir = typer.Option(None, "--cache_dir", help="Session cache root (default $LLAVAQ_CACHE_DIR or ~/.cache/llavaq).")
 StreamMemory = typer.Option(None, "--stream_memory_gb",
                             help="GB of RAM for the calibration samples' hidden states between layers; beyond it "
@@ -120,12 +134,20 @@ def _print_export(res, peak_rss: bool = True) -> None:
     t.add_row("float Linears", str(res.float_modules))
     for name, e in res.kept_float.items():
         t.add_row("  kept float", name + (f" (W8A8 rel. error {e:.1e})" if e is not None else ""))
+    if res.gptq_error:
+        t.add_row("weights", _gptq_line(res.gptq_error))
     t.add_row("tensors", str(res.num_tensors))
     t.add_row("output size", f"{res.bytes_written / 2**20:.1f} MiB in {len(res.files)} files")
     t.add_row("export time", f"{res.seconds:.1f}s")
     if peak_rss:
         t.add_row("peak RSS", f"{_peak_rss_mib():.0f} MiB")
     out.print(t)
+
+
+def _gptq_line(errors: dict[str, dict[str, float]]) -> str:
+    from llavaq.inspect import gptq_summary
+
+    return gptq_summary(errors)
 
 
 def _peak_rss_mib() -> float:
@@ -162,6 +184,10 @@ def quantize(
     text_prompts: Path = TextPrompts,
     keep_float: int = KeepFloat,
     float_linears: str = FloatLinears,
+    weight_method: str = WeightMethod,
+    gptq_damp: float = GptqDamp,
+    gptq_block_size: int = GptqBlock,
+    gptq_act_order: str = GptqActOrder,
     cache_dir: Path = CacheDir,
     stream_memory_gb: float = StreamMemory,
     overwrite: bool = Overwrite,
@@ -170,7 +196,8 @@ def quantize(
     from llavaq import api
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts,
-                     keep_float, float_linears)
+                     keep_float, float_linears, weight_method=weight_method, gptq_damp=gptq_damp,
+                     gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order)
     trust = _bool(trust_remote_code, "--trust_remote_code")
     fmt = format or ("mindie" if mindie_format else "msmodelslim")
     _device_line(device_type)
@@ -206,12 +233,15 @@ def calibrate(
     modules: str = Modules,
     m2_search: str = M2Search,
     text_prompts: Path = TextPrompts,
+    weight_method: str = typer.Option("rtn", "--weight_method", help="gptq: also record the input moments GPTQ "
+                                      "needs, so exports can use --weight_method gptq (and rtn)."),
     stream_memory_gb: float = StreamMemory,
 ) -> None:
     """Run calibration once and store the session cache (resumes if interrupted)."""
     from llavaq import api
 
-    recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, "auto", text_prompts)
+    recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, "auto", text_prompts,
+                     weight_method=weight_method)
     _device_line(device_type)
     with _progress() as progress:
         cal = api.calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
@@ -235,6 +265,10 @@ def export(
     float_dtype: str = FloatDtype,
     keep_float: int = KeepFloat,
     float_linears: str = FloatLinears,
+    weight_method: str = WeightMethod,
+    gptq_damp: float = GptqDamp,
+    gptq_block_size: int = GptqBlock,
+    gptq_act_order: str = GptqActOrder,
     device_type: str = typer.Option("cpu", "--device_type", help="Target device: recorded in MindIE's "
                                     "quantization_config; with --float_dtype auto, npu keeps the checkpoint dtype."),
     trust_remote_code: str = TrustRemote,
@@ -246,7 +280,8 @@ def export(
 
     sc = SessionCache.load(cache)
     recipe = QuantRecipe.from_dict(sc.manifest["recipe"]).replace(
-        float_dtype=float_dtype, keep_float=keep_float, float_linears=_float_linears(float_linears))
+        float_dtype=float_dtype, keep_float=keep_float, float_linears=_float_linears(float_linears),
+        **_weight_options(weight_method, gptq_damp, gptq_block_size, gptq_act_order))
     if anti_outlier is not None:
         recipe = recipe.replace(anti_outlier=anti_outlier, alpha=alpha)
     res = api.export(model_path, sc, save_directory, format=format, recipe=recipe, part_file_size=part_file_size,

@@ -39,6 +39,16 @@ def outlier_channels(mn: torch.Tensor, mx: torch.Tensor, factor: float = OUTLIER
     return [int(i) for i in (amax > factor * med).nonzero().flatten()] if med > 0 else []
 
 
+def gptq_summary(errors: dict[str, dict[str, float]]) -> str:
+    """One line: how much GPTQ lowered the Linears' output error on the calibration inputs vs rounding to nearest."""
+    ratios = sorted(e["gptq"] / e["rtn"] for e in errors.values() if e.get("rtn"))
+    if not ratios:
+        return "GPTQ (no Linear measured)"
+    med = ratios[len(ratios) // 2]
+    return (f"GPTQ: output error on the calibration inputs {(1 - med) * 100:.0f} % below round-to-nearest "
+            f"(median of {len(ratios)} Linears; {(1 - ratios[-1]) * 100:.0f}–{(1 - ratios[0]) * 100:.0f} %)")
+
+
 # ---------------------------------------------------------------------------------- cache statistics
 def cache_statistics(cache_path: Path) -> dict[str, Any]:
     """Per-Linear activation params, clipping ratios and outliers, and per-group smoothing stats.
@@ -103,6 +113,8 @@ def cache_statistics(cache_path: Path) -> dict[str, Any]:
                 if first and f"float.{first}.min" in rec:
                     g["outlier_channels"] = outlier_channels(rec[f"float.{first}.min"], rec[f"float.{first}.max"])
                 groups.append(g)
+    moments = {k[len("hess."): -len(".cov")]: rec[k].numel() * rec[k].element_size()
+               for rec in records.values() for k in rec if k.startswith("hess.") and k.endswith(".cov")}
     problems = []
     if not cache.complete:
         problems.append(f"{cache.path / 'manifest.json'}: calibration is incomplete "
@@ -113,7 +125,7 @@ def cache_statistics(cache_path: Path) -> dict[str, Any]:
         elif d["input_offset"] != round(d["input_offset"]) or not -128 <= d["input_offset"] <= 127:
             problems.append(f"{cache.stage_file(d['stage']).name}: act.{lin}.input_offset is not an int8 value")
     return {"manifest": man, "linears": linears, "groups": groups, "problems": problems,
-            "model_found": arch is not None}
+            "model_found": arch is not None, "input_moments": {"inputs": len(moments), "bytes": sum(moments.values())}}
 
 
 # ---------------------------------------------------------------------------------- reports
@@ -131,6 +143,8 @@ def inspect_output(path: Path) -> dict[str, Any]:
         except LlavaqError:
             stats = None
     layers = []
+    gptq = rec.get("gptq") if isinstance(rec.get("gptq"), dict) else None
+    gptq_errors = (gptq or {}).get("error") or {}
     problems: list[str] = view.check()
     for name in view.quantized:
         try:
@@ -142,6 +156,9 @@ def inspect_output(path: Path) -> dict[str, Any]:
         ws = lv.weight_scale.float()
         row = {"name": name, "weight_scale_min": _f(float(ws.min())), "weight_scale_max": _f(float(ws.max())),
                "input_scale": _f(float(lv.input_scale.item())), "input_offset": _f(float(lv.input_offset.item()))}
+        err = gptq_errors.get(name)
+        if err:
+            row["weight_error_rtn"], row["weight_error_gptq"] = _f(err["rtn"]), _f(err["gptq"])
         cs = (stats or {}).get("linears", {}).get(name) if stats else None
         if cs and not rec.get("derived_from_cache"):
             if "clip_ratio" in cs:
@@ -160,6 +177,9 @@ def inspect_output(path: Path) -> dict[str, Any]:
         "model": model,
         "recipe": rec.get("recipe") or cfg.get("quantization_config"),
         "derived_from_cache": rec.get("derived_from_cache"),
+        "weight_method": (rec.get("recipe") or {}).get("weight_method", "rtn") if rec else None,
+        "gptq": {k: v for k, v in gptq.items() if k != "error"} if gptq else None,
+        "gptq_summary": gptq_summary(gptq_errors) if gptq_errors else None,
         "files": sorted(p.name for p in path.iterdir() if p.is_file()),
         "quantized": list(view.quantized),
         "float_modules": view.float_modules,
@@ -189,6 +209,7 @@ def inspect_cache(path: Path) -> dict[str, Any]:
         "quantized": [row["name"] for row in layers],
         "layers": layers,
         "smoothing": [{k: _f(v) for k, v in g.items()} for g in stats["groups"]],
+        "input_moments": stats["input_moments"],
         "problems": stats["problems"],
         "ok": not stats["problems"],
     }
@@ -229,23 +250,36 @@ def _render(rep: dict[str, Any], console: Console) -> None:
     head.add_row("model", str(rep["model"]))
     r = rep.get("recipe")
     if isinstance(r, dict):
-        keys = ("anti_outlier", "alpha", "act_method", "modules", "m2_search", "float_dtype", "w_bit", "a_bit")
+        keys = ("anti_outlier", "alpha", "act_method", "modules", "m2_search", "weight_method", "float_dtype", "w_bit",
+                "a_bit")
         head.add_row("recipe", ", ".join(f"{k}={r[k]}" for k in keys if k in r)
                      + (" (derived from cached float statistics)" if rep.get("derived_from_cache") else ""))
+    if rep.get("gptq_summary"):
+        g = rep.get("gptq") or {}
+        head.add_row("weights", f"{rep['gptq_summary']}; damp {g.get('damp')}, block {g.get('block_size')}, "
+                                f"act_order {g.get('act_order')}")
+    im = rep.get("input_moments")
+    if im and im.get("inputs"):
+        head.add_row("input moments (GPTQ)", f"{im['inputs']} Linear inputs, {im['bytes'] / 2**20:.1f} MiB")
     head.add_row("quantized Linears (W8A8)", str(len(rep["quantized"])))
     if "float_modules" in rep:
         fm = rep["float_modules"]
         head.add_row("float modules", f"{len(fm)}: " + ", ".join(sorted({_short(m) for m in fm})))
     console.print(head)
     t = Table(title="quantized Linears")
-    for col in ("Linear", "w_scale min", "w_scale max", "input_scale", "input_offset", "clip ratio", "outliers"):
+    has_gptq = any("weight_error_gptq" in row for row in rep["layers"])
+    cols = ["Linear", "w_scale min", "w_scale max", "input_scale", "input_offset", "clip ratio", "outliers"]
+    for col in cols + (["weight error rtn → gptq"] if has_gptq else []):
         t.add_column(col, justify="left" if col == "Linear" else "right", no_wrap=col == "Linear")
     for row in rep["layers"]:
         oc = row.get("outlier_channels")
-        t.add_row(_display(row["name"]), _num(row.get("weight_scale_min")), _num(row.get("weight_scale_max")),
-                  _num(row.get("input_scale")), _num(row.get("input_offset"), "g"),
-                  _num(row.get("clip_ratio"), ".3f"),
-                  "–" if oc is None else f"{len(oc)}" + (f" {oc[:4]}" if oc else ""))
+        cells = [_display(row["name"]), _num(row.get("weight_scale_min")), _num(row.get("weight_scale_max")),
+                 _num(row.get("input_scale")), _num(row.get("input_offset"), "g"),
+                 _num(row.get("clip_ratio"), ".3f"),
+                 "–" if oc is None else f"{len(oc)}" + (f" {oc[:4]}" if oc else "")]
+        if has_gptq:
+            cells.append(f"{_num(row.get('weight_error_rtn'), '.2e')} → {_num(row.get('weight_error_gptq'), '.2e')}")
+        t.add_row(*cells)
     console.print(t)
     if rep.get("smoothing"):
         s = Table(title="smoothing (per group)")

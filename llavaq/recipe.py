@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from llavaq.errors import LlavaqError
 
@@ -18,6 +18,7 @@ ANTI_OUTLIER_METHODS = ("m2", "m1", "none")
 ACT_METHODS = {1: "minmax", 2: "histogram"}
 MODULE_PRESETS = ("msmodelslim", "with_down_proj", "language_only")
 M2_SEARCH_MODES = ("full", "fast", "exhaustive")
+WEIGHT_METHODS = ("rtn", "gptq")
 FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEFAULT_PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 
@@ -46,6 +47,15 @@ class QuantRecipe:
     float_linears: tuple[str, ...] = field(default_factory=tuple)
     #: Also keep the N quantized Linears with the largest W8A8 error on the cached activation rows in float.
     keep_float: int = 0
+    #: How int8 weight codes are chosen on the per-row grid: "rtn" (round to nearest, msModelSlim) or "gptq"
+    #: (error-compensated, from the cached input moments). Export-time: one calibration serves both.
+    weight_method: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = True
+    #: Record each quantized Linear's input moments (the Hessian GPTQ needs) in the session cache.
+    #: Calibration-time; implied by ``weight_method="gptq"``.
+    input_moments: bool = False
 
     def __post_init__(self) -> None:
         if self.w_bit != 8 or self.a_bit != 8:
@@ -73,6 +83,15 @@ class QuantRecipe:
             raise LlavaqError(f"--m2_search must be one of {', '.join(M2_SEARCH_MODES)}")
         if self.float_dtype not in FLOAT_DTYPES:
             raise LlavaqError(f"--float_dtype must be one of {', '.join(FLOAT_DTYPES)}")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise LlavaqError(f"--weight_method must be one of {', '.join(WEIGHT_METHODS)}, not {self.weight_method!r}")
+        if not 0.0 <= float(self.gptq_damp) <= 1.0:
+            raise LlavaqError(f"--gptq_damp must be in [0, 1] (a fraction of the mean Hessian diagonal), "
+                              f"not {self.gptq_damp}")
+        if int(self.gptq_block_size) < 1:
+            raise LlavaqError(f"--gptq_block_size must be >= 1, not {self.gptq_block_size}")
+        if self.weight_method == "gptq":
+            object.__setattr__(self, "input_moments", True)
         if self.keep_float < 0:
             raise LlavaqError(f"--keep_float must be >= 0, not {self.keep_float}")
         object.__setattr__(self, "float_linears", tuple(self.float_linears))
@@ -108,10 +127,14 @@ class QuantRecipe:
     #: Fields that change what the calibration pass computes (and so key the session cache).
     CALIBRATION_FIELDS = ("anti_outlier", "act_method", "modules", "m2_search", "prompt", "text_prompts",
                           "activation_sample_tokens")
+    #: Calibration fields added after caches existed: part of the key only when not at their default, so the
+    #: session caches of earlier recipes keep their ids.
+    OPTIONAL_CALIBRATION_FIELDS: ClassVar[dict[str, Any]] = {"input_moments": False}
 
     def calibration_dict(self) -> dict[str, Any]:
         d = self.to_dict()
         out = {k: d[k] for k in self.CALIBRATION_FIELDS}
+        out.update({k: d[k] for k, default in self.OPTIONAL_CALIBRATION_FIELDS.items() if d[k] != default})
         if self.anti_outlier == "m1":
             out["alpha"] = self.alpha
         return out

@@ -31,8 +31,12 @@ def w8a8_relative_error(
     input_offset: Tensor,
     scale: Tensor | None = None,
     shift: Tensor | None = None,
+    codes: Tensor | None = None,
 ) -> float:
-    """``‖ŷ − y‖² / ‖y‖²`` of one W8A8 Linear on float input rows (see the module docstring)."""
+    """``‖ŷ − y‖² / ‖y‖²`` of one W8A8 Linear on float input rows (see the module docstring).
+
+    ``codes``: the int8 weight codes to use on the per-row grid (GPTQ); default round to nearest.
+    """
     x = rows.float()
     if shift is not None:
         x = x - shift.float()
@@ -41,7 +45,8 @@ def w8a8_relative_error(
     w = weight.float()
     y = x @ w.T
     xq = fake_quant_activation(x, input_scale.float().reshape(1), input_offset.float().reshape(1))
-    yq = xq @ fake_quant_weight(w, weight_qparams(w)).T
+    ws = weight_qparams(w)
+    yq = xq @ (fake_quant_weight(w, ws) if codes is None else codes.float() * ws).T
     if bias is not None:
         y = y + bias.float()
         yq = yq + bias.float()

@@ -227,8 +227,11 @@ class CalibrationEngine:
         n_stream = len(s.fq) if stage.kind != "projector" else len(s.feat_fq)
         self.progress.sub(stage.name, total=n_stream * 2 + (1 if groups and self.recipe.anti_outlier == "m2" else 0))
 
-        # 1. float statistics on the original layer (all samples)
-        rec = InputRecorder(linears, self.rows_per_call)
+        # 1. float statistics on the original layer (all samples); input moments for GPTQ if asked
+        moments_for = sorted({self.arch.shared_inputs(stage)[n][len(stage.prefix):]
+                              for n in self.quantized if n.startswith(stage.prefix)}) \
+            if self.recipe.input_moments else ()
+        rec = InputRecorder(linears, self.rows_per_call, moments_for)
         src = s.feat_flt if stage.kind == "projector" else s.flt
         out = gen.new_list("feat_flt" if stage.kind == "projector" else "flt")
         for j, h in enumerate(src):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llavaq.algorithms.hessian import InputMoments
 from llavaq.calib.observers import make_observer
 from llavaq.quant.int8 import activation_qparams, fake_quant_activation, fake_quant_weight, weight_qparams
 
@@ -44,11 +45,14 @@ class InputRecorder:
 
     Each call is one calibration sample, so the per-tensor min/max of every call is kept too
     (``float.<linear>.sample_min`` / ``.sample_max`` [samples]): which samples set a Linear's
-    activation range (image prompts vs text-only prompts).
+    activation range (image prompts vs text-only prompts). For the Linears named in ``moments_for`` the
+    input moments GPTQ needs are accumulated over every token (``hess.<linear>.n/mean/cov``,
+    :mod:`llavaq.algorithms.hessian`).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], rows_per_call: int) -> None:
+    def __init__(self, modules: dict[str, nn.Module], rows_per_call: int, moments_for=()) -> None:
         self.rows_per_call = rows_per_call
+        self.moments = {name: InputMoments() for name in moments_for}
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.sample_min: dict[str, list[torch.Tensor]] = {}
@@ -67,6 +71,8 @@ class InputRecorder:
             else:
                 s["min"] = torch.minimum(s["min"], mn)
                 s["max"] = torch.maximum(s["max"], mx)
+            if name in self.moments:
+                self.moments[name].update(x)
             if self.rows_per_call > 0:
                 k = min(self.rows_per_call, x.shape[0])
                 idx = torch.linspace(0, x.shape[0] - 1, k).round().long()
@@ -87,6 +93,9 @@ class InputRecorder:
             out[f"float.{name}.sample_max"] = torch.stack(self.sample_max[name])
             if name in self.rows:
                 out[f"float.{name}.rows"] = torch.cat(self.rows[name])
+        for name, m in self.moments.items():
+            if m.n:
+                out.update({f"hess.{name}.{k}": v for k, v in m.to_tensors().items()})
         return out
 
 

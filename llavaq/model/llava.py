@@ -171,6 +171,14 @@ class LlavaArch:
             ]
         return []
 
+    def shared_inputs(self, stage: Stage) -> dict[str, str]:
+        """Each Linear of ``stage`` -> the Linear whose input it reads (the first of its smoothing group, else
+        itself): Linears that share an input share its statistics (activation rows, input moments)."""
+        key = {n: n for n in self.linear_names if n.startswith(stage.prefix)}
+        for g in self.smooth_groups(stage):
+            key.update({n: g.linears[0] for n in g.linears})
+        return key
+
     def stages(self) -> list[Stage]:
         out = [Stage("vision_layer", i, f"{VISION}encoder.layers.{i}.") for i in range(self.n_vision_layers)]
         out.append(Stage("projector", 0, PROJECTOR))

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from llavaq.algorithms.gptq import GPTQOptions, gptq_codes, prepare_hessian, weighted_error
+from llavaq.algorithms.hessian import InputMoments, smoothed_hessian
 from llavaq.algorithms.sensitivity import most_sensitive, w8a8_relative_error
 from llavaq.algorithms.smoothing import fold_scale, fold_shift, smoothquant_group
 from llavaq.calib.cache import SessionCache
@@ -57,10 +59,11 @@ class LinearQuant:
 
 def quantize_linear(
     w: torch.Tensor, b: torch.Tensor | None, input_scale: torch.Tensor, input_offset: torch.Tensor,
-    scale_dtype: torch.dtype,
+    scale_dtype: torch.dtype, codes: torch.Tensor | None = None,
 ) -> LinearQuant:
+    """The kernel tensors of one Linear; ``codes`` (int8, e.g. from GPTQ on the same grid) replace rounding."""
     ws = weight_qparams(w).to(scale_dtype)
-    wq = quantize_weight(w, ws.float())
+    wq = quantize_weight(w, ws.float()) if codes is None else codes
     input_scale = input_scale.reshape(1).float()
     input_offset = input_offset.reshape(1).float()
     deq = (input_scale * ws.float()).squeeze(1).float()
@@ -127,6 +130,52 @@ def plan_stage(
     return plan
 
 
+def input_smoothing(arch: LlavaArch, stage: Stage, plan: StagePlan
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Linear -> the (scale, shift) its input is smoothed with under ``plan`` (Linears of smoothed groups only)."""
+    out = {}
+    for g in arch.smooth_groups(stage):
+        if g.name in plan.smooth:
+            out.update({n: plan.smooth[g.name] for n in g.linears})
+    return out
+
+
+def gptq_stage(
+    arch: LlavaArch, stage: Stage, record: dict[str, torch.Tensor], plan: StagePlan,
+    weights: dict[str, torch.Tensor], names: list[str], recipe: QuantRecipe, scale_dtype: torch.dtype,
+    report: dict[str, dict[str, float]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """GPTQ int8 codes of a stage's quantized Linears (smoothing already folded into ``weights``).
+
+    Each input's Hessian is derived from the cached moments under the plan's smoothing and factorised once
+    for the Linears that share it. ``report`` gets each Linear's relative output error on the calibration
+    inputs with round-to-nearest and with GPTQ (``tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ)``).
+    """
+    options = GPTQOptions(recipe.gptq_damp, recipe.gptq_block_size, recipe.gptq_act_order)
+    shared = arch.shared_inputs(stage)
+    smoothing = input_smoothing(arch, stage, plan)
+    prepared: dict[str, tuple[torch.Tensor, object]] = {}
+    codes = {}
+    for name in names:
+        key = shared[name]
+        if key not in prepared:
+            parts = [record.get(f"hess.{key}.{k}") for k in ("n", "mean", "cov")]
+            if any(t is None for t in parts):
+                raise CacheError(f"the session cache has no input moments for {key}; calibrate with "
+                                 "--weight_method gptq to record them")
+            scale, shift = smoothing.get(name, (None, None))
+            h = smoothed_hessian(InputMoments.from_tensors(*parts), scale, shift)
+            prepared[key] = (h, prepare_hessian(h, options))
+        h, prep = prepared[key]
+        w = weights[name + ".weight"]
+        ws = weight_qparams(w).to(scale_dtype).float()
+        codes[name] = gptq_codes(w, ws, prep, options)
+        if report is not None:
+            report[name] = {"rtn": weighted_error(w, quantize_weight(w, ws).float() * ws, h),
+                            "gptq": weighted_error(w, codes[name].float() * ws, h)}
+    return codes
+
+
 def apply_smoothing(arch: LlavaArch, stage: Stage, weights: dict[str, torch.Tensor], plan: StagePlan) -> None:
     """Fold the plan's smoothing into a stage's float tensors, in calibration's operation order."""
     for g in arch.smooth_groups(stage):
@@ -147,24 +196,35 @@ class ModuleTensors:
     params: list[str]
     tensors: dict[str, torch.Tensor]  # full parameter name -> float32 tensor
     act: ActivationParams | None
+    codes: torch.Tensor | None = None  # int8 weight codes chosen by GPTQ (None: round to nearest)
 
 
 def iter_modules(
-    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False
+    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False,
+    scale_dtype: torch.dtype | None = None, gptq_report: dict[str, dict[str, float]] | None = None,
 ) -> Iterator[ModuleTensors]:
-    """Walk modules in ``named_modules`` order, re-reading each layer once and folding its smoothing."""
+    """Walk modules in ``named_modules`` order, re-reading each layer once and folding its smoothing.
+
+    With ``recipe.weight_method == "gptq"`` each quantized Linear also gets its GPTQ codes on the grid of
+    ``scale_dtype`` weight scales (default: the checkpoint dtype).
+    """
     ckpt = arch.ckpt
     quantized = set(arch.quantized_linears(recipe.modules, recipe.float_linears))
     stages = arch.stages()
     cur_stage: Stage | None = None
     weights: dict[str, torch.Tensor] = {}
     plan = StagePlan()
+    codes: dict[str, torch.Tensor] = {}
     for module, _cls, params in arch.parameter_order(m2_wrapped=recipe.anti_outlier == "m2"):
         st = next((s for s in stages if module.startswith(s.prefix)), None)
         if st is not None and st is not cur_stage:
             weights = {st.prefix + k: v for k, v in ckpt.tensors(st.prefix).items()}
-            plan = plan_stage(arch, st, cache.read_stage(st.name), recipe, derive, quantized, weights)
+            record = cache.read_stage(st.name)
+            plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
             apply_smoothing(arch, st, weights, plan)
+            names = [n for n in arch.linear_names if n in quantized and n.startswith(st.prefix)]
+            codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or ckpt.torch_dtype,
+                               gptq_report) if recipe.weight_method == "gptq" and names else {}
             cur_stage = st
         tensors = {}
         for p in params:
@@ -175,7 +235,8 @@ def iter_modules(
                 tensors[name] = arch.lm_head_weight()
             else:
                 tensors[name] = ckpt.tensor(name)
-        yield ModuleTensors(module, params, tensors, plan.acts.get(module) if module in quantized else None)
+        yield ModuleTensors(module, params, tensors, plan.acts.get(module) if module in quantized else None,
+                            codes.get(module))
 
 
 def iter_quantized_tensors(
@@ -185,13 +246,14 @@ def iter_quantized_tensors(
     *,
     derive: bool = False,
     float_dtype: torch.dtype | None = None,
+    gptq_report: dict[str, dict[str, float]] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Yield ``(name, tensor, "W8A8"|"FLOAT")`` in msModelSlim's save order (``named_modules`` order)."""
     out_dtype = float_dtype or arch.ckpt.torch_dtype
-    for m in iter_modules(arch, cache, recipe, derive=derive):
+    for m in iter_modules(arch, cache, recipe, derive=derive, scale_dtype=out_dtype, gptq_report=gptq_report):
         if m.act is not None:
             w, b = m.tensors[m.module + ".weight"], m.tensors.get(m.module + ".bias")
-            lq = quantize_linear(w, b, m.act.input_scale, m.act.input_offset, out_dtype)
+            lq = quantize_linear(w, b, m.act.input_scale, m.act.input_offset, out_dtype, m.codes)
             yield m.module + ".weight", lq.weight, W8A8
             if lq.bias is not None:
                 yield m.module + ".bias", lq.bias.to(out_dtype), FLOAT
@@ -258,21 +320,24 @@ def iter_float_tensors(
     does (smoothing is an exact re-parametrisation up to float rounding).
     """
     out_dtype = float_dtype or arch.ckpt.torch_dtype
-    for m in iter_modules(arch, cache, recipe, derive=derive):
+    for m in iter_modules(arch, cache, recipe if dequantize else recipe.replace(weight_method="rtn"),
+                          derive=derive, scale_dtype=out_dtype):
         for name, t in m.tensors.items():
             if dequantize and m.act is not None and name == m.module + ".weight":
                 ws = weight_qparams(t).to(out_dtype).float()
-                t = quantize_weight(t, ws).float() * ws
+                t = (quantize_weight(t, ws) if m.codes is None else m.codes).float() * ws
             yield name, t.to(out_dtype).contiguous().clone()
 
 
 def linear_errors(
-    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False
+    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False,
+    scale_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """W8A8 relative output error of every Linear of the module preset, on the cached activation rows.
 
-    One pass over the float weights, no forward pass (:mod:`llavaq.algorithms.sensitivity`). Linears
-    without cached rows (a cache made with ``activation_sample_tokens=0``) are left out.
+    One pass over the float weights, no forward pass (:mod:`llavaq.algorithms.sensitivity`); with
+    ``weight_method="gptq"`` the Linears carry their GPTQ weights. Linears without cached rows (a cache made
+    with ``activation_sample_tokens=0``) are left out.
     """
     ordered = arch.quantized_linears(recipe.modules)
     quantized = set(ordered)
@@ -285,21 +350,18 @@ def linear_errors(
         weights = {st.prefix + k: v for k, v in arch.ckpt.tensors(st.prefix).items()}
         plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
         apply_smoothing(arch, st, weights, plan)
-        rows_key: dict[str, str] = {}
-        smooth: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for g in arch.smooth_groups(st):
-            for n in g.linears:
-                rows_key[n] = g.linears[0]  # Linears of a group share their input: one copy of the rows
-                if g.name in plan.smooth:
-                    smooth[n] = plan.smooth[g.name]
+        codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or arch.ckpt.torch_dtype) \
+            if recipe.weight_method == "gptq" else {}
+        rows_key = arch.shared_inputs(st)  # Linears that share an input share one copy of its rows
+        smooth = input_smoothing(arch, st, plan)
         for name in names:
-            rows = record.get(f"float.{rows_key.get(name, name)}.rows")
+            rows = record.get(f"float.{rows_key[name]}.rows")
             if rows is None or not rows.numel():
                 continue
             scale, shift = smooth.get(name, (None, None))
             act = plan.acts[name]
             errors[name] = w8a8_relative_error(rows, weights[name + ".weight"], weights.get(name + ".bias"),
-                                               act.input_scale, act.input_offset, scale, shift)
+                                               act.input_scale, act.input_offset, scale, shift, codes.get(name))
     return errors
 
 
@@ -312,7 +374,8 @@ def check_float_linears(arch: LlavaArch, names: tuple[str, ...]) -> None:
 
 
 def resolve_float_linears(
-    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False
+    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False,
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[QuantRecipe, dict[str, float]]:
     """The recipe with ``float_linears`` = the explicit names ∪ the ``keep_float`` most sensitive Linears.
 
@@ -322,7 +385,7 @@ def resolve_float_linears(
     check_float_linears(arch, recipe.float_linears)
     if recipe.keep_float == 0:
         return recipe, {}
-    errors = linear_errors(arch, cache, recipe, derive=derive)
+    errors = linear_errors(arch, cache, recipe, derive=derive, scale_dtype=scale_dtype)
     if not errors:
         raise CacheError("--keep_float needs the cached activation rows, and this cache has none "
                          "(calibrated with activation_sample_tokens=0)")

@@ -58,9 +58,10 @@ def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: i
                        **_weight_options(**weight_options))
 
 
-def _weight_options(weight_method: str = "rtn", gptq_damp: float = 0.01, gptq_block_size: int = 128,
-                    gptq_act_order: str = "True") -> dict:
-    return {"weight_method": weight_method, "gptq_damp": gptq_damp, "gptq_block_size": gptq_block_size,
+def _weight_options(smooth_vo: bool = False, weight_method: str = "rtn", gptq_damp: float = 0.01,
+                    gptq_block_size: int = 128, gptq_act_order: str = "True") -> dict:
+    return {"smooth_vo": smooth_vo, "weight_method": weight_method, "gptq_damp": gptq_damp,
+            "gptq_block_size": gptq_block_size,
             "gptq_act_order": _bool(gptq_act_order, "--gptq_act_order")}
 
 
@@ -89,6 +90,8 @@ FloatDtype = typer.Option("auto", "--float_dtype", help="Dtype of float tensors 
                           "checkpoint dtype), or float16 | bfloat16 | float32.")
 TextPrompts = typer.Option(None, "--text_prompts", help="JSON list or text file (one per line) of text-only "
                            "calibration prompts, added after the image samples.")
+SmoothVO = typer.Option(False, "--smooth_vo", help="Also smooth v_proj -> o_proj (CLIP out_proj) and, with "
+                        "--modules with_down_proj, up_proj -> down_proj (m1: its alpha; m2: searched per group).")
 WeightMethod = typer.Option("rtn", "--weight_method", help="int8 weight codes: rtn (round to nearest, msModelSlim) "
                             "or gptq (error-compensated on the same grid, from input moments recorded at "
                             "calibration; export-time: one gptq calibration serves both).")
@@ -184,6 +187,7 @@ def quantize(
     text_prompts: Path = TextPrompts,
     keep_float: int = KeepFloat,
     float_linears: str = FloatLinears,
+    smooth_vo: bool = SmoothVO,
     weight_method: str = WeightMethod,
     gptq_damp: float = GptqDamp,
     gptq_block_size: int = GptqBlock,
@@ -196,8 +200,8 @@ def quantize(
     from llavaq import api
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts,
-                     keep_float, float_linears, weight_method=weight_method, gptq_damp=gptq_damp,
-                     gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order)
+                     keep_float, float_linears, smooth_vo=smooth_vo, weight_method=weight_method,
+                     gptq_damp=gptq_damp, gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order)
     trust = _bool(trust_remote_code, "--trust_remote_code")
     fmt = format or ("mindie" if mindie_format else "msmodelslim")
     _device_line(device_type)
@@ -233,6 +237,7 @@ def calibrate(
     modules: str = Modules,
     m2_search: str = M2Search,
     text_prompts: Path = TextPrompts,
+    smooth_vo: bool = SmoothVO,
     weight_method: str = typer.Option("rtn", "--weight_method", help="gptq: also record the input moments GPTQ "
                                       "needs, so exports can use --weight_method gptq (and rtn)."),
     stream_memory_gb: float = StreamMemory,
@@ -241,7 +246,7 @@ def calibrate(
     from llavaq import api
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, "auto", text_prompts,
-                     weight_method=weight_method)
+                     smooth_vo=smooth_vo, weight_method=weight_method)
     _device_line(device_type)
     with _progress() as progress:
         cal = api.calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
@@ -265,6 +270,8 @@ def export(
     float_dtype: str = FloatDtype,
     keep_float: int = KeepFloat,
     float_linears: str = FloatLinears,
+    smooth_vo: bool = typer.Option(None, "--smooth_vo/--no_smooth_vo", help="Derive with / without the "
+                                   "v_proj -> o_proj smoothing (default: as calibrated)."),
     weight_method: str = WeightMethod,
     gptq_damp: float = GptqDamp,
     gptq_block_size: int = GptqBlock,
@@ -279,9 +286,11 @@ def export(
     from llavaq.calib.cache import SessionCache
 
     sc = SessionCache.load(cache)
-    recipe = QuantRecipe.from_dict(sc.manifest["recipe"]).replace(
+    cached = QuantRecipe.from_dict(sc.manifest["recipe"])
+    recipe = cached.replace(
         float_dtype=float_dtype, keep_float=keep_float, float_linears=_float_linears(float_linears),
-        **_weight_options(weight_method, gptq_damp, gptq_block_size, gptq_act_order))
+        **_weight_options(cached.smooth_vo if smooth_vo is None else smooth_vo, weight_method, gptq_damp,
+                          gptq_block_size, gptq_act_order))
     if anti_outlier is not None:
         recipe = recipe.replace(anti_outlier=anti_outlier, alpha=alpha)
     res = api.export(model_path, sc, save_directory, format=format, recipe=recipe, part_file_size=part_file_size,

@@ -53,6 +53,9 @@ class QuantRecipe:
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = True
+    #: Also smooth Linear -> Linear: v_proj -> o_proj (CLIP out_proj) and, when down_proj is quantized,
+    #: up_proj -> down_proj; scales by m1's alpha (m2: searched per group, as --alpha auto). Calibration-time.
+    smooth_vo: bool = False
     #: Record each quantized Linear's input moments (the Hessian GPTQ needs) in the session cache.
     #: Calibration-time; implied by ``weight_method="gptq"``.
     input_moments: bool = False
@@ -92,6 +95,9 @@ class QuantRecipe:
             raise LlavaqError(f"--gptq_block_size must be >= 1, not {self.gptq_block_size}")
         if self.weight_method == "gptq":
             object.__setattr__(self, "input_moments", True)
+        if self.smooth_vo and self.anti_outlier == "none":
+            raise LlavaqError("--smooth_vo needs an anti-outlier method (--anti_outlier m1 or m2): it smooths "
+                              "v_proj -> o_proj the way the method smooths the norm groups")
         if self.keep_float < 0:
             raise LlavaqError(f"--keep_float must be >= 0, not {self.keep_float}")
         object.__setattr__(self, "float_linears", tuple(self.float_linears))
@@ -129,7 +135,7 @@ class QuantRecipe:
                           "activation_sample_tokens")
     #: Calibration fields added after caches existed: part of the key only when not at their default, so the
     #: session caches of earlier recipes keep their ids.
-    OPTIONAL_CALIBRATION_FIELDS: ClassVar[dict[str, Any]] = {"input_moments": False}
+    OPTIONAL_CALIBRATION_FIELDS: ClassVar[dict[str, Any]] = {"input_moments": False, "smooth_vo": False}
 
     def calibration_dict(self) -> dict[str, Any]:
         d = self.to_dict()

@@ -317,26 +317,23 @@ class LayerErrorHooks:
     The float reference undoes the smoothing using the float model's norms and the output's smoothed
     norms: for a group norm → Linears, ``s = γ/γ'`` and (LayerNorm) ``z = β − β'·s``, so the float
     Linear sees ``x·s + z`` — the original activation — and computes ``W x + b`` with the float model's
-    own W and b.
+    own W and b. For a Linear → Linear group (``--smooth_vo``) the scale of each source row is read off the
+    source's weight scale (``s_c = max|W_c|/(127·ws_c)``, ``W`` the float source row with its own input
+    smoothing applied) and the shift off its bias (``z = b − b'·s``).
     """
 
     def __init__(self, qmodel: nn.Module, float_model: nn.Module, q: QuantizedCheckpoint, arch) -> None:
         self.stats: dict[str, list[float]] = {}
         self._handles = []
         undo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        fparams = dict(float_model.named_parameters())
-        for g in arch.all_smooth_groups():
-            wf = fparams[g.norm + ".weight"].detach().float()
-            wq = q.float_tensors.get(g.norm + ".weight")
-            if wq is None:
-                continue
-            wq = wq.float()
-            s = torch.where(wq != 0, wf / torch.where(wq != 0, wq, torch.ones_like(wq)), torch.ones_like(wf))
-            z = None
-            if g.shift and g.norm + ".bias" in q.float_tensors:
-                z = fparams[g.norm + ".bias"].detach().float() - q.float_tensors[g.norm + ".bias"].float() * s
-            for lin in g.linears:
-                undo[lin] = (s, z)
+        fparams = {n: p.detach().float() for n, p in float_model.named_parameters()}
+        recipe = q.record.get("recipe") or {}
+        for g in arch.all_smooth_groups(recipe.get("modules", "msmodelslim"), bool(recipe.get("smooth_vo"))):
+            found = _undo_pair(g, fparams, q, undo) if g.from_linear else _undo_norm(g, fparams, q)
+            if found is not None:
+                undo.update({lin: found for lin in g.linears})
+        #: Linear -> (scale, shift) per input column that maps its smoothed input back to the float model's
+        self.undo = undo
         for name, mod in qmodel.named_modules():
             if isinstance(mod, EmulatedW8A8Linear):
                 flin = float_model.get_submodule(name)
@@ -372,6 +369,49 @@ class LayerErrorHooks:
             if n:
                 out.append(LayerError(name, se / n, se / max(sr, 1e-30), clipped / max(nx, 1)))
         return out
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num/den`` where both are non-zero, else 1 (a channel that carries nothing is not smoothed)."""
+    ok = (num != 0) & (den != 0)
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(num))
+
+
+def _undo_norm(g, fparams: dict[str, torch.Tensor], q: QuantizedCheckpoint):
+    """(s, z) of a norm group from the float and the output's norm."""
+    wq = q.float_tensors.get(g.norm + ".weight")
+    if wq is None:
+        return None
+    s = _ratio(fparams[g.norm + ".weight"], wq.float())
+    z = None
+    if g.shift and g.norm + ".bias" in q.float_tensors:
+        z = fparams[g.norm + ".bias"] - q.float_tensors[g.norm + ".bias"].float() * s
+    return s, z
+
+
+def _undo_pair(g, fparams: dict[str, torch.Tensor], q: QuantizedCheckpoint, undo: dict):
+    """(s, z) per input column of a Linear → Linear group's destination, from its source Linear."""
+    from llavaq.quant.state import group_input_smoothing
+
+    src = g.norm
+    w = fparams[src + ".weight"]
+    b = fparams.get(src + ".bias")
+    if src in undo:  # the source's own input smoothing, as the export folded it (shift into the bias first)
+        s_in, z_in = undo[src]
+        if z_in is not None and b is not None:
+            b = b + z_in @ w.T
+        w = w * s_in
+    if src in q.linears:
+        lq = q.linears[src]
+        s = _ratio(w.abs().amax(1), 127 * lq.weight_scale.float().reshape(-1))
+        b_out = lq.bias
+    elif src + ".weight" in q.float_tensors:
+        s = _ratio(w.abs().amax(1), q.float_tensors[src + ".weight"].float().abs().amax(1))
+        b_out = q.float_tensors.get(src + ".bias")
+    else:
+        return None
+    z = b - b_out.float() * s if g.shift and b is not None and b_out is not None else None
+    return group_input_smoothing(g, s, z)
 
 
 def _text_positions(input_ids: torch.Tensor, image_token: int, seq_len: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from llavaq import api
 from llavaq.algorithms.alpha_search import ALPHA_GRID, group_error, search_group_alpha
-from llavaq.algorithms.smoothing import smoothquant_group
+from llavaq.algorithms.smoothquant import smoothquant_group
 from llavaq.calib.cache import SessionCache
 from llavaq.calib.coverage import range_drivers
 from llavaq.quant.emulate import EXACT_FP32_K, EmulatedW8A8Linear, QuantLinearParams, exact_int_matmul, int8_linear

@@ -1,8 +1,8 @@
 """Per-group SmoothQuant alpha search (``--anti_outlier m1 --alpha auto``).
 
-For each smoothing group (norm → Linears) we try alpha on a grid and keep the one whose W8A8
-fake-quantized output is closest to the float output, on the cached float activation rows of the
-group's input (``float.<first linear>.rows``, unsmoothed float model):
+For each smoothing group (norm → Linears, or Linear → Linear with ``--smooth_vo``) we try alpha on a
+grid and keep the one whose W8A8 fake-quantized output is closest to the float output, on the cached
+float activation rows of the group's input (``float.<first linear>.rows``, unsmoothed float model):
 
 * smoothing ``x' = (x − z)/s``, ``W' = W·diag(s)`` with the SmoothQuant scale for that alpha;
 * activations: per-tensor asymmetric int8, min-max of the smoothed rows (the static range);
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from llavaq.algorithms.smoothing import smoothquant_scale
+from llavaq.algorithms.smoothing import expand_heads, smoothquant_scale
 from llavaq.quant.int8 import activation_qparams, fake_quant_activation, fake_quant_weight, weight_qparams
 
 if TYPE_CHECKING:
@@ -43,10 +43,13 @@ def group_error(
 ) -> float:
     """The quantized-vs-float output error of a smoothing group at one alpha (see module docstring)."""
     x = rows.float()
+    heads = group.heads
     if shift is not None:
-        x = x - shift.float()
+        x = x - (expand_heads(shift, heads) if heads is not None else shift).float()
     ws = [w.float() for w in weights]
-    s = smoothquant_scale(act_absmax, ws, alpha)
+    s = smoothquant_scale(act_absmax, ws, alpha, heads=heads)
+    if heads is not None:
+        s = expand_heads(s, heads)
     xs = x / s
     lo, hi = xs.min().reshape(1), xs.max().reshape(1)
     a_scale, a_off = activation_qparams(lo, hi)

@@ -24,7 +24,8 @@ from torch import nn
 
 from llavaq.algorithms.blocks import clip_fc1_block, clip_qkv_block, gate_up_block, llama_qkv_block
 from llavaq.algorithms.m2 import os_plus_search
-from llavaq.algorithms.smoothing import channel_shift, fold_scale, fold_shift, smoothquant_group
+from llavaq.algorithms.smoothing import channel_shift, fold_pair, fold_scale, fold_shift
+from llavaq.algorithms.smoothquant import smoothquant_group
 from llavaq.calib.cache import SessionCache
 from llavaq.calib.fakequant import FakeQuantLinear, InputRecorder, set_submodule
 from llavaq.calib.samples import Sample
@@ -258,6 +259,8 @@ class CalibrationEngine:
             m2_out = s.feat_m2 if stage.kind == "projector" else s.m2
             if stage.kind == "projector" and s.feat_m2 is not None:
                 m2_out = layer(s.feat_m2.to(self.device)).cpu()
+        if self.recipe.smooth_vo:  # Linear -> Linear groups, after the norm groups (exact in float either way)
+            smooth.update(self._pair_layer(stage, layer, float_stats))
         for gname, (scale, shift) in smooth.items():
             for key, value in self.m2_info.pop(gname, {}).items():
                 record[f"m2.{gname}.{key}"] = torch.tensor([value], dtype=torch.float64)
@@ -368,6 +371,24 @@ class CalibrationEngine:
             smooth[g_mlp.name] = (scale.cpu(), None)
             h = residual + mlp(x)
         return h.cpu(), smooth
+
+    def _pair_layer(self, stage: Stage, layer: nn.Module, stats: dict):
+        """``--smooth_vo``: SmoothQuant between v_proj and o_proj (and up_proj, down_proj) from the float
+        statistics of the destination's input; m1 uses its alpha, m2 searches one per group (``auto``)."""
+        alpha = self.recipe.alpha if self.recipe.anti_outlier == "m1" else "auto"
+        smooth = {}
+        rel = lambda n: n[len(stage.prefix):]  # noqa: E731
+        for g in self.arch.pair_groups(stage, self.recipe.modules):
+            src, dst = layer.get_submodule(rel(g.norm)), layer.get_submodule(rel(g.linears[0]))
+            key = rel(g.linears[0])
+            info: dict = {}
+            scale, shift = smoothquant_group(g, stats[f"float.{key}.min"], stats[f"float.{key}.max"],
+                                             [dst.weight.data], alpha, stats.get(f"float.{key}.rows"), info=info)
+            self.alphas[g.name] = info["alpha"]
+            fold_pair(src.weight.data, None if src.bias is None else src.bias.data, dst.weight.data,
+                      None if dst.bias is None else dst.bias.data, scale, shift, g.heads)
+            smooth[g.name] = (scale.cpu(), None if shift is None else shift.cpu())
+        return smooth
 
     def _m1_layer(self, stage: Stage, layer: nn.Module, groups: list[SmoothGroup], stats: dict):
         """SmoothQuant with the calibrated float statistics (LayerNorm groups also centre by z)."""

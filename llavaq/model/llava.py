@@ -25,15 +25,30 @@ LM_HEAD = "language_model.lm_head.weight"
 EMBED = LM + "embed_tokens.weight"
 
 
+#: Smoothing groups whose source is a Linear (``--smooth_vo``), not a norm.
+PAIR_KINDS = ("clip_vo", "llama_vo", "llama_up_down")
+
+
 @dataclass(frozen=True)
 class SmoothGroup:
-    """A norm whose output feeds ``linears``; smoothing divides the norm by s and multiplies the linears."""
+    """A module whose output feeds ``linears``: smoothing divides its output by s and multiplies the linears.
 
-    name: str  # e.g. "vision.3.attn", "text.7.mlp"
-    kind: str  # clip_qkv | clip_fc1 | llama_qkv | llama_gate_up
-    norm: str  # module name of the norm
+    The source is a norm (``clip_qkv``, ``clip_fc1``, ``llama_qkv``, ``llama_gate_up``: the norm's weight is
+    divided) or a Linear (:data:`PAIR_KINDS`, ``--smooth_vo``: v_proj's output rows feed o_proj through the
+    attention, up_proj's feed down_proj through ``silu(gate)·``; the source's rows are divided).
+    """
+
+    name: str  # e.g. "vision.3.attn", "text.7.mlp", "text.7.vo"
+    kind: str  # clip_qkv | clip_fc1 | llama_qkv | llama_gate_up | clip_vo | llama_vo | llama_up_down
+    norm: str  # module name of the source: the norm, or the source Linear of a pair group
     linears: tuple[str, ...]  # module names, in concatenation order
-    shift: bool  # LayerNorm groups also move a channel shift z into the norm bias and linear biases
+    shift: bool  # groups with biases also move a channel shift z (norm or source bias -> the linears' biases)
+    #: (query heads, KV heads, head dim) when the linears read a GQA attention output: one scale per KV channel
+    heads: tuple[int, int, int] | None = None
+
+    @property
+    def from_linear(self) -> bool:
+        return self.kind in PAIR_KINDS
 
 
 @dataclass(frozen=True)
@@ -171,6 +186,32 @@ class LlavaArch:
             ]
         return []
 
+    def pair_groups(self, stage: Stage, preset: str = "msmodelslim") -> list[SmoothGroup]:
+        """Linear -> Linear smoothing groups of a stage (``--smooth_vo``) whose destination the preset quantizes:
+        v_proj -> o_proj (CLIP out_proj; with a shift, as both have biases) and, when down_proj is quantized,
+        up_proj -> down_proj."""
+        p = stage.prefix
+        quantized = set(self.quantized_linears(preset))
+        out = []
+        if stage.kind == "vision_layer":
+            out.append(SmoothGroup(f"vision.{stage.index}.vo", "clip_vo", p + "self_attn.v_proj",
+                                   (p + "self_attn.out_proj",), True))
+        elif stage.kind == "text_layer":
+            tc = self.text_config
+            n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+            heads = (tc.num_attention_heads, n_kv, tc.hidden_size // tc.num_attention_heads) \
+                if n_kv != tc.num_attention_heads else None
+            out.append(SmoothGroup(f"text.{stage.index}.vo", "llama_vo", p + "self_attn.v_proj",
+                                   (p + "self_attn.o_proj",), False, heads))
+            out.append(SmoothGroup(f"text.{stage.index}.down", "llama_up_down", p + "mlp.up_proj",
+                                   (p + "mlp.down_proj",), False))
+        return [g for g in out if all(n in quantized for n in g.linears)]
+
+    def smoothing_groups(self, stage: Stage, preset: str = "msmodelslim", smooth_vo: bool = False
+                         ) -> list[SmoothGroup]:
+        """Every group a recipe smooths in ``stage``: the norm groups, plus the pair groups with ``smooth_vo``."""
+        return self.smooth_groups(stage) + (self.pair_groups(stage, preset) if smooth_vo else [])
+
     def shared_inputs(self, stage: Stage) -> dict[str, str]:
         """Each Linear of ``stage`` -> the Linear whose input it reads (the first of its smoothing group, else
         itself): Linears that share an input share its statistics (activation rows, input moments)."""
@@ -185,8 +226,8 @@ class LlavaArch:
         out += [Stage("text_layer", i, f"{LM}layers.{i}.") for i in range(self.n_text_layers)]
         return out
 
-    def all_smooth_groups(self) -> list[SmoothGroup]:
-        return [g for s in self.stages() for g in self.smooth_groups(s)]
+    def all_smooth_groups(self, preset: str = "msmodelslim", smooth_vo: bool = False) -> list[SmoothGroup]:
+        return [g for s in self.stages() for g in self.smoothing_groups(s, preset, smooth_vo)]
 
     def stage_of(self, module_name: str) -> Stage:
         for s in self.stages():

@@ -20,7 +20,8 @@ import torch
 from llavaq.algorithms.gptq import GPTQOptions, gptq_codes, prepare_hessian, weighted_error
 from llavaq.algorithms.hessian import InputMoments, smoothed_hessian
 from llavaq.algorithms.sensitivity import most_sensitive, w8a8_relative_error
-from llavaq.algorithms.smoothing import fold_scale, fold_shift, smoothquant_group
+from llavaq.algorithms.smoothing import expand_heads, fold_pair, fold_scale, fold_shift
+from llavaq.algorithms.smoothquant import smoothquant_group
 from llavaq.calib.cache import SessionCache
 from llavaq.errors import CacheError, LlavaqError
 from llavaq.model.llava import LlavaArch, SmoothGroup, Stage
@@ -83,8 +84,19 @@ class ActivationParams:
 class StagePlan:
     """The smoothing and activation parameters to apply to one stage."""
 
+    #: the recipe's smoothing groups of the stage, in folding order (norm groups, then Linear -> Linear)
+    groups: list[SmoothGroup] = field(default_factory=list)
+    #: group name -> (scale, shift) per smoothing channel (a KV channel for GQA attention outputs)
     smooth: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     acts: dict[str, ActivationParams] = field(default_factory=dict)
+
+
+def group_input_smoothing(g: SmoothGroup, scale: torch.Tensor, shift: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A group's (scale, shift) per input column of its Linears (GQA: repeated for every query head)."""
+    if g.heads is None:
+        return scale, shift
+    return expand_heads(scale, g.heads), None if shift is None else expand_heads(shift, g.heads)
 
 
 def plan_stage(
@@ -92,8 +104,8 @@ def plan_stage(
     quantized: set[str], weights: dict[str, torch.Tensor],
 ) -> StagePlan:
     """Smoothing + activation params for a stage: as calibrated, or derived from float statistics."""
-    plan = StagePlan()
-    groups = arch.smooth_groups(stage)
+    groups = arch.smoothing_groups(stage, recipe.modules, recipe.smooth_vo)
+    plan = StagePlan(groups)
     if not derive:
         for g in groups:
             if f"smooth.{g.name}.scale" in record:
@@ -120,7 +132,7 @@ def plan_stage(
         mn, mx = record[f"float.{name}.min"], record[f"float.{name}.max"]
         g = group_of.get(name)
         if g is not None and g.name in plan.smooth:
-            scale, shift = plan.smooth[g.name]
+            scale, shift = group_input_smoothing(g, *plan.smooth[g.name])
             z = shift if shift is not None else torch.zeros_like(scale)
             lo, hi = ((mn - z) / scale).min(), ((mx - z) / scale).max()
         else:
@@ -130,13 +142,13 @@ def plan_stage(
     return plan
 
 
-def input_smoothing(arch: LlavaArch, stage: Stage, plan: StagePlan
-                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Linear -> the (scale, shift) its input is smoothed with under ``plan`` (Linears of smoothed groups only)."""
+def input_smoothing(plan: StagePlan) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Linear -> the (scale, shift) per input column its input is smoothed with under ``plan`` (Linears of
+    smoothed groups only)."""
     out = {}
-    for g in arch.smooth_groups(stage):
+    for g in plan.groups:
         if g.name in plan.smooth:
-            out.update({n: plan.smooth[g.name] for n in g.linears})
+            out.update({n: group_input_smoothing(g, *plan.smooth[g.name]) for n in g.linears})
     return out
 
 
@@ -153,7 +165,7 @@ def gptq_stage(
     """
     options = GPTQOptions(recipe.gptq_damp, recipe.gptq_block_size, recipe.gptq_act_order)
     shared = arch.shared_inputs(stage)
-    smoothing = input_smoothing(arch, stage, plan)
+    smoothing = input_smoothing(plan)
     prepared: dict[str, tuple[torch.Tensor, object]] = {}
     codes = {}
     for name in names:
@@ -176,12 +188,17 @@ def gptq_stage(
     return codes
 
 
-def apply_smoothing(arch: LlavaArch, stage: Stage, weights: dict[str, torch.Tensor], plan: StagePlan) -> None:
+def apply_smoothing(weights: dict[str, torch.Tensor], plan: StagePlan) -> None:
     """Fold the plan's smoothing into a stage's float tensors, in calibration's operation order."""
-    for g in arch.smooth_groups(stage):
+    for g in plan.groups:
         if g.name not in plan.smooth:
             continue
         scale, shift = plan.smooth[g.name]
+        if g.from_linear:
+            dst = g.linears[0]
+            fold_pair(weights[g.norm + ".weight"], weights.get(g.norm + ".bias"), weights[dst + ".weight"],
+                      weights.get(dst + ".bias"), scale, shift, g.heads)
+            continue
         ws = [weights[n + ".weight"] for n in g.linears]
         if shift is not None:
             fold_shift(ws, [weights.get(n + ".bias") for n in g.linears], shift)
@@ -221,7 +238,7 @@ def iter_modules(
             weights = {st.prefix + k: v for k, v in ckpt.tensors(st.prefix).items()}
             record = cache.read_stage(st.name)
             plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
-            apply_smoothing(arch, st, weights, plan)
+            apply_smoothing(weights, plan)
             names = [n for n in arch.linear_names if n in quantized and n.startswith(st.prefix)]
             codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or ckpt.torch_dtype,
                                gptq_report) if recipe.weight_method == "gptq" and names else {}
@@ -349,11 +366,11 @@ def linear_errors(
         record = cache.read_stage(st.name)
         weights = {st.prefix + k: v for k, v in arch.ckpt.tensors(st.prefix).items()}
         plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
-        apply_smoothing(arch, st, weights, plan)
+        apply_smoothing(weights, plan)
         codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or arch.ckpt.torch_dtype) \
             if recipe.weight_method == "gptq" else {}
         rows_key = arch.shared_inputs(st)  # Linears that share an input share one copy of its rows
-        smooth = input_smoothing(arch, st, plan)
+        smooth = input_smoothing(plan)
         for name in names:
             rows = record.get(f"float.{rows_key[name]}.rows")
             if rows is None or not rows.numel():

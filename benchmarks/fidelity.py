@@ -102,40 +102,54 @@ def main(argv: list[str] | None = None) -> int:
                     _short(n) for n in res.kept_float)
         rep = verify(model, out, images=images, prompts=prompts, text=text, answer_tokens=a.answer_tokens,
                      mode=mode, float_model=fp, float_reference=fref)
-        rows.append(Row(label, json.dumps({k: v for k, v in recipe.calibration_dict().items()
-                                           if k not in ("prompt", "text_prompts", "activation_sample_tokens")}),
+        shown = {k: v for k, v in recipe.calibration_dict().items()
+                 if k not in ("prompt", "text_prompts", "activation_sample_tokens")}
+        rows.append(Row(label, json.dumps({**shown, "weight_method": recipe.weight_method}),
                         None if derive_from or mode != "static" else calib_time[key], exp_s, rep, note))
         if mode == "static":
             outs[label] = (out, recipe, derive_from)
         r = rep
-        print(f"{label:42s} ppl {r.ppl_fp:.4f}->{r.ppl_q:.4f} ({r.ppl_increase:+.2f}%) top1 {r.top1:.4f} "
-              f"KL {r.kl:.5f} cos {r.cosine:.5f}  worst {r.worst_layers[0].name} {r.worst_layers[0].rel_mse:.2e} "
-              f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+        print(f"{label:42s} ppl {r.ppl_fp:.4f}->{r.ppl_q:.4f} ({r.ppl_increase:+.2f}%) text {r.text_top1:.4f}/"
+              f"{r.text_kl:.5f} image {r.image_top1:.4f}/{r.image_kl:.5f} all {r.top1:.4f}/{r.kl:.5f}  "
+              f"worst {r.worst_layers[0].name} {r.worst_layers[0].rel_mse:.2e} [{time.perf_counter() - t0:.0f}s]",
+              flush=True)
         _dump(rows, results_file)
         return out
 
     tp = text_prompts
-    rtn1 = QuantRecipe(anti_outlier="none", act_method=1, text_prompts=tp)
-    m2h = QuantRecipe(anti_outlier="m2", act_method=2, text_prompts=tp)
-    auto1 = QuantRecipe(anti_outlier="m1", alpha="auto", act_method=1, text_prompts=tp)
-    measure("RTN (none), min-max", rtn1)
-    measure("m1 α=0.5", rtn1.replace(anti_outlier="m1", alpha=0.5), derive_from=rtn1)
-    measure("m1 α=0.8", rtn1.replace(anti_outlier="m1", alpha=0.8), derive_from=rtn1)
-    measure("m2, histogram (msModelSlim)", m2h)
-    measure("auto-α, min-max", auto1)
+    # one min-max cache with input moments serves every derived m1 / none row, RTN and GPTQ alike
+    mm = QuantRecipe(anti_outlier="none", act_method=1, text_prompts=tp, weight_method="gptq")
+    m2h = QuantRecipe(anti_outlier="m2", act_method=2, text_prompts=tp, weight_method="gptq")
+    auto1 = QuantRecipe(anti_outlier="m1", alpha="auto", act_method=1, text_prompts=tp, weight_method="gptq")
+    rtn = {"weight_method": "rtn"}
+    measure("RTN (none), min-max", mm.replace(**rtn))
+    measure("GPTQ (none), min-max", mm)
+    for alpha in (0.5, 0.8):
+        for wm in ("rtn", "gptq"):
+            measure(f"m1 α={alpha}, {wm.upper()}", mm.replace(anti_outlier="m1", alpha=alpha, weight_method=wm),
+                    derive_from=mm)
+            measure(f"m1 α={alpha}, --smooth_vo, {wm.upper()}",
+                    mm.replace(anti_outlier="m1", alpha=alpha, weight_method=wm, smooth_vo=True), derive_from=mm)
+    for wm in ("rtn", "gptq"):
+        measure(f"auto-α, min-max, {wm.upper()}", auto1.replace(weight_method=wm))
+        measure(f"auto-α, min-max, --smooth_vo, {wm.upper()}", auto1.replace(weight_method=wm, smooth_vo=True))
+        measure(f"m2, histogram (msModelSlim), {wm.upper()}", m2h.replace(weight_method=wm))
+        measure(f"m2, histogram, --smooth_vo, {wm.upper()}", m2h.replace(weight_method=wm, smooth_vo=True))
+    measure("m2, histogram, photos only, no text (msModelSlim's setup)", QuantRecipe(anti_outlier="m2", act_method=2),
+            note="calibrated on the 3 photos only")
     if not a.quick:
-        measure("RTN (none), histogram", rtn1.replace(act_method=2))
-        measure("m2, min-max", m2h.replace(act_method=1))
-        measure("m2, histogram, --m2_search fast", m2h.replace(m2_search="fast"),
+        measure("RTN (none), histogram", mm.replace(act_method=2, **rtn))
+        measure("m2, min-max, RTN", m2h.replace(act_method=1, **rtn))
+        measure("m2, histogram, --m2_search fast, RTN", m2h.replace(m2_search="fast", **rtn),
                 note="coarse-to-fine threshold search (not msModelSlim-exact)")
-        measure("auto-α, histogram", auto1.replace(act_method=2))
-        measure("auto-α, min-max, + down_proj", auto1.replace(modules="with_down_proj"))
-        measure("m2, histogram, + down_proj", m2h.replace(modules="with_down_proj"))
-        measure("m2, histogram, photos only, no text (msModelSlim's setup)",
-                QuantRecipe(anti_outlier="m2", act_method=2), note="calibrated on the 3 photos only")
-    # the best static recipe so far (top-1 agreement, then perplexity), then with its most sensitive
-    # Linears kept in float, and two references that isolate the error sources of its int8 model
-    best_label = max((r for r in rows if r.label in outs), key=lambda r: (r.report.top1, -r.report.ppl_q)).label
+        measure("auto-α, histogram, GPTQ", auto1.replace(act_method=2))
+        measure("auto-α, min-max, + down_proj, --smooth_vo, GPTQ", auto1.replace(modules="with_down_proj",
+                                                                                  smooth_vo=True))
+        measure("m2, histogram, + down_proj, RTN", m2h.replace(modules="with_down_proj", **rtn))
+    # the best static recipe (top-1 on text and on image answers, the weaker of the two; then KL), with its
+    # most sensitive Linears kept in float, and references that isolate the error sources of its int8 model
+    static = [r for r in rows if r.label in outs]
+    best_label = max(static, key=_rank).label
     best_out, best_recipe, best_base = outs[best_label]
     for n in a.keep_float:
         measure(f"{best_label}, --keep_float {n}", best_recipe.replace(keep_float=n), derive_from=best_base,
@@ -143,8 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     measure(f"{best_label}, DYNAMIC per-token acts", best_recipe, derive_from=best_base, mode="dynamic",
             out_dir=best_out,
             note="reference: same int8 weights, activations quantized per token at run time")
-    measure(f"{best_label}, int8 weights only (float activations)", best_recipe, derive_from=best_base,
-            mode="weight_only", out_dir=best_out, note="reference: what the int8 weights alone cost")
+    for wm in ("rtn", "gptq"):  # the weight-only ceiling of each weight method, on the best recipe's smoothing
+        label = f"{best_label} [{wm.upper()} weights]"
+        ref_out = measure(label, best_recipe.replace(weight_method=wm), derive_from=best_base) \
+            if best_recipe.weight_method != wm else best_out
+        measure(f"{label}, int8 weights only (float activations)", best_recipe.replace(weight_method=wm),
+                derive_from=best_base, mode="weight_only", out_dir=ref_out,
+                note=f"reference: what the {wm.upper()} int8 weights alone cost")
     cov = range_drivers(api.calibrate(model, calib, best_base or best_recipe, cache_dir=cache_dir,
                                       device_type="cpu").cache)
     md = markdown(rows, model, cov)
@@ -152,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.markdown:
         write_section(a.markdown, md)
     return 0
+
+
+def _rank(r: Row) -> tuple[float, float]:
+    """Best static recipe: the weaker of held-out-text and image-answer top-1 first, then KL."""
+    p = r.report
+    parts = [t for t in (p.text_top1, p.image_top1) if t is not None]
+    return (min(parts) if parts else p.top1, -p.kl)
 
 
 def _short(name: str) -> str:
@@ -181,15 +207,19 @@ def markdown(rows: list[Row], model: Path, cov) -> str:
         f"teacher-forced, {r0.prompts[0].answer_tokens if r0.prompts else 0} tokens), and held-out plain English "
         f"({r0.text_tokens} tokens) for perplexity. Quantized models are run as the int8 kernels run them "
         "(`llavaq verify`: static int8 activations with the saved input_scale/offset, exact int32 accumulation, "
-        "deq_scale/quant_bias). Top-1 = next-token argmax agreement over all scored positions (answers + "
-        "held-out text); KL(FP‖Q) and logits cosine are means per position.",
+        "deq_scale/quant_bias). Top-1 = next-token argmax agreement with the float model, KL(FP‖Q) = mean per "
+        "position; *text* = the held-out plain English, *image* = the answers to the image prompts (FP greedy "
+        "answers teacher-forced), *all* = every scored position (answers to image and text-only prompts + "
+        "held-out text). GPTQ rows: `--weight_method gptq` (damp 0.01, act order) from the same caches, which "
+        "record the input moments.",
         "",
         f"FP perplexity: **{r0.ppl_fp:.4f}**. Text-only calibration prompts set the range of "
         f"{cov.set_by_text}/{cov.language_linears} quantized language-model Linears (cache of the best static recipe).",
         "",
-        "| recipe | ppl | Δppl % | top-1 | KL(FP‖Q) | cosine | calibrate s | export s | worst Linear (rel. MSE) |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| FP (float32) | {r0.ppl_fp:.4f} | 0 | 1 | 0 | 1 | | | |",
+        "| recipe | Δppl % | text top-1 | text KL | image top-1 | image KL | all top-1 | all KL | calibrate s | "
+        "export s | worst Linear (rel. MSE) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| FP (float32), ppl {r0.ppl_fp:.4f} | 0 | 1 | 0 | 1 | 0 | 1 | 0 | | | |",
     ]
     for r in rows:
         p = r.report
@@ -198,8 +228,8 @@ def markdown(rows: list[Row], model: Path, cov) -> str:
         cs = "" if r.calib_s is None else ("cached" if r.calib_s != r.calib_s else f"{r.calib_s:.0f}")
         es = "" if r.export_s is None else f"{r.export_s:.1f}"
         label = r.label + (f" <br>*{r.note}*" if r.note else "")
-        lines.append(f"| {label} | {p.ppl_q:.4f} | {p.ppl_increase:+.2f} | {p.top1:.4f} | {p.kl:.5f} | "
-                     f"{p.cosine:.5f} | {cs} | {es} | {short} ({w.rel_mse:.1e}) |")
+        lines.append(f"| {label} | {p.ppl_increase:+.2f} | {p.text_top1:.4f} | {p.text_kl:.5f} | {p.image_top1:.4f} | "
+                     f"{p.image_kl:.5f} | {p.top1:.4f} | {p.kl:.5f} | {cs} | {es} | {short} ({w.rel_mse:.1e}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -287,12 +287,11 @@ def export(
 
     sc = SessionCache.load(cache)
     cached = QuantRecipe.from_dict(sc.manifest["recipe"])
+    smoothing = {} if anti_outlier is None else {"anti_outlier": anti_outlier, "alpha": alpha}
     recipe = cached.replace(
-        float_dtype=float_dtype, keep_float=keep_float, float_linears=_float_linears(float_linears),
+        float_dtype=float_dtype, keep_float=keep_float, float_linears=_float_linears(float_linears), **smoothing,
         **_weight_options(cached.smooth_vo if smooth_vo is None else smooth_vo, weight_method, gptq_damp,
                           gptq_block_size, gptq_act_order))
-    if anti_outlier is not None:
-        recipe = recipe.replace(anti_outlier=anti_outlier, alpha=alpha)
     res = api.export(model_path, sc, save_directory, format=format, recipe=recipe, part_file_size=part_file_size,
                      overwrite=overwrite, device_type=device_type,
                      trust_remote_code=_bool(trust_remote_code, "--trust_remote_code"))

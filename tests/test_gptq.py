@@ -226,3 +226,22 @@ def test_default_recipe_cache_key_is_unchanged_and_gptq_keys_its_own():
     assert QuantRecipe(weight_method="gptq").calibration_key() != QuantRecipe().calibration_key()
     # weight_method itself is export-time: the same moments serve rtn and gptq
     assert QuantRecipe(weight_method="gptq").calibration_key() == QuantRecipe(input_moments=True).calibration_key()
+
+
+def test_cli_export_gptq_with_smooth_vo_from_one_cache(gptq_cache, tiny_model, tmp_path):
+    from llavaq.cli import app
+
+    out = tmp_path / "fq"
+    r = CliRunner().invoke(app, ["export", "--model_path", str(tiny_model), "--cache", str(gptq_cache.cache.path),
+                                 "--save_directory", str(out), "--format", "fakequant", "--anti_outlier", "m1",
+                                 "--alpha", "0.8", "--smooth_vo", "--weight_method", "gptq", "--gptq_act_order",
+                                 "False", "--gptq_damp", "0.05"])
+    assert r.exit_code == 0, r.output
+    assert "GPTQ: output error on the calibration inputs" in r.output
+    rec = json.loads((out / "llavaq_record.json").read_text())
+    assert rec["recipe"]["smooth_vo"] is True and rec["gptq"]["act_order"] is False and rec["gptq"]["damp"] == 0.05
+    r = CliRunner().invoke(app, ["inspect", str(out)])
+    assert r.exit_code == 0 and "below round-to-nearest" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["export", "--model_path", str(tiny_model), "--cache", str(gptq_cache.cache.path),
+                                 "--save_directory", str(tmp_path / "bad"), "--weight_method", "awq"])
+    assert r.exit_code != 0 and "--weight_method must be one of rtn, gptq" in str(r.exception)

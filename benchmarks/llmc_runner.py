@@ -93,11 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.metadata as md
 
     import torch
+    from llmcompressor import oneshot
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from llmcompressor import oneshot
 
     if a.threads:
         torch.set_num_threads(a.threads)

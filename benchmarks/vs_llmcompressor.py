@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llmc_order", choices=("shuffle", "given"), default="shuffle",
                     help="calibration order for llm-compressor (shuffle: its default sampler, seeded)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--llmc_out", action="append", default=[], metavar="METHOD=DIR",
+                    help="score an earlier llm-compressor output (its runner's llmc_run.json beside it) instead of "
+                         "running that method again")
+    ap.add_argument("--cache_dir", type=Path, default=None, help="llavaq session caches (default: WORK/cache)")
     ap.add_argument("--markdown", type=Path, default=None, help="write the section into this file")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
@@ -186,17 +190,22 @@ def main(argv: list[str] | None = None) -> int:
             {"tool": r.tool, "label": r.label, "seconds": r.seconds, "note": r.note, **scores(r.report)}
             for r in rows]}, indent=1, default=str))
 
+    reuse = dict(x.split("=", 1) for x in a.llmc_out)
     for method in a.llmc:
-        out = work / f"llmc-{method}"
-        info = run_llmc(a.llmc_python, a.model, samples_file, out, method, a.llmc_alpha, a.llmc_order, a.seed,
-                        work / f"llmc-{method}.log")
+        out = Path(reuse.get(method, work / f"llmc-{method}"))
+        if method in reuse:
+            info = json.loads((out / "llmc_run.json").read_text())
+        else:
+            info = run_llmc(a.llmc_python, a.model, samples_file, out, method, a.llmc_alpha, a.llmc_order, a.seed,
+                            work / f"llmc-{method}.log")
+            (out / "llmc_run.json").write_text(json.dumps(info))
         llmc_info[method] = info
         label = f"SmoothQuant {a.llmc_alpha:g} + {'GPTQ' if method == 'gptq' else 'RTN'}"
         rep = verify(a.model, out, float_model=fp, float_reference=fref, **eval_kw)
         order = "".join("I" if k == "image" else "T" for _, k in info["order"])
         record(Row("llm-compressor", label, info["wall_s"], rep, f"sample order {order}"))
 
-    cal = api.calibrate(a.model, a.calib_images, base, cache_dir=work / "cache", device_type="cpu")
+    cal = api.calibrate(a.model, a.calib_images, base, cache_dir=a.cache_dir or work / "cache", device_type="cpu")
     for label, recipe in recipes:
         out = work / "out" / "".join(c if c.isalnum() else "_" for c in label)
         t0 = time.perf_counter()

@@ -8,7 +8,7 @@ DEMO_OUT ?= demo/out-w8a8
 DEMO_CACHE ?= demo/cache
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo-model demo test lint parity-env parity bench-fidelity bench-scale bench-streams bench-vs-msmodelslim clean
+.PHONY: install install-dev demo-model demo test lint parity-env parity bench-fidelity bench-scale bench-streams bench-vs-msmodelslim llmc-env bench-vs-llmcompressor clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ bench-fidelity: demo-model
 
 bench-vs-msmodelslim: demo-model parity-env
 	$(PY) benchmarks/vs_msmodelslim.py --model_path $(DEMO_MODEL) --calib_images calibImages --msms_python .venv-msms/bin/python --also_fast --work_dir demo/bench-vs-msmodelslim --markdown docs/BENCHMARKS.md
+
+# llm-compressor (the peer the W8A8 recipes are compared with) lives in its own venv; llavaq never imports it.
+llmc-env:
+	bash scripts/setup_llmc_env.sh .venv-llmc
+
+bench-vs-llmcompressor: demo-model llmc-env
+	$(PY) benchmarks/vs_llmcompressor.py --model $(DEMO_MODEL) --llmc_python .venv-llmc/bin/python --work demo/bench-vs-llmcompressor --markdown docs/BENCHMARKS.md
 
 bench-scale: install-dev
 	$(PY) benchmarks/scale.py --size 7b

@@ -59,10 +59,10 @@ def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: i
 
 
 def _weight_options(smooth_vo: bool = False, weight_method: str = "rtn", gptq_damp: float = 0.01,
-                    gptq_block_size: int = 128, gptq_act_order: str = "True") -> dict:
+                    gptq_block_size: int = 128, gptq_act_order: str = "True", smooth_stat: str = "absmax") -> dict:
     return {"smooth_vo": smooth_vo, "weight_method": weight_method, "gptq_damp": gptq_damp,
             "gptq_block_size": gptq_block_size,
-            "gptq_act_order": _bool(gptq_act_order, "--gptq_act_order")}
+            "gptq_act_order": _bool(gptq_act_order, "--gptq_act_order"), "smooth_stat": smooth_stat}
 
 
 # Options shared by calibrate / quantize / export ------------------------------------------------
@@ -90,6 +90,8 @@ FloatDtype = typer.Option("auto", "--float_dtype", help="Dtype of float tensors 
                           "checkpoint dtype), or float16 | bfloat16 | float32.")
 TextPrompts = typer.Option(None, "--text_prompts", help="JSON list or text file (one per line) of text-only "
                            "calibration prompts, added after the image samples.")
+SmoothStat = typer.Option("absmax", "--smooth_stat", help="m1's per-channel activation statistic: absmax "
+                          "(max|X|, SmoothQuant's) or range (max - min, llm-compressor's); export-time for derived m1.")
 SmoothVO = typer.Option(False, "--smooth_vo", help="Also smooth v_proj -> o_proj (CLIP out_proj) and, with "
                         "--modules with_down_proj, up_proj -> down_proj (m1: its alpha; m2: searched per group).")
 WeightMethod = typer.Option("rtn", "--weight_method", help="int8 weight codes: rtn (round to nearest, msModelSlim) "
@@ -188,6 +190,7 @@ def quantize(
     keep_float: int = KeepFloat,
     float_linears: str = FloatLinears,
     smooth_vo: bool = SmoothVO,
+    smooth_stat: str = SmoothStat,
     weight_method: str = WeightMethod,
     gptq_damp: float = GptqDamp,
     gptq_block_size: int = GptqBlock,
@@ -201,7 +204,8 @@ def quantize(
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts,
                      keep_float, float_linears, smooth_vo=smooth_vo, weight_method=weight_method,
-                     gptq_damp=gptq_damp, gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order)
+                     gptq_damp=gptq_damp, gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order,
+                     smooth_stat=smooth_stat)
     trust = _bool(trust_remote_code, "--trust_remote_code")
     fmt = format or ("mindie" if mindie_format else "msmodelslim")
     _device_line(device_type)
@@ -238,6 +242,7 @@ def calibrate(
     m2_search: str = M2Search,
     text_prompts: Path = TextPrompts,
     smooth_vo: bool = SmoothVO,
+    smooth_stat: str = SmoothStat,
     weight_method: str = typer.Option("rtn", "--weight_method", help="gptq: also record the input moments GPTQ "
                                       "needs, so exports can use --weight_method gptq (and rtn)."),
     stream_memory_gb: float = StreamMemory,
@@ -246,7 +251,7 @@ def calibrate(
     from llavaq import api
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, "auto", text_prompts,
-                     smooth_vo=smooth_vo, weight_method=weight_method)
+                     smooth_vo=smooth_vo, weight_method=weight_method, smooth_stat=smooth_stat)
     _device_line(device_type)
     with _progress() as progress:
         cal = api.calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
@@ -267,6 +272,8 @@ def export(
     part_file_size: float = PartFileSize,
     anti_outlier: str = typer.Option(None, "--anti_outlier", help="Derive none/m1 from cached float statistics."),
     alpha: str = Alpha,
+    smooth_stat: str = typer.Option(None, "--smooth_stat", help="Derive m1 with this activation statistic: absmax "
+                                    "or range (default: as calibrated)."),
     float_dtype: str = FloatDtype,
     keep_float: int = KeepFloat,
     float_linears: str = FloatLinears,
@@ -291,7 +298,7 @@ def export(
     recipe = cached.replace(
         float_dtype=float_dtype, keep_float=keep_float, float_linears=_float_linears(float_linears), **smoothing,
         **_weight_options(cached.smooth_vo if smooth_vo is None else smooth_vo, weight_method, gptq_damp,
-                          gptq_block_size, gptq_act_order))
+                          gptq_block_size, gptq_act_order, cached.smooth_stat if smooth_stat is None else smooth_stat))
     res = api.export(model_path, sc, save_directory, format=format, recipe=recipe, part_file_size=part_file_size,
                      overwrite=overwrite, device_type=device_type,
                      trust_remote_code=_bool(trust_remote_code, "--trust_remote_code"))

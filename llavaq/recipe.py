@@ -19,6 +19,7 @@ ACT_METHODS = {1: "minmax", 2: "histogram"}
 MODULE_PRESETS = ("msmodelslim", "with_down_proj", "language_only")
 M2_SEARCH_MODES = ("full", "fast", "exhaustive")
 WEIGHT_METHODS = ("rtn", "gptq")
+SMOOTH_STATS = ("absmax", "range")
 FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEFAULT_PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 
@@ -56,6 +57,9 @@ class QuantRecipe:
     #: Also smooth Linear -> Linear: v_proj -> o_proj (CLIP out_proj) and, when down_proj is quantized,
     #: up_proj -> down_proj; scales by m1's alpha (m2: searched per group, as --alpha auto). Calibration-time.
     smooth_vo: bool = False
+    #: SmoothQuant's per-channel activation statistic for m1 (llavaq.algorithms.smoothquant): "absmax"
+    #: (max|X_c|, the paper's) or "range" (max_c − min_c, llm-compressor's); same for centred LayerNorm groups.
+    smooth_stat: str = "absmax"
     #: Record each quantized Linear's input moments (the Hessian GPTQ needs) in the session cache.
     #: Calibration-time; implied by ``weight_method="gptq"``.
     input_moments: bool = False
@@ -95,6 +99,8 @@ class QuantRecipe:
             raise LlavaqError(f"--gptq_block_size must be >= 1, not {self.gptq_block_size}")
         if self.weight_method == "gptq":
             object.__setattr__(self, "input_moments", True)
+        if self.smooth_stat not in SMOOTH_STATS:
+            raise LlavaqError(f"--smooth_stat must be one of {', '.join(SMOOTH_STATS)}, not {self.smooth_stat!r}")
         if self.smooth_vo and self.anti_outlier == "none":
             raise LlavaqError("--smooth_vo needs an anti-outlier method (--anti_outlier m1 or m2): it smooths "
                               "v_proj -> o_proj the way the method smooths the norm groups")
@@ -143,6 +149,8 @@ class QuantRecipe:
         out.update({k: d[k] for k, default in self.OPTIONAL_CALIBRATION_FIELDS.items() if d[k] != default})
         if self.anti_outlier == "m1":
             out["alpha"] = self.alpha
+            if self.smooth_stat != "absmax":  # calibrated m1 smooths with it (absent by default: old cache ids)
+                out["smooth_stat"] = self.smooth_stat
         return out
 
     def calibration_key(self) -> str:

@@ -383,7 +383,9 @@ class CalibrationEngine:
             key = rel(g.linears[0])
             info: dict = {}
             scale, shift = smoothquant_group(g, stats[f"float.{key}.min"], stats[f"float.{key}.max"],
-                                             [dst.weight.data], alpha, stats.get(f"float.{key}.rows"), info=info)
+                                             [dst.weight.data], alpha, stats.get(f"float.{key}.rows"), info=info,
+                                             stat=self.recipe.smooth_stat if self.recipe.anti_outlier == "m1"
+                                             else "absmax")
             self.alphas[g.name] = info["alpha"]
             fold_pair(src.weight.data, None if src.bias is None else src.bias.data, dst.weight.data,
                       None if dst.bias is None else dst.bias.data, scale, shift, g.heads)
@@ -401,7 +403,7 @@ class CalibrationEngine:
             info: dict = {}
             scale, shift = smoothquant_group(
                 g, stats[f"float.{key}.min"], stats[f"float.{key}.max"], weights, self.recipe.alpha,
-                stats.get(f"float.{key}.rows"), info=info,
+                stats.get(f"float.{key}.rows"), info=info, stat=self.recipe.smooth_stat,
             )
             self.alphas[g.name] = info["alpha"]
             if shift is not None:

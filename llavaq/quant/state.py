@@ -125,6 +125,7 @@ def plan_stage(
             plan.smooth[g.name] = smoothquant_group(
                 g, record[f"float.{key}.min"], record[f"float.{key}.max"],
                 [weights[n + ".weight"] for n in g.linears], recipe.alpha, record.get(f"float.{key}.rows"),
+                stat=recipe.smooth_stat,
             )
     for name in quantized:
         if not name.startswith(stage.prefix):

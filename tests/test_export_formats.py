@@ -110,10 +110,10 @@ def test_compressed_tensors_library_loads_our_output(exports, tiny_model, sharde
     assert len(parsed.ignore) == len(floats) and all(e.startswith("re:^") for e in parsed.ignore)
     assert r"re:^(?:language_model\.)?lm_head$" in parsed.ignore
     for n in floats:
-        assert matching_layouts(parsed.ignore, n) == (True, True), n
+        assert matching_layouts(parsed.ignore, n) == (True, True, True), n
     for n in quantized:
-        assert matching_layouts(parsed.ignore, n) == (False, False), n
-    assert matching_layouts(parsed.ignore, "language_model.model.layers.1.mlp.down_proj") == (True, True)
+        assert matching_layouts(parsed.ignore, n) == (False, False, False), n
+    assert matching_layouts(parsed.ignore, "language_model.model.layers.1.mlp.down_proj") == (True, True, True)
     assert not matching_layouts(parsed.ignore, "language_model.model.layers.1.mlp.down_proj_x")[0]
 
     mc = ModelCompressor.from_pretrained(str(d))

@@ -21,10 +21,10 @@ points of symmetric weights itself). Every other tensor is the float model's (sm
 ``config.json`` gets a ``quantization_config`` that ``compressed_tensors.QuantizationConfig`` parses
 (the library's own ``model_dump`` of it). Tensor keys keep the checkpoint's (transformers 4.37) names, which
 every loader maps; every float Linear is listed in ``ignore`` as one anchored ``re:`` pattern that matches it
-in both module layouts (:func:`llavaq.formats.names.module_pattern`): the loaded model's names are
+in every module layout (:func:`llavaq.formats.names.module_pattern`): the loaded model's names are
 ``language_model.model.layers.N…`` / ``language_model.lm_head`` in transformers 4.37 and vLLM, but
-``model.language_model.layers.N…`` / ``lm_head`` in transformers >= 4.52, and a plain 4.37 name would leave
-those Linears quantized there, with no scales (NaN).
+``model.language_model.layers.N…`` / ``lm_head`` in transformers >= 4.52 (and ``model.vision_tower.encoder…``
+from 5.6), and a plain 4.37 name would leave those Linears quantized there, with no scales (NaN).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from llavaq.errors import OutputError
 from llavaq.formats.base import ExportContext, TensorStream, checkpoint_float_dtype, copy_model_files, register_format
 from llavaq.formats.hf import HF_INDEX, write_hf_config, write_hf_safetensors
 from llavaq.formats.msmodelslim import write_record
-from llavaq.formats.names import entry_matches, layouts, matching_layouts, module_pattern
+from llavaq.formats.names import LAYOUT_NAMES, entry_matches, layouts, matching_layouts, module_pattern
 
 DROPPED = ("weight_offset", "quant_bias", "deq_scale")
 
@@ -54,7 +54,7 @@ def _args(symmetric: bool, strategy: str) -> dict[str, Any]:
 def compressed_tensors_config(quantized: list[str], float_linears: list[str]) -> dict[str, Any]:
     """The ``quantization_config`` we emit: int8 W8A8 static, channel-wise weights, per-tensor inputs.
 
-    Targets are by class (``Linear``); each float Linear is excluded by a pattern matching both layouts.
+    Targets are by class (``Linear``); each float Linear is excluded by a pattern matching every layout.
     """
     del quantized
     return {
@@ -129,7 +129,6 @@ def _read_config(path: Path) -> dict | None:
 # ---------------------------------------------------------------------------------------------- reading
 #: int8 weight formats whose quantized weight is stored as ``L.weight`` (int8) + ``L.weight_scale``
 READABLE_FORMATS = ("int-quantized", "naive-quantized")
-LAYOUT_NAMES = ("transformers 4.37 and vLLM", "transformers >= 4.52")
 
 
 @dataclass(frozen=True)

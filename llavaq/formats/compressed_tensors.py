@@ -232,25 +232,25 @@ class CompressedTensorsConfig:
         return s
 
     def problems(self, quantized: list[str], float_linears: list[str]) -> list[str]:
-        """Linears that a loader would treat wrongly, in either module layout."""
+        """Linears that a loader would treat wrongly under one of the module-name layouts (one line each)."""
         out = []
         for m in quantized:
             ignored = matching_layouts(self.ignore, m)
             for i, name in enumerate(layouts(m)):
                 if ignored[i]:
                     out.append(f"config.json: quantization_config.ignore lists quantized Linear {m}"
-                               + (f" (as {LAYOUT_NAMES[i]} name it: {name})" if name != m else ""))
+                               + (f" (under the name {name}: {LAYOUT_NAMES[i]})" if name != m else ""))
                     break
                 if self.group_for(m, i) is None:
-                    out.append(f"config.json: no config group targets quantized Linear {m} as {LAYOUT_NAMES[i]} "
-                               f"name it ({name})")
+                    out.append(f"config.json: no config group targets quantized Linear {m} under the name {name} "
+                               f"({LAYOUT_NAMES[i]})")
                     break
         for m in float_linears:
             ignored = matching_layouts(self.ignore, m)
             for i, name in enumerate(layouts(m)):
                 if not ignored[i] and self.group_for(m, i) is not None:
-                    out.append(f"config.json: quantization_config.ignore does not cover float Linear {m} as "
-                               f"{LAYOUT_NAMES[i]} name it ({name}): it would load as a quantized Linear with no "
-                               "scales (NaN)")
+                    out.append(f"config.json: quantization_config.ignore does not cover float Linear {m} under the "
+                               f"name {name} ({LAYOUT_NAMES[i]}): it would load as a quantized Linear with no scales "
+                               "(NaN)")
                     break
         return out

@@ -47,8 +47,9 @@ _PREFIXES = (
     ("lm_head.", "language_model.lm_head."),
 )
 
-#: the module-name layouts a loader may use, by who uses them (:func:`layouts` gives a module's name in each)
-LAYOUT_NAMES = ("transformers 4.37-4.51 and vLLM", "transformers 4.52-5.5", "transformers >= 5.6")
+#: the module-name layouts of the loaded model, by transformers version (:func:`layouts` gives a module's name
+#: in each); vLLM's own module names are the first
+LAYOUT_NAMES = ("transformers 4.37-4.51", "transformers 4.52-5.5", "transformers >= 5.6")
 
 
 def to_internal(name: str) -> str:

@@ -478,19 +478,28 @@ def _prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answe
                         tok.decode(answer[0], skip_special_tokens=True), a, cos, t1, every.means()[0], kl, every.n)
 
 
-@torch.no_grad()
-def _perplexity(fp: nn.Module, qm: nn.Module, tokenizer, text: str, window: int, max_tokens: int,
-                acc: _Acc, reference: dict | None = None) -> tuple[float, float, int, _Acc]:
+def perplexity_windows(tokenizer, text: str, window: int = 256, max_tokens: int = 4096) -> list[torch.Tensor]:
+    """The held-out text as ``verify`` scores it: the first ``max_tokens`` tokens in chunks of ``window − 1``,
+    each after a BOS token (when the tokenizer has one); every token but the first of a window is predicted."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
     bos = tokenizer.bos_token_id
-    nll_f = nll_q = 0.0
-    n = 0
-    local = _Acc()
+    out = []
     for start in range(0, ids.numel(), window - 1):
         chunk = ids[start: start + window - 1]
         if chunk.numel() < 2:
             break
-        x = torch.cat([torch.tensor([bos]), chunk]).unsqueeze(0) if bos is not None else chunk.unsqueeze(0)
+        out.append(torch.cat([torch.tensor([bos]), chunk]) if bos is not None else chunk)
+    return out
+
+
+@torch.no_grad()
+def _perplexity(fp: nn.Module, qm: nn.Module, tokenizer, text: str, window: int, max_tokens: int,
+                acc: _Acc, reference: dict | None = None) -> tuple[float, float, int, _Acc]:
+    nll_f = nll_q = 0.0
+    n = 0
+    local = _Acc()
+    for w in perplexity_windows(tokenizer, text, window, max_tokens):
+        x = w.unsqueeze(0)
         key = ("text", tuple(x[0].tolist()))
         if reference is not None and key in reference:
             lf = reference[key]

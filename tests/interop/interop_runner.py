@@ -13,7 +13,8 @@ parameters mean).
 
 ``--jobs FILE`` runs several such loads in one process (transformers is imported once): a JSON list of
 objects with the keys ``model``, ``inputs``, ``out`` and optionally ``dtype``, ``activation_quant`` (the object
-itself) and ``bad_token``.
+itself) and ``bad_token``; a job with ``windows`` (a safetensors file of 1-D token tensors ``w0``, ``w1``, …)
+instead reports the summed next-token NLL over them (``nll_sum``, ``tokens``): perplexity.
 
 The last stdout line is a JSON object (with ``--jobs``: a list, one per job): versions, the load report
 (missing / unexpected / mismatched keys, error messages, and any load-report or warning line transformers
@@ -103,6 +104,20 @@ def run_job(job: dict, generate: int) -> dict:
         modules = dict(model.named_modules())
         for name, (scale, offset) in job["activation_quant"].items():
             modules[name].register_forward_pre_hook(_fake_quant_hook(scale, offset))
+
+    if job.get("windows"):  # perplexity: the summed next-token NLL over token windows (w0, w1, ...)
+        windows = load_file(job["windows"])
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for key in sorted(windows, key=lambda k: int(k[1:])):
+                x = windows[key].unsqueeze(0)
+                logits = model(input_ids=x).logits[0, :-1].double()
+                nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+                n += x.shape[1] - 1
+        return {"transformers": transformers.__version__, "compressed_tensors": compressed_tensors.__version__,
+                "dtype": str(model.dtype).replace("torch.", ""), "missing_keys": sorted(info.get("missing_keys", [])),
+                "unexpected_keys": sorted(info.get("unexpected_keys", [])), "nll_sum": nll, "tokens": n,
+                "finite": bool(nll == nll and abs(nll) != float("inf"))}
 
     inputs = load_file(job["inputs"])
     names = sorted({k.rsplit(".", 1)[0] for k in inputs})

@@ -49,6 +49,27 @@ def emulated_ppl(model: Path, export: Path, windows: list[torch.Tensor]) -> tupl
     return math.exp(nll_f / n), math.exp(nll_q / n), time.perf_counter() - t0
 
 
+def vllm_cuda_zero_points(export: Path) -> tuple[int, int]:
+    """(Linears whose zero point vLLM's CUDA int8 kernels rebuild one off, all W8A8 Linears).
+
+    vLLM 0.33.0 ``kernels/linear/scaled_mm/cutlass.py`` (and ``triton.py``) turn the per-tensor scale and zero
+    point back into a range and then into ``azp = (-128 - range_min / scale).to(int32)``: a truncation.
+    """
+    from llavaq.formats.reader import read_quantized
+
+    view = read_quantized(export)
+    off = 0
+    for name in view.quantized:
+        lv = view.linear(name)
+        s, azps = lv.input_scale.float(), lv.input_offset.to(torch.int32)
+        range_max = (s * (127 - azps)).max()
+        range_min = (s * (-128 - azps)).min()
+        scale = (range_max - range_min) / 255
+        azp = (-128 - range_min / scale).to(torch.int32)
+        off += int(azp.item() != int(lv.input_offset.item()))
+    return off, len(view.quantized)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, required=True)
@@ -83,6 +104,7 @@ def main(argv=None) -> int:
         assert not r["missing_keys"] and not r["unexpected_keys"] and r["finite"], r
         res[f"ppl_transformers_{r['dtype']}"] = math.exp(r["nll_sum"] / r["tokens"])
     res["gap_percent_float32"] = (res["ppl_transformers_float32"] / ppl_emul - 1) * 100
+    res["vllm_cuda_zero_point_off_by_one"], res["w8a8_linears"] = vllm_cuda_zero_points(a.export)
     print(json.dumps(res, indent=1))
     if a.markdown:
         write_section(a.markdown, markdown(res, a.model, a.export))
@@ -119,6 +141,10 @@ def markdown(r: dict, model: Path, export: Path) -> str:
         "zero point, the emulation multiplies the integers exactly; they differ by float rounding only). In the "
         "checkpoint's float16, compressed-tensors also casts `input_scale` to float16, which moves the "
         "quantization grid slightly.",
+        "",
+        f"vLLM (from its source, not run: no GPU): its CUDA int8 kernels would rebuild the zero point of "
+        f"{r['vllm_cuda_zero_point_off_by_one']} of these {r['w8a8_linears']} W8A8 Linears one off (the truncation "
+        "described in README \"Output formats\"), shifting their clamping window by one code.",
         "",
     ])
 

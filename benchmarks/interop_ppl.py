@@ -111,6 +111,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _recipe_line(export: Path) -> str:
+    rec = json.loads((export / "llavaq_record.json").read_text()).get("recipe", {})
+    keys = ("anti_outlier", "act_method", "modules", "m2_search")
+    text = ", ".join(f"{k}={rec.get(k)}" for k in keys)
+    default = (rec.get("anti_outlier"), rec.get("act_method"), rec.get("modules")) == ("m2", 2, "msmodelslim")
+    return text + (" (the default: msModelSlim's recipe)" if default else "")
+
+
 def markdown(r: dict, model: Path, export: Path) -> str:
     import datetime
 
@@ -120,7 +128,7 @@ def markdown(r: dict, model: Path, export: Path) -> str:
         "",
         f"Run {datetime.date.today().isoformat()} on {machine_line()}. Command: `python benchmarks/interop_ppl.py "
         f"--model {model} --export {export} --markdown docs/BENCHMARKS.md` (after `make interop-env` and "
-        "`llavaq quantize --format compressed-tensors` with the default recipe and `calibImages/`).",
+        f"`llavaq quantize --format compressed-tensors` on `calibImages/`). Recipe: {_recipe_line(export)}.",
         f"The demo model's export loaded with plain `LlavaForConditionalGeneration.from_pretrained` in transformers "
         f"{r['transformers']} + compressed-tensors {r['compressed_tensors']} (no MISSING/UNEXPECTED keys), "
         f"perplexity on `llavaq/data/eval/heldout.txt` in `verify`'s {r['windows']} windows of 256 tokens "

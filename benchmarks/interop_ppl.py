@@ -146,7 +146,8 @@ def markdown(r: dict, model: Path, export: Path) -> str:
         "",
         f"transformers vs the emulation (float32): **{r['gap_percent_float32']:+.3f} %** (within 1 %: compressed-"
         "tensors decompresses W_q·ws and fake-quantizes every W8A8 input with the file's float32 scale and int8 "
-        "zero point, the emulation multiplies the integers exactly; they differ by float rounding only). In the "
+        "zero point, the emulation multiplies the integers exactly: the same arithmetic up to float rounding and the "
+        "two transformers versions' float code, which flip a few int8 codes across the layers). In the "
         "checkpoint's float16, compressed-tensors also casts `input_scale` to float16, which moves the "
         "quantization grid slightly.",
         "",

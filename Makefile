@@ -8,7 +8,7 @@ DEMO_OUT ?= demo/out-w8a8
 DEMO_CACHE ?= demo/cache
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo-model demo test lint parity-env parity bench-fidelity bench-scale bench-streams bench-vs-msmodelslim llmc-env bench-vs-llmcompressor clean
+.PHONY: install install-dev demo-model demo test lint parity-env parity interop-env interop bench-fidelity bench-scale bench-streams bench-vs-msmodelslim llmc-env bench-vs-llmcompressor clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,12 @@ demo: demo-model
 	$(VENV)/bin/llavaq inspect $(DEMO_OUT)
 	$(VENV)/bin/llavaq verify --model_path $(DEMO_MODEL) --quantized $(DEMO_OUT)
 
-# The parity tests (tests/parity) compare with msModelSlim itself when .venv-msms exists (`make parity-env`);
-# CI creates it first, and there a missing reference venv fails the run instead of skipping.
+# The parity tests (tests/parity) compare with msModelSlim itself when .venv-msms exists (`make parity-env`),
+# the interop tests (tests/interop) load every export in the newest transformers when .venv-interop exists
+# (`make interop-env`); CI creates both first, and there a missing venv fails the run instead of skipping.
 test: install-dev
-	LLAVAQ_MSMS_PYTHON=$(CURDIR)/.venv-msms/bin/python $(PY) -m pytest tests
+	LLAVAQ_MSMS_PYTHON=$(CURDIR)/.venv-msms/bin/python LLAVAQ_INTEROP_PYTHON=$(CURDIR)/.venv-interop/bin/python \
+		$(PY) -m pytest tests
 
 lint: install-dev
 	$(VENV)/bin/ruff check llavaq tests benchmarks
@@ -48,6 +50,14 @@ parity-env:
 
 parity: install-dev parity-env
 	LLAVAQ_MSMS_PYTHON=.venv-msms/bin/python $(PY) -m pytest tests/parity
+
+# The newest transformers + compressed-tensors (torch 2.13.0 CPU first) in their own venv: the interop tests'
+# client. llavaq itself stays on transformers 4.37.2 and never imports it.
+interop-env:
+	bash scripts/setup_interop_env.sh .venv-interop
+
+interop: install-dev interop-env
+	LLAVAQ_INTEROP_PYTHON=$(CURDIR)/.venv-interop/bin/python $(PY) -m pytest tests/interop
 
 bench-fidelity: demo-model
 	$(PY) benchmarks/fidelity.py --model $(DEMO_MODEL) --work demo/bench-fidelity --markdown docs/BENCHMARKS.md

@@ -85,7 +85,8 @@ def calibrate(
     device = resolve_devices(device_type)
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
     # each photo is encoded as it is decoded: one decoded photo in memory at a time
-    loaded = load_images(calib_images, lambda im, path: image_sample(processor, im, recipe.prompt, path.name))
+    loaded = load_images(calib_images, lambda im, path: image_sample(processor, im, recipe.prompt, path.name),
+                         mode=recipe.image_loading)
     if loaded.skipped_line():
         progress.log(f"warning: {loaded.skipped_line()}")
     samples = loaded.images + text_samples(processor, recipe.text_prompts)

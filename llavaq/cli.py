@@ -46,7 +46,7 @@ def _float_linears(value: str | None) -> tuple[str, ...]:
 
 def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: int, modules: str,
             m2_search: str, float_dtype: str, text_prompts: Path | None, keep_float: int = 0,
-            float_linears: str | None = None, **weight_options) -> QuantRecipe:
+            float_linears: str | None = None, image_loading: str = "upright", **weight_options) -> QuantRecipe:
     prompts: tuple[str, ...] = ()
     if text_prompts is not None:
         from llavaq.calib.prompts import read_text_prompts
@@ -55,7 +55,7 @@ def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: i
     return QuantRecipe(w_bit=w_bit, a_bit=a_bit, anti_outlier=anti_outlier, alpha=alpha, act_method=act_method,
                        modules=modules, m2_search=m2_search, float_dtype=float_dtype, text_prompts=prompts,
                        prompt=DEFAULT_PROMPT, keep_float=keep_float, float_linears=_float_linears(float_linears),
-                       **_weight_options(**weight_options))
+                       image_loading=image_loading, **_weight_options(**weight_options))
 
 
 def _weight_options(smooth_vo: bool = False, weight_method: str = "rtn", gptq_damp: float = 0.01,
@@ -101,6 +101,10 @@ GptqDamp = typer.Option(0.01, "--gptq_damp", help="GPTQ dampening: fraction of t
 GptqBlock = typer.Option(128, "--gptq_block_size", help="GPTQ columns per lazy update (speed only).")
 GptqActOrder = typer.Option("True", "--gptq_act_order", help="GPTQ: quantize input columns in decreasing order of "
                             "their activation power (True/False).")
+ImageLoading = typer.Option("upright", "--image_loading",
+                            help="How calibration photos become RGB: upright (EXIF orientation applied, transparent "
+                                 "pixels on white) or msmodelslim (exactly msModelSlim's example: as decoded, then "
+                                 "convert('RGB'): no EXIF transpose, alpha dropped).")
 CacheDir = typer.Option(None, "--cache_dir", help="Session cache root (default $LLAVAQ_CACHE_DIR or ~/.cache/llavaq).")
 StreamMemory = typer.Option(None, "--stream_memory_gb",
                             help="GB of RAM for the calibration samples' hidden states between layers; beyond it "
@@ -187,6 +191,7 @@ def quantize(
     m2_search: str = M2Search,
     float_dtype: str = FloatDtype,
     text_prompts: Path = TextPrompts,
+    image_loading: str = ImageLoading,
     keep_float: int = KeepFloat,
     float_linears: str = FloatLinears,
     smooth_vo: bool = SmoothVO,
@@ -203,9 +208,9 @@ def quantize(
     from llavaq import api
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts,
-                     keep_float, float_linears, smooth_vo=smooth_vo, weight_method=weight_method,
-                     gptq_damp=gptq_damp, gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order,
-                     smooth_stat=smooth_stat)
+                     keep_float, float_linears, image_loading=image_loading, smooth_vo=smooth_vo,
+                     weight_method=weight_method, gptq_damp=gptq_damp, gptq_block_size=gptq_block_size,
+                     gptq_act_order=gptq_act_order, smooth_stat=smooth_stat)
     trust = _bool(trust_remote_code, "--trust_remote_code")
     fmt = format or ("mindie" if mindie_format else "msmodelslim")
     _device_line(device_type)
@@ -245,13 +250,15 @@ def calibrate(
     smooth_stat: str = SmoothStat,
     weight_method: str = typer.Option("rtn", "--weight_method", help="gptq: also record the input moments GPTQ "
                                       "needs, so exports can use --weight_method gptq (and rtn)."),
+    image_loading: str = ImageLoading,
     stream_memory_gb: float = StreamMemory,
 ) -> None:
     """Run calibration once and store the session cache (resumes if interrupted)."""
     from llavaq import api
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, "auto", text_prompts,
-                     smooth_vo=smooth_vo, weight_method=weight_method, smooth_stat=smooth_stat)
+                     smooth_vo=smooth_vo, weight_method=weight_method, image_loading=image_loading,
+                     smooth_stat=smooth_stat)
     _device_line(device_type)
     with _progress() as progress:
         cal = api.calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,

@@ -159,6 +159,9 @@ def inspect_output(path: Path) -> dict[str, Any]:
         err = gptq_errors.get(name)
         if err:
             row["weight_error_rtn"], row["weight_error_gptq"] = _f(err["rtn"]), _f(err["gptq"])
+        if lv.activation != "static":  # per-token scales computed at run time, or float inputs (weight-only)
+            row["input_scale"] = row["input_offset"] = "per-token" if lv.activation == "dynamic" else "float"
+        row["activation"] = lv.activation
         cs = (stats or {}).get("linears", {}).get(name) if stats else None
         if cs and not rec.get("derived_from_cache"):
             if "clip_ratio" in cs:
@@ -173,7 +176,7 @@ def inspect_output(path: Path) -> dict[str, Any]:
         "path": str(path),
         "format": view.format,
         "format_description": get_format(view.format).description,
-        "written_by": "llavaq " + rec["version"] if rec.get("version") else "msModelSlim (no llavaq_record.json)",
+        "written_by": _written_by(view, path),
         "model": model,
         "recipe": rec.get("recipe") or cfg.get("quantization_config"),
         "derived_from_cache": rec.get("derived_from_cache"),
@@ -189,6 +192,18 @@ def inspect_output(path: Path) -> dict[str, Any]:
         "problems": problems,
         "ok": not problems,
     }
+
+
+def _written_by(view, path: Path) -> str:
+    rec = view.record or {}
+    if rec.get("version"):
+        return "llavaq " + rec["version"]
+    if view.format in ("msmodelslim", "mindie"):
+        return "msModelSlim (no llavaq_record.json)"
+    qc = (view.config or {}).get("quantization_config") or {}
+    if (path / "recipe.yaml").is_file():
+        return f"llm-compressor (recipe.yaml; compressed-tensors {qc.get('version', '?')}; no llavaq_record.json)"
+    return "another tool (no llavaq_record.json)"
 
 
 def inspect_cache(path: Path) -> dict[str, Any]:

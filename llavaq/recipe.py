@@ -21,6 +21,8 @@ M2_SEARCH_MODES = ("full", "fast", "exhaustive")
 WEIGHT_METHODS = ("rtn", "gptq")
 SMOOTH_STATS = ("absmax", "range")
 FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
+#: how calibration photos become RGB (llavaq.calib.images.load_image); the first is the default
+IMAGE_LOADING = ("upright", "msmodelslim")
 DEFAULT_PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 
 
@@ -63,6 +65,9 @@ class QuantRecipe:
     #: Record each quantized Linear's input moments (the Hessian GPTQ needs) in the session cache.
     #: Calibration-time; implied by ``weight_method="gptq"``.
     input_moments: bool = False
+    #: How calibration photos become RGB: "upright" (EXIF orientation applied, alpha composited on white) or
+    #: "msmodelslim" (upstream's example exactly: as decoded, then convert("RGB")). Changes the calibration inputs.
+    image_loading: str = "upright"
 
     def __post_init__(self) -> None:
         if self.w_bit != 8 or self.a_bit != 8:
@@ -104,6 +109,9 @@ class QuantRecipe:
         if self.smooth_vo and self.anti_outlier == "none":
             raise LlavaqError("--smooth_vo needs an anti-outlier method (--anti_outlier m1 or m2): it smooths "
                               "v_proj -> o_proj the way the method smooths the norm groups")
+        if self.image_loading not in IMAGE_LOADING:
+            raise LlavaqError(f"--image_loading must be one of {', '.join(IMAGE_LOADING)}, "
+                              f"not {self.image_loading!r}")
         if self.keep_float < 0:
             raise LlavaqError(f"--keep_float must be >= 0, not {self.keep_float}")
         object.__setattr__(self, "float_linears", tuple(self.float_linears))
@@ -141,7 +149,8 @@ class QuantRecipe:
                           "activation_sample_tokens")
     #: Calibration fields added after caches existed: part of the key only when not at their default, so the
     #: session caches of earlier recipes keep their ids.
-    OPTIONAL_CALIBRATION_FIELDS: ClassVar[dict[str, Any]] = {"input_moments": False, "smooth_vo": False}
+    OPTIONAL_CALIBRATION_FIELDS: ClassVar[dict[str, Any]] = {"input_moments": False, "smooth_vo": False,
+                                                             "image_loading": "upright"}
 
     def calibration_dict(self) -> dict[str, Any]:
         d = self.to_dict()

@@ -32,7 +32,13 @@ from torch import nn
 
 from llavaq.calib.prompts import read_user_text
 from llavaq.errors import ImageError, LlavaqError, OutputError, VerificationFailed
-from llavaq.quant.emulate import EMULATION_MODES, EmulatedW8A8Linear, QuantLinearParams, quantize_input
+from llavaq.quant.emulate import (
+    EMULATION_MODES,
+    EmulatedW8A8Linear,
+    QuantLinearParams,
+    kernel_mode,
+    quantize_input,
+)
 
 QUANT_SUFFIXES = ("weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
 IMAGE_TEMPLATE = "USER: <image>\n{q} ASSISTANT:"
@@ -53,7 +59,8 @@ class QuantizedCheckpoint:
 
 
 def read_quantized_output(path: str | Path) -> QuantizedCheckpoint:
-    """Read any W8A8 output llavaq writes (msmodelslim, mindie, compressed-tensors, fakequant)."""
+    """Read any W8A8 output llavaq writes (msmodelslim, mindie, compressed-tensors, fakequant), msModelSlim's own
+    and llm-compressor's int8 compressed-tensors outputs (either transformers key layout)."""
     from llavaq.formats.reader import read_quantized
 
     path = Path(path)
@@ -69,7 +76,8 @@ def read_quantized_output(path: str | Path) -> QuantizedCheckpoint:
             qb = (-lv.input_offset.double() * lv.weight.double().sum(1)).round().to(torch.int32)
             post = lv.bias
         linears[lv.name] = QuantLinearParams(lv.weight, lv.weight_scale.float(), lv.input_scale.float(),
-                                             lv.input_offset.float(), qb, lv.deq_scale.float(), lv.bias, post)
+                                             lv.input_offset.float(), qb, lv.deq_scale.float(), lv.bias, post,
+                                             lv.activation)
     return QuantizedCheckpoint(path, view.format, floats, linears, view.record or {})
 
 
@@ -128,7 +136,7 @@ def build_quantized_model(float_model: nn.Module, q: QuantizedCheckpoint, *, mod
     if missing:
         raise OutputError(f"{q.path}: the output has no tensor for {missing[0]} ({len(missing)} missing)")
     for name, lq in q.linears.items():
-        _set_submodule(model, name, EmulatedW8A8Linear(lq, mode))
+        _set_submodule(model, name, EmulatedW8A8Linear(lq, kernel_mode(mode, lq)))
     return model.eval()
 
 
@@ -470,19 +478,28 @@ def _prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answe
                         tok.decode(answer[0], skip_special_tokens=True), a, cos, t1, every.means()[0], kl, every.n)
 
 
-@torch.no_grad()
-def _perplexity(fp: nn.Module, qm: nn.Module, tokenizer, text: str, window: int, max_tokens: int,
-                acc: _Acc, reference: dict | None = None) -> tuple[float, float, int, _Acc]:
+def perplexity_windows(tokenizer, text: str, window: int = 256, max_tokens: int = 4096) -> list[torch.Tensor]:
+    """The held-out text as ``verify`` scores it: the first ``max_tokens`` tokens in chunks of ``window − 1``,
+    each after a BOS token (when the tokenizer has one); every token but the first of a window is predicted."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
     bos = tokenizer.bos_token_id
-    nll_f = nll_q = 0.0
-    n = 0
-    local = _Acc()
+    out = []
     for start in range(0, ids.numel(), window - 1):
         chunk = ids[start: start + window - 1]
         if chunk.numel() < 2:
             break
-        x = torch.cat([torch.tensor([bos]), chunk]).unsqueeze(0) if bos is not None else chunk.unsqueeze(0)
+        out.append(torch.cat([torch.tensor([bos]), chunk]) if bos is not None else chunk)
+    return out
+
+
+@torch.no_grad()
+def _perplexity(fp: nn.Module, qm: nn.Module, tokenizer, text: str, window: int, max_tokens: int,
+                acc: _Acc, reference: dict | None = None) -> tuple[float, float, int, _Acc]:
+    nll_f = nll_q = 0.0
+    n = 0
+    local = _Acc()
+    for w in perplexity_windows(tokenizer, text, window, max_tokens):
+        x = w.unsqueeze(0)
         key = ("text", tuple(x[0].tolist()))
         if reference is not None and key in reference:
             lf = reference[key]

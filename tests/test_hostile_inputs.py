@@ -359,6 +359,55 @@ def test_unreadable_image_reason(name, tmp_path):
     assert why in e.value.message and name in e.value.message
 
 
+# --image_loading msmodelslim: upstream's pixels (as decoded, then convert("RGB")): no EXIF transpose, alpha dropped
+MSMODELSLIM_LOADED = {
+    "rgba.png": lambda im: np.asarray(im)[0, 7].tolist() == [10, 200, 10],  # the transparent half keeps its RGB
+    "exif_rotated.jpg": lambda im: im.size == (40, 20),  # stored landscape, not turned upright
+    "palette_transparent.png": lambda im: np.asarray(im)[0, 0].tolist() == [200, 10, 10],
+    "gray.png": lambda im: np.asarray(im)[0, 0].tolist() == [77, 77, 77],
+}
+
+
+@pytest.mark.parametrize("name", list(GOOD_IMAGES))
+def test_msmodelslim_loading_is_upstreams_convert_rgb(name, tmp_path):
+    write, _ = GOOD_IMAGES[name]
+    write(tmp_path / name)
+    im = load_image(tmp_path / name, "msmodelslim")
+    with Image.open(tmp_path / name) as raw:
+        upstream = raw.convert("RGB") if raw.mode != "RGB" else raw.copy()
+    assert im.mode == "RGB" and im.size == upstream.size and im.tobytes() == upstream.tobytes()
+    if name in MSMODELSLIM_LOADED:
+        assert MSMODELSLIM_LOADED[name](im), np.asarray(im)[:2, :8].tolist()
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_msmodelslim_loading_keeps_the_guards(name, tmp_path):
+    """Size limits, bomb guard, empty/truncated/non-image files: the same one-line reasons in both modes."""
+    from llavaq.errors import ImageError
+
+    write, why = BAD_IMAGES[name]
+    write(tmp_path / name)
+    with pytest.raises(ImageError) as e:
+        load_image(tmp_path / name, "msmodelslim")
+    assert why in e.value.message and name in e.value.message
+
+
+def test_image_loading_keys_the_cache_only_when_set(hostile_images):
+    from llavaq.errors import LlavaqError
+    from llavaq.recipe import QuantRecipe
+
+    assert "image_loading" not in QuantRecipe().calibration_dict()  # default recipes keep their cache keys
+    assert QuantRecipe().calibration_key() == "7817ec99020e385c"  # the key before --image_loading existed
+    mm = QuantRecipe(image_loading="msmodelslim")
+    assert mm.calibration_dict()["image_loading"] == "msmodelslim" and mm.calibration_key() != "7817ec99020e385c"
+    assert QuantRecipe.from_dict(mm.to_dict()) == mm
+    with pytest.raises(LlavaqError, match="--image_loading must be one of upright, msmodelslim"):
+        QuantRecipe(image_loading="sideways")
+    # the EXIF/alpha photos give other pixels, so other calibration inputs
+    up, ms = load_images(hostile_images), load_images(hostile_images, mode="msmodelslim")
+    assert [p.name for p in up.paths] == [p.name for p in ms.paths] and up.digest() != ms.digest()
+
+
 def test_bomb_limits_documented():
     # 12000 x 12000 = 144 MP: above our refusal limit and above PIL's warning threshold (89.5 MP) but
     # below PIL's hard error (179 MP); we refuse at 64 MP and downscale anything wider than 4096 px.
@@ -733,3 +782,29 @@ def test_sigint_during_calibration_resumes_to_same_result(deep_model, tmp_path):
     assert list(got) == list(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_cli_image_loading_flag(tiny_model, io_dirs, tmp_path, capsys):
+    """--image_loading on calibrate and quantize: recorded in llavaq_record.json, its own session cache; a bad
+    value is a one-line error."""
+    cache, save = io_dirs
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _rgb(40, 30).save(photos / "a.png")
+    _rgba(photos / "b_alpha.png")
+    _exif_rotated(photos / "c_exif.jpg")
+    res = cli(capsys, *quantize_args(tiny_model, photos, save, cache, "--image_loading", "msmodelslim"))
+    assert res.code == 0, res.err
+    rec = json.loads((save / "llavaq_record.json").read_text())
+    assert rec["recipe"]["image_loading"] == "msmodelslim"
+    cal = cli(capsys, "calibrate", "--model_path", tiny_model, "--calib_images", photos, "--cache_dir", cache,
+              "--device_type", "cpu")
+    assert cal.code == 0, cal.err
+    sessions = sorted(p.name for p in cache.iterdir())
+    assert len(sessions) == 2  # upright and msmodelslim calibrate different pixels: two sessions
+    again = cli(capsys, "calibrate", "--model_path", tiny_model, "--calib_images", photos, "--cache_dir", cache,
+                "--device_type", "cpu", "--image_loading", "msmodelslim")
+    assert again.code == 0 and "reused cached calibration" in again.err
+    bad = cli(capsys, *quantize_args(tiny_model, photos, tmp_path / "x", cache, "--image_loading", "sideways"))
+    assert bad.code == 2 and bad.err.strip().splitlines() == [
+        "error: --image_loading must be one of upright, msmodelslim, not 'sideways'"]

@@ -14,6 +14,7 @@ from llavaq.algorithms.sensitivity import most_sensitive, w8a8_relative_error
 from llavaq.api import open_model
 from llavaq.calib.engine import ForwardCounter
 from llavaq.errors import LlavaqError
+from llavaq.formats.names import matching_layouts, module_pattern
 from llavaq.formats.reader import read_quantized
 from llavaq.quant.state import linear_errors, resolve_float_linears
 from llavaq.recipe import QuantRecipe
@@ -94,7 +95,11 @@ def test_keep_float_keeps_the_most_sensitive_linears_in_float(kept, quantized, t
 def test_keep_float_in_compressed_tensors_ignore(kept):
     cfg = json.loads((kept["compressed-tensors"].save_directory / "config.json").read_text())
     ignore = cfg["quantization_config"]["ignore"]
-    assert set(kept["compressed-tensors"].kept_float) <= set(ignore)
+    kept_float = kept["compressed-tensors"].kept_float
+    assert kept_float and {module_pattern(n) for n in kept_float} <= set(ignore)
+    for n in kept_float:  # ignored as every transformers version and vLLM name it
+        assert matching_layouts(ignore, n) == (True, True, True), n
+    assert read_quantized(kept["compressed-tensors"].save_directory).check() == []
 
 
 def test_resolution_is_idempotent_and_explicit_names_are_kept(quantized, tiny_model):

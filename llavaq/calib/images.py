@@ -1,7 +1,13 @@
 """Robust loading of calibration / evaluation photos.
 
-Every readable image is used (EXIF orientation applied, converted to 8-bit RGB); unreadable files
-are reported together in one summary line; zero usable images is an error. Images over
+Every readable image is used, converted to 8-bit RGB in one of two ways (:data:`IMAGE_LOADING`):
+
+- ``upright`` (default): EXIF orientation applied, transparent pixels composited on white, 16-bit
+  scaled to 8 bit, images wider/taller than ``MAX_SIDE`` downscaled;
+- ``msmodelslim``: exactly what msModelSlim's LLaVA example feeds its processor: the file as
+  ``Image.open`` decodes it, then ``convert("RGB")`` (no EXIF transpose, alpha dropped, no downscale).
+
+Unreadable files are reported together in one summary line; zero usable images is an error. Images over
 ``MAX_PIXELS`` are refused (decompression-bomb guard), images wider/taller than ``MAX_SIDE`` are
 downscaled, images under ``MIN_SIDE`` px are refused. Licence/readme notes (``LICENSE*``,
 ``README*``, ``*.md``) are ignored. Files are taken from the folder itself, sorted by name
@@ -22,6 +28,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llavaq.errors import ImageError
+from llavaq.recipe import IMAGE_LOADING  # --image_loading choices (module docstring); first = default
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 #: Images with more pixels than this are refused as possible decompression bombs (≈ 8k × 8k), from
@@ -97,8 +104,13 @@ def list_image_files(folder: Path, skipped: list[tuple[Path, str]] | None = None
     return files
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open one image as upright 8-bit RGB, or raise ImageError with the reason."""
+def load_image(path: Path, mode: str = "upright") -> Image.Image:
+    """Open one image as 8-bit RGB (``mode``: :data:`IMAGE_LOADING`), or raise ImageError with the reason.
+
+    The size limits, the bomb guard and the truncated/corrupted-file checks apply in both modes.
+    """
+    if mode not in IMAGE_LOADING:
+        raise ImageError(f"--image_loading must be one of {', '.join(IMAGE_LOADING)}, not {mode!r}")
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file")
@@ -114,6 +126,8 @@ def load_image(path: Path) -> Image.Image:
                         f"{path}: {im.width}x{im.height} pixels is too small (minimum {MIN_SIDE} px per side)"
                     )
                 im.load()
+                if mode == "msmodelslim":  # upstream: Image.open(path), then the processor's convert("RGB")
+                    return im.convert("RGB") if im.mode != "RGB" else im.copy()
                 im = ImageOps.exif_transpose(im)
                 if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
                     rgba = im.convert("RGBA")
@@ -143,8 +157,11 @@ def is_doc_file(path: Path) -> bool:
     return path.suffix.lower() in (".md", ".rst") or path.stem.upper() in DOC_NAMES
 
 
-def load_images(folder: str | Path, convert: Callable[[Image.Image, Path], Any] | None = None) -> LoadedImages:
+def load_images(folder: str | Path, convert: Callable[[Image.Image, Path], Any] | None = None,
+                mode: str = "upright") -> LoadedImages:
     """Every usable image of ``folder`` (sorted by name); unreadable files are listed in ``skipped``.
+
+    ``mode``: how each photo becomes RGB (:data:`IMAGE_LOADING`).
 
     ``convert(image, path)`` (optional) replaces each decoded image as soon as it is read, so that only
     one decoded photo is in memory at a time (calibration keeps the processor's 336 px tensors).
@@ -156,7 +173,7 @@ def load_images(folder: str | Path, convert: Callable[[Image.Image, Path], Any] 
     h = hashlib.sha256()
     for f in files:
         try:
-            im = load_image(f)
+            im = load_image(f, mode)
         except ImageError as e:
             reason = e.message.split(": ", 1)[-1]
             skipped.append((f, reason))

@@ -19,11 +19,17 @@ float32; rounding it to fp16 would move the quantization grid). ``weight_offset`
 ``deq_scale`` are msModelSlim kernel parameters and are not written (the library drops all-zero zero
 points of symmetric weights itself). Every other tensor is the float model's (smoothing folded).
 ``config.json`` gets a ``quantization_config`` that ``compressed_tensors.QuantizationConfig`` parses
-(the library's own ``model_dump`` of it); float Linears are listed in ``ignore``.
+(the library's own ``model_dump`` of it). Tensor keys keep the checkpoint's (transformers 4.37) names, which
+every loader maps; every float Linear is listed in ``ignore`` as one anchored ``re:`` pattern that matches it
+in every module layout (:func:`llavaq.formats.names.module_pattern`): the loaded model's names are
+``language_model.model.layers.N…`` / ``language_model.lm_head`` in transformers 4.37 and vLLM, but
+``model.language_model.layers.N…`` / ``lm_head`` in transformers >= 4.52 (and ``model.vision_tower.encoder…``
+from 5.6), and a plain 4.37 name would leave those Linears quantized there, with no scales (NaN).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from llavaq.errors import OutputError
 from llavaq.formats.base import ExportContext, TensorStream, checkpoint_float_dtype, copy_model_files, register_format
 from llavaq.formats.hf import HF_INDEX, write_hf_config, write_hf_safetensors
 from llavaq.formats.msmodelslim import write_record
+from llavaq.formats.names import LAYOUT_NAMES, entry_matches, layouts, matching_layouts, module_pattern
 
 DROPPED = ("weight_offset", "quant_bias", "deq_scale")
 
@@ -45,8 +52,11 @@ def _args(symmetric: bool, strategy: str) -> dict[str, Any]:
 
 
 def compressed_tensors_config(quantized: list[str], float_linears: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` we emit: int8 W8A8 static, channel-wise weights, per-tensor inputs."""
-    del quantized  # targets are by class ("Linear"); float Linears are excluded through ``ignore``
+    """The ``quantization_config`` we emit: int8 W8A8 static, channel-wise weights, per-tensor inputs.
+
+    Targets are by class (``Linear``); each float Linear is excluded by a pattern matching every layout.
+    """
+    del quantized
     return {
         "config_groups": {
             "group_0": {
@@ -61,7 +71,7 @@ def compressed_tensors_config(quantized: list[str], float_linears: list[str]) ->
         "format": "int-quantized",
         "quantization_status": "compressed",
         "global_compression_ratio": None,
-        "ignore": list(float_linears),
+        "ignore": [module_pattern(n) for n in float_linears],
     }
 
 
@@ -114,3 +124,133 @@ def _read_config(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return cfg if isinstance(cfg, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------- reading
+#: int8 weight formats whose quantized weight is stored as ``L.weight`` (int8) + ``L.weight_scale``
+READABLE_FORMATS = ("int-quantized", "naive-quantized")
+
+
+@dataclass(frozen=True)
+class LinearScheme:
+    """What a compressed-tensors config group asks of one quantized Linear, as llavaq emulates it.
+
+    ``activation``: ``static`` (per-tensor ``input_scale`` [+ ``input_zero_point`` when asymmetric]),
+    ``dynamic`` (per-token symmetric scales computed at run time) or ``none`` (weight-only, W8A16).
+    """
+
+    group: str
+    activation: str = "static"
+    input_symmetric: bool = False
+    weight_strategy: str = "channel"
+
+
+def _unsupported(where: str, what: str) -> OutputError:
+    return OutputError(f"{where}: {what} is not read by llavaq (int8 W8A8 static or per-token dynamic, or W8A16, "
+                       "with int8 channel/tensor weights in the int-quantized format)")
+
+
+def _scheme(name: str, group: Any, where: str) -> LinearScheme:
+    if not isinstance(group, dict):
+        raise _unsupported(where, f"config group {name} ({group!r})")
+    w = group.get("weights")
+    if not isinstance(w, dict):
+        raise _unsupported(where, f"config group {name} without weight quantization")
+    if (w.get("num_bits"), w.get("type", "int"), w.get("symmetric", True), bool(w.get("dynamic", False))) != (
+            8, "int", True, False) or w.get("strategy") not in ("channel", "tensor"):
+        raise _unsupported(where, f"config group {name}'s weights ({w.get('num_bits')}-bit {w.get('type')} "
+                                  f"{w.get('strategy')}, symmetric={w.get('symmetric')})")
+    fmt = group.get("format")
+    if fmt is not None and fmt not in READABLE_FORMATS:
+        raise _unsupported(where, f"config group {name}'s format {fmt!r}")
+    a = group.get("input_activations")
+    if a is None:
+        return LinearScheme(name, "none", True, w["strategy"])
+    if not isinstance(a, dict) or (a.get("num_bits"), a.get("type", "int")) != (8, "int"):
+        raise _unsupported(where, f"config group {name}'s input activations ({a!r})")
+    dynamic = a.get("dynamic", False)
+    symmetric = bool(a.get("symmetric", True))
+    if dynamic is False and a.get("strategy") == "tensor":
+        return LinearScheme(name, "static", symmetric, w["strategy"])
+    if dynamic in (True, "local") and a.get("strategy") == "token" and symmetric:
+        return LinearScheme(name, "dynamic", True, w["strategy"])
+    raise _unsupported(where, f"config group {name}'s input activations ({a.get('strategy')}, dynamic={dynamic}, "
+                              f"symmetric={symmetric})")
+
+
+class CompressedTensorsConfig:
+    """A ``quantization_config`` as the loaders apply it: its groups' targets and its ``ignore`` list are
+    matched against the module names of the loaded model, in the layout of the loader
+    (:mod:`llavaq.formats.names`)."""
+
+    def __init__(self, qc: Any, where: str) -> None:
+        if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+            raise OutputError(f"{where}: no compressed-tensors quantization_config")
+        self.where = where
+        fmt = qc.get("format")
+        if fmt not in READABLE_FORMATS and fmt != "mixed-precision":
+            raise _unsupported(where, f"format {fmt!r}")
+        groups = qc.get("config_groups")
+        if not isinstance(groups, dict) or not groups:
+            raise OutputError(f"{where}: quantization_config has no config_groups")
+        self.groups: dict[str, tuple[list[str], LinearScheme]] = {}
+        for gname, g in groups.items():
+            targets = g.get("targets") if isinstance(g, dict) else None
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                raise OutputError(f"{where}: config group {gname} has no list of targets")
+            self.groups[gname] = (targets, _scheme(gname, g, where))
+        ignore = qc.get("ignore") or []
+        if not isinstance(ignore, list) or not all(isinstance(e, str) for e in ignore):
+            raise OutputError(f"{where}: quantization_config.ignore is not a list of names")
+        self.ignore: list[str] = ignore
+
+    def _rank(self, targets: list[str], name: str) -> int | None:
+        """compressed-tensors' precedence: exact name 0, ``re:`` pattern 1, class ``Linear`` 2; None: no match."""
+        ranks = [0 if t == name else 1 if t.startswith("re:") and entry_matches(t, name) else
+                 2 if t == "Linear" else None for t in targets]
+        found = [r for r in ranks if r is not None]
+        return min(found) if found else None
+
+    def group_for(self, module: str, layout: int | None = None) -> LinearScheme | None:
+        """The config group applying to internal Linear ``module`` (in one layout, or the first that has one)."""
+        for i, name in enumerate(layouts(module)):
+            if layout is not None and i != layout:
+                continue
+            best = None
+            for targets, scheme in self.groups.values():
+                r = self._rank(targets, name)
+                if r is not None and (best is None or r < best[0]):
+                    best = (r, scheme)
+            if best is not None:
+                return best[1]
+        return None
+
+    def scheme_for(self, module: str) -> LinearScheme:
+        s = self.group_for(module)
+        if s is None:
+            raise OutputError(f"{self.where}: no config group targets quantized Linear {module}")
+        return s
+
+    def problems(self, quantized: list[str], float_linears: list[str]) -> list[str]:
+        """Linears that a loader would treat wrongly under one of the module-name layouts (one line each)."""
+        out = []
+        for m in quantized:
+            ignored = matching_layouts(self.ignore, m)
+            for i, name in enumerate(layouts(m)):
+                if ignored[i]:
+                    out.append(f"config.json: quantization_config.ignore lists quantized Linear {m}"
+                               + (f" (under the name {name}: {LAYOUT_NAMES[i]})" if name != m else ""))
+                    break
+                if self.group_for(m, i) is None:
+                    out.append(f"config.json: no config group targets quantized Linear {m} under the name {name} "
+                               f"({LAYOUT_NAMES[i]})")
+                    break
+        for m in float_linears:
+            ignored = matching_layouts(self.ignore, m)
+            for i, name in enumerate(layouts(m)):
+                if not ignored[i] and self.group_for(m, i) is not None:
+                    out.append(f"config.json: quantization_config.ignore does not cover float Linear {m} under the "
+                               f"name {name} ({LAYOUT_NAMES[i]}): it would load as a quantized Linear with no scales "
+                               "(NaN)")
+                    break
+        return out

@@ -24,7 +24,7 @@ weight plus ``llavaq_quant_params.st`` with ``weight_scale``/``input_scale``/``i
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +34,7 @@ import torch
 
 from llavaq.errors import LlavaqError, OutputError
 from llavaq.formats.base import detect_format
+from llavaq.formats.names import to_internal
 from llavaq.model.checkpoint import _DTYPES, read_safetensors_header
 
 RECORD = "llavaq_record.json"
@@ -41,6 +42,7 @@ MSM_PREFIX = "quant_model_weight_w8a8"
 HF_PREFIX = "model"
 PARAMS_FILE = "llavaq_quant_params.st"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ZP_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64) + _FLOATS
 
 
 class TensorFiles:
@@ -50,9 +52,12 @@ class TensorFiles:
     them; an unreadable or missing weight file raises :class:`OutputError`.
     """
 
-    def __init__(self, root: Path, prefix: str) -> None:
+    def __init__(self, root: Path, prefix: str, rename: Callable[[str], str] | None = None) -> None:
         self.root = root
         self.problems: list[str] = []
+        #: internal name -> the key stored in the file (``rename`` maps stored keys to internal names)
+        self.stored: dict[str, str] = {}
+        rename = rename or (lambda k: k)
         self.index_file: Path | None = None
         single = root / f"{prefix}.safetensors"
         index = root / f"{prefix}.safetensors.index.json"
@@ -85,20 +90,25 @@ class TensorFiles:
                 raise OutputError(e.message) from None
             h.pop("__metadata__", None)
             self.headers[f] = h
-            for name in h:
+            for key in h:
+                name = rename(key)
                 if name in self.where:
-                    self.problems.append(f"{f}: tensor {name} is also in {self.where[name]}")
+                    other = self.stored[name]
+                    also = f"{other} in {self.where[name]}" if other != key else self.where[name]
+                    self.problems.append(f"{f}: tensor {key} is also in {also}")
                 self.where[name] = f
+                self.stored[name] = key
         if self.index_file is not None:
             total = 0
-            for name, f in weight_map.items():
-                if name not in self.where and (root / f).is_file():
-                    self.problems.append(f"{index.name}: {name} is mapped to {f} but {f} does not hold it")
-                elif name in self.where and self.where[name] != f:
-                    self.problems.append(f"{index.name}: {name} is mapped to {f} but is in {self.where[name]}")
+            held = {key: self.where[name] for name, key in self.stored.items()}
+            for key, f in weight_map.items():
+                if key not in held and (root / f).is_file():
+                    self.problems.append(f"{index.name}: {key} is mapped to {f} but {f} does not hold it")
+                elif key in held and held[key] != f:
+                    self.problems.append(f"{index.name}: {key} is mapped to {f} but is in {held[key]}")
             for name, f in self.where.items():
-                if name not in weight_map:
-                    self.problems.append(f"{f}: tensor {name} is not in {index.name}")
+                if self.stored[name] not in weight_map:
+                    self.problems.append(f"{f}: tensor {self.stored[name]} is not in {index.name}")
                 total += self.nbytes(name)
             declared = (idx.get("metadata") or {}).get("total_size")
             if declared is not None and declared != total:
@@ -113,7 +123,7 @@ class TensorFiles:
         return name in self.where
 
     def info(self, name: str) -> dict:
-        return self.headers[self.where[name]][name]
+        return self.headers[self.where[name]][self.stored[name]]
 
     def dtype(self, name: str) -> torch.dtype:
         return _DTYPES[self.info(name)["dtype"]]
@@ -128,6 +138,10 @@ class TensorFiles:
     def file_of(self, name: str) -> str:
         return self.where.get(name, "?")
 
+    def stored_name(self, name: str) -> str:
+        """The key under which ``name`` is stored (it differs when the file uses another layout)."""
+        return self.stored.get(name, name)
+
     def tensor(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
@@ -137,7 +151,7 @@ class TensorFiles:
         h = self._handles.get(f)
         if h is None:
             h = self._handles[f] = safe_open(str(self.root / f), framework="pt")
-        return h.get_tensor(name)
+        return h.get_tensor(self.stored[name])
 
 
 @dataclass
@@ -152,6 +166,9 @@ class QuantizedLinearView:
     bias: torch.Tensor | None  # float [out]
     deq_scale: torch.Tensor  # float32 [out]
     quant_bias: torch.Tensor | None  # int32 [out] (msModelSlim formats only)
+    #: how the kernel quantizes the input: "static" (input_scale/input_offset), "dynamic" (per-token, symmetric,
+    #: computed at run time; input_scale = 1 and input_offset = 0 are placeholders) or "none" (weight-only)
+    activation: str = "static"
 
 
 # per format: suffixes of a quantized Linear's own tensors (besides bias)
@@ -192,6 +209,7 @@ class QuantizedModelView:
         self.description: dict[str, str] | None = None
         self.description_file: str | None = None
         self.params: dict[str, torch.Tensor] = {}
+        self.ct_config = None  # the parsed quantization_config (compressed-tensors)
         if fmt in ("msmodelslim", "mindie"):
             self.description_file = ("quant_model_description_w8a8.json" if fmt == "mindie"
                                      else "quant_model_description.json")
@@ -203,12 +221,17 @@ class QuantizedModelView:
             self.quantized = [n[: -len(".weight")] for n, tag in desc.items()
                               if tag == "W8A8" and n.endswith(".weight")]
         elif fmt == "compressed-tensors":
-            self.files = TensorFiles(path, HF_PREFIX)
+            from llavaq.formats.compressed_tensors import CompressedTensorsConfig
+
+            # keys of either transformers layout (llm-compressor, transformers >= 4.52) as internal 4.37 names
+            self.files = TensorFiles(path, HF_PREFIX, rename=to_internal)
+            self.ct_config = CompressedTensorsConfig((self.config or {}).get("quantization_config"),
+                                                     str(path / "config.json"))
             self.quantized = [n[: -len(".weight_scale")] for n in self.files.names if n.endswith(".weight_scale")]
         elif fmt == "fakequant":
             from safetensors.torch import load_file
 
-            self.files = TensorFiles(path, HF_PREFIX)
+            self.files = TensorFiles(path, HF_PREFIX, rename=to_internal)
             pf = path / PARAMS_FILE
             if not pf.is_file():
                 raise OutputError(f"{pf} is missing: the fakequant output has no weight scales")
@@ -241,6 +264,17 @@ class QuantizedModelView:
         return [n for n in self.files.names if not self.is_linear_param(n)]
 
     @cached_property
+    def float_linears(self) -> list[str]:
+        """Float Linear modules: a 2-D float ``.weight`` that is not an embedding, and ``lm_head`` (tied or not)."""
+        out = [n[: -len(".weight")] for n in self.float_names
+               if n.endswith(".weight") and "embed" not in n.rpartition(".")[0].rpartition(".")[2]
+               and len(self.files.shape(n)) == 2 and self.files.dtype(n) in _FLOATS]
+        head = "language_model.lm_head"
+        if head not in out and head not in self._quant_set:
+            out.append(head)
+        return out
+
+    @cached_property
     def float_modules(self) -> list[str]:
         seen: dict[str, None] = {}
         for n in self.float_names:
@@ -265,6 +299,8 @@ class QuantizedModelView:
     def linear(self, name: str) -> QuantizedLinearView:
         from llavaq.quant.state import unpack_deq_scale
 
+        if self.format == "compressed-tensors":
+            return self._ct_linear(name)
         ws = self._p(name, "weight_scale")
         s = self._p(name, "input_scale").float().reshape(1)
         bias = self.files.tensor(name + ".bias") if name + ".bias" in self.files else None
@@ -274,16 +310,31 @@ class QuantizedModelView:
             o = self._p(name, "input_offset").float().reshape(1)
             deq = unpack_deq_scale(self._p(name, "deq_scale"))
             quant_bias = self._p(name, "quant_bias")
-        else:
-            if self.format == "compressed-tensors":
-                w = self._p(name, "weight")
-                o = self._p(name, "input_zero_point").float().reshape(1)
-            else:
-                wd = self._p(name, "weight")
-                w = torch.clamp(torch.round(wd.float() / ws.float()), -128, 127).to(torch.int8)
-                o = self._p(name, "input_offset").float().reshape(1)
+        else:  # fakequant: W_q·ws stored, W_q recovered (checked to round-trip exactly)
+            wd = self._p(name, "weight")
+            w = torch.clamp(torch.round(wd.float() / ws.float()), -128, 127).to(torch.int8)
+            o = self._p(name, "input_offset").float().reshape(1)
             deq = (s * ws.float()).squeeze(1).float()
         return QuantizedLinearView(name, w, ws, s, o, bias, deq, quant_bias)
+
+    def _ct_linear(self, name: str) -> QuantizedLinearView:
+        """compressed-tensors: ``input_zero_point`` is the offset (0 when symmetric); no deq_scale stored."""
+        scheme = self.ct_config.scheme_for(name)
+        w = self._p(name, "weight")
+        ws = self._p(name, "weight_scale")
+        if ws.numel() == 1 and w.dim() == 2:  # per-tensor weight scale: one value for every output channel
+            ws = ws.reshape(1, 1).expand(w.shape[0], 1).contiguous()
+        elif ws.dim() == 1:
+            ws = ws.reshape(-1, 1)
+        bias = self.files.tensor(name + ".bias") if name + ".bias" in self.files else None
+        if scheme.activation == "static":
+            s = self._p(name, "input_scale").float().reshape(1)
+            o = (torch.zeros(1) if scheme.input_symmetric
+                 else self._p(name, "input_zero_point").float().reshape(1))
+        else:
+            s, o = torch.ones(1), torch.zeros(1)
+        deq = (s * ws.float()).squeeze(1).float()
+        return QuantizedLinearView(name, w, ws, s, o, bias, deq, None, scheme.activation)
 
     def linears(self) -> Iterator[QuantizedLinearView]:
         for n in self.quantized:
@@ -296,7 +347,7 @@ class QuantizedModelView:
 
         problems = list(self.files.problems)
         f = self.files
-        where = lambda n: f"{f.file_of(n)}: {n}"  # noqa: E731
+        where = lambda n: f"{f.file_of(n)}: {f.stored_name(n)}"  # noqa: E731
         if self.description is not None:
             for n, tag in self.description.items():
                 if n in ("version", "model_quant_type") or tag not in ("W8A8", "FLOAT"):
@@ -311,17 +362,23 @@ class QuantizedModelView:
                 if n not in self.description:
                     problems.append(f"{where(n)} is not in {self.description_file}")
         if self.format == "compressed-tensors":
-            qc = (self.config or {}).get("quantization_config") or {}
-            overlap = sorted(set(qc.get("ignore") or []) & self._quant_set)
-            if overlap:
-                problems.append(f"config.json: quantization_config.ignore lists quantized Linear {overlap[0]}")
+            problems += self.ct_config.problems(self.quantized, self.float_linears)
         if self.format == "fakequant":
             acts = (self.record or {}).get("activation_quant")
             if not isinstance(acts, dict):
                 problems.append(f"{RECORD}: activation_quant is missing")
                 acts = {}
         for m in self.quantized:
-            missing = [s for s in _REQUIRED[self.format] if f"{m}.{s}" not in f]
+            required = _REQUIRED[self.format]
+            if self.format == "compressed-tensors":
+                try:
+                    scheme = self.ct_config.scheme_for(m)
+                except LlavaqError:
+                    continue  # reported above (no config group targets it)
+                required = ("weight", "weight_scale") + (
+                    ("input_scale",) if scheme.activation == "static" else ()) + (
+                    ("input_zero_point",) if scheme.activation == "static" and not scheme.input_symmetric else ())
+            missing = [s for s in required if f"{m}.{s}" not in f]
             if self.format == "fakequant":
                 missing += [s for s in ("weight_scale", "input_scale", "input_offset") if f"{m}.{s}" not in self.params]
             if missing:
@@ -358,7 +415,9 @@ class QuantizedModelView:
                 p.append(f"{where(wn)} is not W_q·weight_scale for an int8 W_q")
         elif w.dtype != torch.int8 or w.dim() != 2:
             return [f"{where(wn)} must be int8 [out, in], is {w.dtype} {list(w.shape)}"]
-        elif int(w.min()) < -127:
+        elif int(w.min()) < -127 and (self.record is not None or self.format != "compressed-tensors"):
+            # llavaq and msModelSlim quantize weights symmetrically to [-127, 127]; compressed-tensors' own
+            # symmetric range is [-128, 127] (scale = absmax/127.5), so other tools' files may hold -128
             p.append(f"{where(wn)} holds -128 (int8 weights must be in [-127, 127])")
         out = w.shape[0]
         src = (lambda n: f"{PARAMS_FILE}: {n}") if self.format == "fakequant" else where  # noqa: E731
@@ -378,18 +437,31 @@ class QuantizedModelView:
         if ok and not (lv.weight_scale > 0).all():
             p.append(f"{where(m + '.weight_scale')} has non-positive scales")
         s_name = f"{m}.input_scale"
-        raw_s = self.params[s_name] if self.format == "fakequant" else f.tensor(s_name)
-        ok &= expect(s_name, raw_s, (torch.float32,), (1,))
-        if ok and not raw_s.item() > 0:
-            p.append(f"{src(s_name) if self.format == 'fakequant' else where(s_name)} is not positive")
-            ok = False
         if self.format == "compressed-tensors":
-            zn = f"{m}.input_zero_point"
-            expect(zn, f.tensor(zn), (torch.int8,), (1,))
+            # any float dtype (llm-compressor stores the model dtype; llavaq float32), one value
+            if lv.activation == "static":
+                raw_s = f.tensor(s_name)
+                ok &= expect(s_name, raw_s, _FLOATS, tuple(raw_s.shape) if raw_s.numel() == 1 else (1,))
+                if ok and not raw_s.item() > 0:
+                    p.append(f"{where(s_name)} is not positive")
+                    ok = False
+                zn = f"{m}.input_zero_point"
+                if zn in f:
+                    z = f.tensor(zn)
+                    if expect(zn, z, _ZP_DTYPES, tuple(z.shape) if z.numel() == 1 else (1,)):
+                        zv = z.double().item()
+                        if zv != round(zv) or not -128 <= zv <= 127:
+                            p.append(f"{where(zn)} = {zv} is not an integer in [-128, 127]")
             wz = f"{m}.weight_zero_point"
             if wz in f and not torch.all(f.tensor(wz) == 0):
                 p.append(f"{where(wz)} must be zero (symmetric weights)")
         else:
+            raw_s = self.params[s_name] if self.format == "fakequant" else f.tensor(s_name)
+            ok &= expect(s_name, raw_s, (torch.float32,), (1,))
+            if ok and not raw_s.item() > 0:
+                p.append(f"{src(s_name) if self.format == 'fakequant' else where(s_name)} is not positive")
+                ok = False
+
             on = f"{m}.input_offset"
             raw_o = self.params[on] if self.format == "fakequant" else f.tensor(on)
             if expect(on, raw_o, (torch.float32,), (1,)):

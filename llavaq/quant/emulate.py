@@ -60,6 +60,9 @@ class QuantLinearParams:
     #: formats without quant_bias (compressed-tensors, fakequant): the kernel subtracts the zero point in
     #: integers (quant_bias = −input_offset·ΣW_q) and adds the float bias after rescaling
     post_bias: torch.Tensor | None = None
+    #: what the exported kernel does with the input: "static" (the saved input_scale/offset), "dynamic"
+    #: (per-token scales, e.g. llm-compressor's W8A8 preset) or "none" (weight-only); see :func:`kernel_mode`
+    activation: str = "static"
 
     @property
     def out_features(self) -> int:
@@ -104,6 +107,13 @@ def int8_weight_only_linear(x: torch.Tensor, p: QuantLinearParams) -> torch.Tens
 
 #: static = what the exported model runs; dynamic / weight_only = references that isolate the error sources
 EMULATION_MODES = ("static", "dynamic", "weight_only")
+
+
+def kernel_mode(mode: str, params: QuantLinearParams) -> str:
+    """The emulation of one Linear: ``static`` ("as exported") follows the file's activation scheme."""
+    if mode != "static":
+        return mode
+    return {"static": "static", "dynamic": "dynamic", "none": "weight_only"}[params.activation]
 
 
 class EmulatedW8A8Linear(nn.Module):

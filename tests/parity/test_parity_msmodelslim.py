@@ -9,7 +9,9 @@ Deliberate differences, each stated once and excluded from the comparison:
   in float32 on a CPU, as msModelSlim's CPU run does (``--float_dtype float16`` halves them; its
   difference from msModelSlim is checked below).
 - RGBA/LA/transparent-palette photos are composited on white and EXIF orientation is applied by
-  llavaq; msModelSlim's example drops alpha and ignores EXIF. The parity photos avoid both.
+  llavaq's default ``--image_loading upright``; msModelSlim's example drops alpha and ignores EXIF. The
+  default-recipe tests use photos without either; ``--image_loading msmodelslim`` loads photos exactly as
+  upstream does, and is checked bit-identical on a set that adds an EXIF-rotated JPEG and an RGBA PNG.
 - llavaq adds ``llavaq_record.json`` (recipe, calibration set, versions) beside msModelSlim's files.
 - Calibration images are sorted by file name in both (msModelSlim's example uses ``os.listdir`` order).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +75,24 @@ def parity_images(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def parity_images_exif_alpha(parity_images, tmp_path_factory) -> Path:
+    """The four photos plus an EXIF-rotated JPEG (orientation 6: display rotated 90°) and an RGBA PNG with a
+    varying alpha channel: where llavaq's default (upright, alpha on white) and upstream differ."""
+    out = tmp_path_factory.mktemp("parity_images_exif_alpha")
+    for f in parity_images.iterdir():
+        shutil.copyfile(f, out / f.name)
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[0:40, 0:72]
+    base = np.stack([xx * 255 / 72, 255 - yy * 255 / 40, (xx + yy) % 256], -1) + rng.normal(0, 20, (40, 72, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(out / "e_exif_rotated.jpg", quality=92, exif=exif)
+    rgba = np.concatenate([np.clip(base[:36, :50], 0, 255), (xx[:36, :50] * 5 % 256)[..., None]], -1)
+    Image.fromarray(rgba.astype(np.uint8), "RGBA").save(out / "f_alpha.png")
+    return out
+
+
 def run_msms(model: Path, images: Path, out: Path, *, mindie: bool = False, part_unit_bytes: int | None = None
              ) -> dict:
     cmd = [MSMS_PY, str(HERE / "msms_runner.py"), "--model_path", str(model), "--calib_images", str(images),
@@ -87,9 +108,9 @@ def run_msms(model: Path, images: Path, out: Path, *, mindie: bool = False, part
 
 
 def run_llavaq(model: Path, images: Path, out: Path, cache: Path, *, fmt: str = "msmodelslim",
-               part_file_size: float | None = None):
-    return api.quantize(model, images, out, QuantRecipe(), format=fmt, part_file_size=part_file_size, cache_dir=cache,
-                        device_type="cpu")
+               part_file_size: float | None = None, recipe: QuantRecipe | None = None):
+    return api.quantize(model, images, out, recipe or QuantRecipe(), format=fmt, part_file_size=part_file_size,
+                        cache_dir=cache, device_type="cpu")
 
 
 def assert_parity(ours: Path, ref: Path) -> dict:
@@ -210,3 +231,33 @@ def test_float16_output_differs_only_by_float_cast(parity_models, parity_images,
         else:
             assert torch.equal(o, r), name
     assert counts == {"cast": 38 + 2 * 26, "weight": 26}  # 18 float params, 20 CLIP biases, 26 weight scales+offsets
+
+
+def test_image_loading_msmodelslim_parity_on_exif_and_alpha_photos(parity_models, parity_images_exif_alpha, tmp_path):
+    """``--image_loading msmodelslim``: bit-identical with msModelSlim on photos with an EXIF orientation and an
+    alpha channel; the default (upright, alpha on white) calibrates on other pixels there, so its activation
+    ranges differ (the weights do not: they do not depend on the photos except through m2's smoothing)."""
+    model = parity_models["gqa_fp16"]
+    imgs = parity_images_exif_alpha
+    with Image.open(imgs / "e_exif_rotated.jpg") as im:
+        assert im.getexif()[0x0112] == 6 and im.size == (72, 40)
+    with Image.open(imgs / "f_alpha.png") as im:
+        assert im.mode == "RGBA"
+    info = run_msms(model, imgs, tmp_path / "msms")
+    assert info["images"] == sorted(p.name for p in imgs.iterdir())
+    res = run_llavaq(model, imgs, tmp_path / "exact", tmp_path / "cache",
+                     recipe=QuantRecipe(image_loading="msmodelslim"))[1]
+    assert_parity(tmp_path / "exact", tmp_path / "msms")
+    ref = load_tensors(tmp_path / "msms")
+    exact = load_tensors(res.save_directory)
+    assert list(exact) == list(ref) and all(torch.equal(exact[k], ref[k]) for k in ref)
+    rec = json.loads((res.save_directory / OUR_RECORD).read_text())
+    assert rec["recipe"]["image_loading"] == "msmodelslim"
+    # the default loads these two photos upright / on white: other calibration inputs, other activation ranges
+    run_llavaq(model, imgs, tmp_path / "upright", tmp_path / "cache")
+    upright = load_tensors(tmp_path / "upright")
+    scales = [k for k in ref if k.endswith(".input_scale")]
+    moved = [k for k in scales if not torch.equal(upright[k], ref[k])]
+    assert moved, "the upright default should calibrate differently on EXIF/alpha photos"
+    print(f"\ndefault upright vs msModelSlim on EXIF/alpha photos: {len(moved)}/{len(scales)} input_scale differ, "
+          f"max rel. {max(float(((upright[k] - ref[k]) / ref[k]).abs().max()) for k in moved):.3g}")

@@ -55,10 +55,10 @@ def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: i
     return QuantRecipe(w_bit=w_bit, a_bit=a_bit, anti_outlier=anti_outlier, alpha=alpha, act_method=act_method,
                        modules=modules, m2_search=m2_search, float_dtype=float_dtype, text_prompts=prompts,
                        prompt=DEFAULT_PROMPT, keep_float=keep_float, float_linears=_float_linears(float_linears),
-                       image_loading=image_loading, **_weight_options(**weight_options))
+                       image_loading=image_loading, **_recipe_options(**weight_options))
 
 
-def _weight_options(smooth_vo: bool = False, weight_method: str = "rtn", gptq_damp: float = 0.01,
+def _recipe_options(smooth_vo: bool = False, weight_method: str = "rtn", gptq_damp: float = 0.01,
                     gptq_block_size: int = 128, gptq_act_order: str = "True", smooth_stat: str = "absmax") -> dict:
     return {"smooth_vo": smooth_vo, "weight_method": weight_method, "gptq_damp": gptq_damp,
             "gptq_block_size": gptq_block_size,
@@ -304,7 +304,7 @@ def export(
     smoothing = {} if anti_outlier is None else {"anti_outlier": anti_outlier, "alpha": alpha}
     recipe = cached.replace(
         float_dtype=float_dtype, keep_float=keep_float, float_linears=_float_linears(float_linears), **smoothing,
-        **_weight_options(cached.smooth_vo if smooth_vo is None else smooth_vo, weight_method, gptq_damp,
+        **_recipe_options(cached.smooth_vo if smooth_vo is None else smooth_vo, weight_method, gptq_damp,
                           gptq_block_size, gptq_act_order, cached.smooth_stat if smooth_stat is None else smooth_stat))
     res = api.export(model_path, sc, save_directory, format=format, recipe=recipe, part_file_size=part_file_size,
                      overwrite=overwrite, device_type=device_type,

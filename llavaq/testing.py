@@ -1,8 +1,9 @@
 """Tiny LLaVA checkpoints built in-process, for tests and benchmarks (no hub access).
 
-The models are llava-hf-format directories (config.json, safetensors, fast Llama tokenizer,
-CLIP image processor) that load with ``LlavaForConditionalGeneration.from_pretrained`` and
-``AutoProcessor.from_pretrained``, exactly like a real LLaVA-1.5 checkpoint.
+The models are llava-hf-format directories (config.json, safetensors, a fast tokenizer, an image
+processor) that load with ``LlavaForConditionalGeneration.from_pretrained`` exactly like the real
+checkpoints: LLaVA-1.5 (Llama + CLIP, also loads with ``AutoProcessor``), bakLlava (Mistral + CLIP)
+and llava-interleave (Qwen2 + SigLIP, whose processor transformers 4.37.2 builds only from its parts).
 """
 
 from __future__ import annotations
@@ -173,11 +174,11 @@ def build_tiny_llava(
         state = load_file(str(out / "model.safetensors"))
         state = {k: v for k, v in state.items() if not k.startswith("vision_tower.vision_model.head.")}
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _save_processor(out, tokenizer, image_size, siglip)
+    save_processor(out, tokenizer, image_size, siglip)
     return out
 
 
-def _save_processor(out: Path, tokenizer, image_size: int, siglip: bool) -> None:
+def save_processor(out: Path, tokenizer, image_size: int, siglip: bool) -> None:
     """The processor files as llava-hf ships them: a LlavaProcessor, or for SigLIP towers the tokenizer and a
     SiglipImageProcessor config saved side by side (4.37.2's LlavaProcessor accepts only a CLIPImageProcessor)."""
     from transformers import CLIPImageProcessor, LlavaProcessor, SiglipImageProcessor

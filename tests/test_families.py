@@ -211,7 +211,7 @@ def test_every_recipe_and_format_from_one_cache(name, models, quantized, tmp_pat
 
 
 @pytest.mark.parametrize("name", ["mistral_clip", "qwen2_siglip"])
-def test_m2_scope_all_smooths_every_family_exactly(name, models, calib_dir, tmp_path):
+def test_m2_scope_all_smooths_every_family_exactly(name, models, calib_dir, tmp_path, monkeypatch):
     """``--m2_scope all``: m2 on Mistral/Qwen2 (scale only) and SigLIP (shift + scale) layers too; the
     smoothed float model still computes the original (an exact re-parametrisation up to rounding)."""
     from transformers import LlavaForConditionalGeneration
@@ -237,6 +237,32 @@ def test_m2_scope_all_smooths_every_family_exactly(name, models, calib_dir, tmp_
         model.load_state_dict(smoothed, strict=False)
         got = model(input_ids=s.input_ids, pixel_values=s.pixel_values, attention_mask=s.attention_mask).logits
     torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+    if name == "qwen2_siglip":
+        _interrupted_on_disk_resumes_to_the_same_cache(models[name], calib_dir, recipe, cache, tmp_path, monkeypatch)
+
+
+def _interrupted_on_disk_resumes_to_the_same_cache(model, calib_dir, recipe, ref, tmp_path, monkeypatch):
+    """Ctrl-C after the SigLIP head's stage, hidden states (SigLIP's channels-first layout, the m2 stream) on
+    disk; the resumed calibration gives the uninterrupted one's cache, byte for byte."""
+    from safetensors.torch import load_file
+
+    real = api_mod.SessionCache.write_stage
+
+    def flaky(self, stage, *args):
+        if stage == "projector":
+            raise KeyboardInterrupt
+        return real(self, stage, *args)
+
+    monkeypatch.setattr(api_mod.SessionCache, "write_stage", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        api.calibrate(model, calib_dir, recipe, cache_dir=tmp_path / "resume", device_type="cpu", stream_memory_gb=0)
+    monkeypatch.undo()
+    cal = api.calibrate(model, calib_dir, recipe, cache_dir=tmp_path / "resume", device_type="cpu",
+                        stream_memory_gb=0)
+    assert cal.cache.manifest["stages_done"] == ref.manifest["stages_done"]
+    for st in ref.manifest["stages_done"]:
+        x, y = load_file(str(cal.cache.stage_file(st))), load_file(str(ref.stage_file(st)))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), st
 
 
 # ---------------------------------------------------------------------------------- inputs and configs

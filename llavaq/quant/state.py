@@ -214,6 +214,15 @@ class ModuleTensors:
     tensors: dict[str, torch.Tensor]  # full parameter name -> float32 tensor
     act: ActivationParams | None
     codes: torch.Tensor | None = None  # int8 weight codes chosen by GPTQ (None: round to nearest)
+    #: the tensors were read for this module alone (not a stage's shared weights): handed out without a copy
+    fresh: bool = False
+
+
+def _handed_out(t: torch.Tensor, dtype: torch.dtype, fresh: bool) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous, owned by the consumer: copied only if nothing else made it a new tensor
+    (a 152000-entry Qwen2 embedding table is 2.5 GB in float32: no second copy of it)."""
+    out = t.to(dtype).contiguous()
+    return out if fresh or out is not t else out.clone()
 
 
 def iter_modules(
@@ -253,7 +262,7 @@ def iter_modules(
             else:
                 tensors[name] = ckpt.tensor(name)
         yield ModuleTensors(module, params, tensors, plan.acts.get(module) if module in quantized else None,
-                            codes.get(module))
+                            codes.get(module), fresh=st is None)
 
 
 def iter_quantized_tensors(
@@ -282,7 +291,7 @@ def iter_quantized_tensors(
             yield m.module + ".deq_scale", pack_deq_scale(lq.deq_scale, arch.ckpt.torch_dtype), W8A8
             continue
         for name, t in m.tensors.items():
-            yield name, t.to(out_dtype).contiguous().clone(), FLOAT
+            yield name, _handed_out(t, out_dtype, m.fresh), FLOAT
 
 
 def quantized_tensor_specs(
@@ -342,7 +351,7 @@ def iter_float_tensors(
             if dequantize and m.act is not None and name == m.module + ".weight":
                 ws = weight_qparams(t).to(out_dtype).float()
                 t = (quantize_weight(t, ws) if m.codes is None else m.codes).float() * ws
-            yield name, t.to(out_dtype).contiguous().clone()
+            yield name, _handed_out(t, out_dtype, m.fresh)
 
 
 def linear_errors(

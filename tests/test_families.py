@@ -155,6 +155,7 @@ def test_quantize_inspect_verify(name, models, quantized, calib_dir, tmp_path):
     cal, res = quantized[name]
     rep = inspect_path(res.save_directory)
     assert rep["ok"], rep["problems"]
+    assert rep["architecture"] == {"mistral_clip": "Mistral + CLIP"}.get(name, "Qwen2 + SigLIP")
     arch = api.open_model(models[name])
     assert rep["quantized"] == arch.quantized_linears()
     desc = json.loads((res.save_directory / "quant_model_description.json").read_text())

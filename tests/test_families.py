@@ -242,6 +242,33 @@ def test_m2_scope_all_smooths_every_family_exactly(name, models, calib_dir, tmp_
         _interrupted_on_disk_resumes_to_the_same_cache(models[name], calib_dir, recipe, cache, tmp_path, monkeypatch)
 
 
+def test_smooth_vo_and_gptq_follow_the_roles(models, calib_dir, tmp_path):
+    """``--smooth_vo`` pairs from the roles on Qwen2 (GQA; v_proj has a bias, o_proj none: scale only) and SigLIP
+    (v/out_proj biases: with a shift), an exact re-parametrisation; GPTQ on every quantized Linear, the SigLIP
+    head's included."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = models["qwen2_siglip"]
+    recipe = QuantRecipe(anti_outlier="m1", alpha=0.8, smooth_vo=True, modules="with_down_proj", weight_method="gptq")
+    cal = api.calibrate(model, calib_dir, recipe, cache_dir=tmp_path / "cache", device_type="cpu")
+    text, vision = cal.cache.read_stage("text_layer.0"), cal.cache.read_stage("vision_layer.0")
+    assert text["smooth.text.0.vo.scale"].shape == (2 * 16,) and "smooth.text.0.vo.shift" not in text
+    assert "smooth.text.0.down.scale" in text and "smooth.vision.0.vo.shift" in vision
+    arch = api.open_model(model)
+    smoothed = dict(iter_float_tensors(arch, cal.cache, recipe, dequantize=False, float_dtype=torch.float32))
+    ref_model = LlavaForConditionalGeneration.from_pretrained(str(model), torch_dtype=torch.float32).eval()
+    s = _samples(model)[0]
+    with torch.no_grad():
+        ref = ref_model(input_ids=s.input_ids, pixel_values=s.pixel_values, attention_mask=s.attention_mask).logits
+        ref_model.load_state_dict(smoothed, strict=False)
+        got = ref_model(input_ids=s.input_ids, pixel_values=s.pixel_values, attention_mask=s.attention_mask).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+    res = api.export(model, cal.cache, tmp_path / "gptq", recipe=recipe)
+    rep = inspect_path(res.save_directory)
+    assert rep["ok"], rep["problems"]
+    assert HEAD + "mlp.fc1" in rep["quantized"]
+
+
 def _interrupted_on_disk_resumes_to_the_same_cache(model, calib_dir, recipe, ref, tmp_path, monkeypatch):
     """Ctrl-C after the SigLIP head's stage, hidden states (SigLIP's channels-first layout, the m2 stream) on
     disk; the resumed calibration gives the uninterrupted one's cache, byte for byte."""

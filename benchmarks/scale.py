@@ -324,8 +324,10 @@ def run_size(size: str, work: Path, images: Path, m2_search: str, keep: bool, lo
                                        str(work / f"{size}-fwd.json")])
     log(f"[{size}] quantize (m2_search={m2_search})")
     qwork = work / f"{size}-q"
+    load = os.getloadavg()[0]
     r["q"], r["q_wall"], r["q_rss"] = child(["quantize", str(model), str(images), str(qwork), m2_search,
                                              "--result", str(work / f"{size}-q.json")])
+    r["q_load"] = (load + os.getloadavg()[0]) / 2  # other processes on the machine: the wall time's share
     if not keep:
         shutil.rmtree(qwork, ignore_errors=True)
     log(f"[{size}] done: {json.dumps(r)}")
@@ -340,26 +342,30 @@ def table(results: list[dict], m: dict, m2_search: str) -> str:
         "Random-weight full-size checkpoints with the real llava-hf configs (fp16, 5 GB shards as llava-hf "
         "ships them), two 640x480 photos (336 px CLIP: ~600 tokens each; 384 px SigLIP: ~760), default recipe "
         "(m2 on msModelSlim's groups), layer-streamed, CPU only. Peak RSS is each child process's own "
-        "(`os.wait4`, its `ru_maxrss`).",
+        "(`os.wait4`, its `ru_maxrss`). CPU time is the quantize process's own (user + system): on a shared "
+        "machine (load average in the last column) the wall time grows, the CPU time does not.",
         "",
-        "| model | weights | quantize wall | of which m2 search | export | peak RSS (quantize) | output + cache "
-        "written | float forward (all samples / sample 0 compute) | read+write weights once | m2 ÷ fwd(sample 0) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | weights | quantize wall (CPU time) | of which m2 search | export | peak RSS (quantize) "
+        "| output + cache written | float forward (all samples / sample 0 compute) | read+write weights once "
+        "| m2 ÷ fwd(sample 0) | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {MODELS[r['size']]['name']} | skipped: {r['skipped']} |||||||||")
+            lines.append(f"| {MODELS[r['size']]['name']} | skipped: {r['skipped']} ||||||||||")
             continue
         q, f, io = r.get("q"), r.get("fwd"), r.get("io")
         f0 = f["compute_per_sample"][0] if f else None
         cells = [
             MODELS[r["size"]]["name"], f"{r['model_bytes'] / GIB:.1f} GiB",
-            f"{q['wall'] / 60:.1f} min" if q else "—", f"{q['m2_seconds'] / 60:.1f} min" if q else "—",
+            (f"{q['wall'] / 60:.1f} min" + (f" ({q['cpu_seconds'] / 60:.1f} min)" if "cpu_seconds" in q else "")
+             if q else "—"), f"{q['m2_seconds'] / 60:.1f} min" if q else "—",
             f"{q['export'] / 60:.1f} min" if q else "—", f"{r['q_rss'] / GIB:.2f} GiB" if q else "—",
             f"{(q['output_bytes'] + q['cache_bytes']) / GIB:.1f} GiB" if q else "—",
             f"{f['wall'] / 60:.1f} min / {f0 / 60:.1f} min (peak RSS {r['fwd_rss'] / GIB:.2f} GiB)" if f else "—",
             f"{io['seconds'] / 60:.1f} min ({io['bytes'] / GIB:.1f} GiB)" if io else "—",
             f"{q['m2_seconds'] / f0:.1f}×" if q and f0 else "—",
+            f"{r['q_load']:.1f}" if "q_load" in r else "—",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -379,6 +385,10 @@ def main() -> None:
             res = phase_forward(Path(pos[0]), Path(pos[1]))
         else:
             res = phase_quantize(Path(pos[0]), Path(pos[1]), Path(pos[2]), pos[3])
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_SELF)  # CPU time: what the phase costs whatever else runs
+        res["cpu_seconds"] = ru.ru_utime + ru.ru_stime
         result.write_text(json.dumps(res))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

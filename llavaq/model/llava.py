@@ -448,10 +448,6 @@ class LlavaArch:
         table = self.ckpt.tensor(EMBED, None)
         return lambda input_ids: table[input_ids].float()
 
-    def build_token_embedding(self) -> nn.Embedding:
-        w = self.ckpt.tensor(EMBED)
-        return nn.Embedding.from_pretrained(w, freeze=True, padding_idx=None)
-
     def build_final_norm(self) -> nn.Module:
         return self._materialise(self.text.build_final_norm(self.text_config), LANGUAGE + self.text.final_norm + ".")
 

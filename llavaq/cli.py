@@ -46,7 +46,8 @@ def _float_linears(value: str | None) -> tuple[str, ...]:
 
 def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: int, modules: str,
             m2_search: str, float_dtype: str, text_prompts: Path | None, keep_float: int = 0,
-            float_linears: str | None = None, image_loading: str = "upright", **weight_options) -> QuantRecipe:
+            float_linears: str | None = None, image_loading: str = "upright", m2_scope: str = "msmodelslim",
+            **weight_options) -> QuantRecipe:
     prompts: tuple[str, ...] = ()
     if text_prompts is not None:
         from llavaq.calib.prompts import read_text_prompts
@@ -55,7 +56,7 @@ def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: i
     return QuantRecipe(w_bit=w_bit, a_bit=a_bit, anti_outlier=anti_outlier, alpha=alpha, act_method=act_method,
                        modules=modules, m2_search=m2_search, float_dtype=float_dtype, text_prompts=prompts,
                        prompt=DEFAULT_PROMPT, keep_float=keep_float, float_linears=_float_linears(float_linears),
-                       image_loading=image_loading, **_recipe_options(**weight_options))
+                       image_loading=image_loading, m2_scope=m2_scope, **_recipe_options(**weight_options))
 
 
 def _recipe_options(smooth_vo: bool = False, weight_method: str = "rtn", gptq_damp: float = 0.01,
@@ -84,6 +85,9 @@ FloatLinears = typer.Option(None, "--float_linears", help="Comma-separated Linea
 M2Search = typer.Option("full", "--m2_search",
                         help="m2 threshold search: full (msModelSlim's threshold, integer-screened), fast "
                              "(coarse-to-fine, not msModelSlim-exact) or exhaustive (every candidate in float).")
+M2Scope = typer.Option("msmodelslim", "--m2_scope",
+                       help="Groups m2 smooths: msmodelslim (the Llama and CLIP layers msModelSlim's m2 wraps; "
+                            "Mistral, Qwen2 and SigLIP layers stay unsmoothed, as there) or all.")
 FloatDtype = typer.Option("auto", "--float_dtype", help="Dtype of float tensors and weight scales in the output: "
                           "auto = as the format's consumer gets them (msmodelslim/mindie: float32 like "
                           "msModelSlim's CPU run, the checkpoint dtype with --device_type npu; HF formats: the "
@@ -189,6 +193,7 @@ def quantize(
     act_method: int = ActMethod,
     modules: str = Modules,
     m2_search: str = M2Search,
+    m2_scope: str = M2Scope,
     float_dtype: str = FloatDtype,
     text_prompts: Path = TextPrompts,
     image_loading: str = ImageLoading,
@@ -208,7 +213,7 @@ def quantize(
     from llavaq import api
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts,
-                     keep_float, float_linears, image_loading=image_loading, smooth_vo=smooth_vo,
+                     keep_float, float_linears, image_loading=image_loading, m2_scope=m2_scope, smooth_vo=smooth_vo,
                      weight_method=weight_method, gptq_damp=gptq_damp, gptq_block_size=gptq_block_size,
                      gptq_act_order=gptq_act_order, smooth_stat=smooth_stat)
     trust = _bool(trust_remote_code, "--trust_remote_code")
@@ -245,6 +250,7 @@ def calibrate(
     act_method: int = ActMethod,
     modules: str = Modules,
     m2_search: str = M2Search,
+    m2_scope: str = M2Scope,
     text_prompts: Path = TextPrompts,
     smooth_vo: bool = SmoothVO,
     smooth_stat: str = SmoothStat,
@@ -258,7 +264,7 @@ def calibrate(
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, "auto", text_prompts,
                      smooth_vo=smooth_vo, weight_method=weight_method, image_loading=image_loading,
-                     smooth_stat=smooth_stat)
+                     smooth_stat=smooth_stat, m2_scope=m2_scope)
     _device_line(device_type)
     with _progress() as progress:
         cal = api.calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,

@@ -128,6 +128,17 @@ def cache_statistics(cache_path: Path) -> dict[str, Any]:
             "model_found": arch is not None, "input_moments": {"inputs": len(moments), "bytes": sum(moments.values())}}
 
 
+def architecture(config: dict[str, Any] | None) -> str | None:
+    """"Mistral + CLIP" from a LLaVA config.json (None when it is not one llavaq describes)."""
+    from llavaq.model.families import TEXT_FAMILIES, VISION_FAMILIES
+
+    if not isinstance(config, dict):
+        return None
+    text = TEXT_FAMILIES.get((config.get("text_config") or {}).get("model_type", "llama"))
+    vision = VISION_FAMILIES.get((config.get("vision_config") or {}).get("model_type", "clip_vision_model"))
+    return f"{text.name} + {vision.name}" if text and vision else None
+
+
 # ---------------------------------------------------------------------------------- reports
 def inspect_output(path: Path) -> dict[str, Any]:
     from llavaq.formats import get_format
@@ -178,6 +189,7 @@ def inspect_output(path: Path) -> dict[str, Any]:
         "format_description": get_format(view.format).description,
         "written_by": _written_by(view, path),
         "model": model,
+        "architecture": architecture(cfg),
         "recipe": rec.get("recipe") or cfg.get("quantization_config"),
         "derived_from_cache": rec.get("derived_from_cache"),
         "weight_method": (rec.get("recipe") or {}).get("weight_method", "rtn") if rec else None,
@@ -215,6 +227,7 @@ def inspect_cache(path: Path) -> dict[str, Any]:
         "kind": "cache",
         "path": str(path),
         "model": man.get("model_path"),
+        "architecture": _model_architecture(man.get("model_path")),
         "fingerprint": man.get("fingerprint"),
         "calibration": man.get("calibration"),
         "recipe": man.get("recipe"),
@@ -228,6 +241,13 @@ def inspect_cache(path: Path) -> dict[str, Any]:
         "problems": stats["problems"],
         "ok": not stats["problems"],
     }
+
+
+def _model_architecture(model_path: str | None) -> str | None:
+    try:
+        return architecture(json.loads((Path(model_path) / "config.json").read_text())) if model_path else None
+    except (OSError, ValueError):
+        return None
 
 
 def inspect_path(path: str | Path) -> dict[str, Any]:
@@ -262,7 +282,7 @@ def _render(rep: dict[str, Any], console: Console) -> None:
         head.add_row("forward passes", str(rep["forward_passes"]))
         cal = rep.get("calibration") or {}
         head.add_row("calibration", f"{cal.get('num_samples')} sample(s): {', '.join(cal.get('images', []))}")
-    head.add_row("model", str(rep["model"]))
+    head.add_row("model", str(rep["model"]) + (f" ({rep['architecture']})" if rep.get("architecture") else ""))
     r = rep.get("recipe")
     if isinstance(r, dict):
         keys = ("anti_outlier", "alpha", "act_method", "modules", "m2_search", "weight_method", "float_dtype", "w_bit",

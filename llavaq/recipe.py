@@ -20,6 +20,9 @@ MODULE_PRESETS = ("msmodelslim", "with_down_proj", "language_only")
 M2_SEARCH_MODES = ("full", "fast", "exhaustive")
 WEIGHT_METHODS = ("rtn", "gptq")
 SMOOTH_STATS = ("absmax", "range")
+#: which smoothing groups m2 searches: msModelSlim's (the layer classes its multimodal flow wraps:
+#: Llama decoder and CLIP encoder layers) or every group of every family
+M2_SCOPES = ("msmodelslim", "all")
 FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 #: how calibration photos become RGB (llavaq.calib.images.load_image); the first is the default
 IMAGE_LOADING = ("upright", "msmodelslim")
@@ -39,6 +42,9 @@ class QuantRecipe:
     act_method: int = 2
     modules: str = "msmodelslim"
     m2_search: str = "full"
+    #: m2 smooths msModelSlim's groups ("msmodelslim": Llama and CLIP layers; none on Mistral, Qwen2,
+    #: SigLIP) or every group ("all")
+    m2_scope: str = "msmodelslim"
     prompt: str = DEFAULT_PROMPT
     #: Text-only calibration prompts added after the image samples (the LM sees both in use).
     text_prompts: tuple[str, ...] = field(default_factory=tuple)
@@ -93,6 +99,8 @@ class QuantRecipe:
             raise LlavaqError(f"unknown module preset {self.modules!r}; choose one of {', '.join(MODULE_PRESETS)}")
         if self.m2_search not in M2_SEARCH_MODES:
             raise LlavaqError(f"--m2_search must be one of {', '.join(M2_SEARCH_MODES)}")
+        if self.m2_scope not in M2_SCOPES:
+            raise LlavaqError(f"--m2_scope must be one of {', '.join(M2_SCOPES)}, not {self.m2_scope!r}")
         if self.float_dtype not in FLOAT_DTYPES:
             raise LlavaqError(f"--float_dtype must be one of {', '.join(FLOAT_DTYPES)}")
         if self.weight_method not in WEIGHT_METHODS:
@@ -160,6 +168,8 @@ class QuantRecipe:
             out["alpha"] = self.alpha
             if self.smooth_stat != "absmax":  # calibrated m1 smooths with it (absent by default: old cache ids)
                 out["smooth_stat"] = self.smooth_stat
+        if self.anti_outlier == "m2" and self.m2_scope != "msmodelslim":  # (older caches keep their key)
+            out["m2_scope"] = self.m2_scope
         return out
 
     def calibration_key(self) -> str:

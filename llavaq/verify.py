@@ -106,8 +106,13 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
 
 
-def build_quantized_model(float_model: nn.Module, q: QuantizedCheckpoint, *, mode: str = "static") -> nn.Module:
-    """A float32 LLaVA with the output's FLOAT tensors and emulated int8 kernels for its W8A8 Linears."""
+def build_quantized_model(float_model: nn.Module, q: QuantizedCheckpoint, *, mode: str = "static",
+                          absent=None) -> nn.Module:
+    """A float32 LLaVA with the output's FLOAT tensors and emulated int8 kernels for its W8A8 Linears.
+
+    ``absent(name)`` (optional) tells parameters the checkpoint has no tensor for (a SigLIP head
+    llava-interleave does not ship): they keep the float model's values, as transformers gives them.
+    """
     import copy
 
     model = copy.deepcopy(float_model)
@@ -132,7 +137,8 @@ def build_quantized_model(float_model: nn.Module, q: QuantizedCheckpoint, *, mod
             covered.add(name)
     for name in q.linears:
         covered.update({f"{name}.weight", f"{name}.bias"})
-    missing = [n for n in params if n not in covered and not n.endswith("lm_head.weight")]
+    missing = [n for n in params if n not in covered and not n.endswith("lm_head.weight")
+               and not (absent is not None and absent(n))]
     if missing:
         raise OutputError(f"{q.path}: the output has no tensor for {missing[0]} ({len(missing)} missing)")
     for name, lq in q.linears.items():
@@ -422,18 +428,22 @@ def _undo_pair(g, fparams: dict[str, torch.Tensor], q: QuantizedCheckpoint, undo
     return group_input_smoothing(g, s, z)
 
 
-def _text_positions(input_ids: torch.Tensor, image_token: int, seq_len: int) -> torch.Tensor:
-    """Merged-sequence index of every input token (an ``<image>`` token expands to the patch count)."""
+def _text_positions(input_ids: torch.Tensor, image_token: int, image_tokens: int, seq_len: int) -> torch.Tensor:
+    """Merged-sequence index of every input token: an ``<image>`` token expands to ``image_tokens``
+    positions (the tower's patches, less the class token with the "default" feature strategy)."""
     ids = input_ids[0]
     n_img = int((ids == image_token).sum())
-    patches = (seq_len - (ids.numel() - n_img)) // n_img if n_img else 1
-    width = torch.where(ids == image_token, torch.full_like(ids, patches), torch.ones_like(ids))
-    return torch.cumsum(width, 0) - 1
+    width = torch.where(ids == image_token, torch.full_like(ids, image_tokens), torch.ones_like(ids))
+    pos = torch.cumsum(width, 0) - 1
+    if int(pos[-1]) + 1 != seq_len:
+        raise LlavaqError(f"the model's output has {seq_len} positions, {n_img} image(s) of {image_tokens} "
+                          f"tokens and {ids.numel() - n_img} text tokens make {int(pos[-1]) + 1}")
+    return pos
 
 
 @torch.no_grad()
-def _prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answer_tokens: int, image_token: int,
-                   accs: list[_Acc], reference: dict | None = None) -> PromptResult:
+def _prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answer_tokens: int,
+                   image: tuple[int, int], accs: list[_Acc], reference: dict | None = None) -> PromptResult:
     """One prompt: FP greedy answer, then FP and Q logits teacher-forced on prompt + answer.
 
     ``reference`` (optional, shared between calls on the same float model) memoises the float side:
@@ -441,6 +451,7 @@ def _prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answe
     """
     from llavaq.calib.images import load_image
 
+    image_token, image_tokens = image
     tok = processor.tokenizer
     if p.image is not None:
         img = load_image(p.image)
@@ -461,11 +472,11 @@ def _prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answe
         answer = gen[:, ids.shape[1]:]
         full = torch.cat([ids, answer], 1)
         lf = fp(input_ids=full, pixel_values=pixel_values, attention_mask=torch.ones_like(full)).logits[0]
-        lf_tok = lf[_text_positions(full, image_token, lf.shape[0])]  # one row per input token
+        lf_tok = lf[_text_positions(full, image_token, image_tokens, lf.shape[0])]  # one row per input token
         if reference is not None:
             reference[key] = (answer, lf_tok)
     lq = qm(input_ids=full, pixel_values=pixel_values, attention_mask=torch.ones_like(full)).logits[0]
-    lq_tok = lq[_text_positions(full, image_token, lq.shape[0])]
+    lq_tok = lq[_text_positions(full, image_token, image_tokens, lq.shape[0])]
     a = answer.shape[1]
     ans = slice(ids.shape[1] - 1, full.shape[1] - 1)
     one = _Acc()
@@ -555,12 +566,12 @@ def verify(
                           "(the shipped held-out set is not installed)")
     processor = load_processor(model_path)
     fp = float_model if float_model is not None else load_float_model(model_path)
-    qm = build_quantized_model(fp, q, mode=mode)
+    qm = build_quantized_model(fp, q, mode=mode, absent=arch.is_absent)
     hooks = LayerErrorHooks(qm, fp, q, arch)
-    image_token = arch.config.image_token_index
+    image = (arch.config.image_token_index, arch.image_tokens)
     acc, image_acc, textq_acc = _Acc(), _Acc(), _Acc()
     try:
-        results = [_prompt_result(fp, qm, processor, p, answer_tokens, image_token,
+        results = [_prompt_result(fp, qm, processor, p, answer_tokens, image,
                                   [acc, image_acc if p.image is not None else textq_acc], float_reference)
                    for p in eval_prompts]
         ppl_fp = ppl_q = None

@@ -115,8 +115,12 @@ def llama_qkv_block(
     sin_cached: Tensor,
     position_ids: Tensor,
     attention_mask: Tensor | None,
+    bias: Tensor | None = None,
 ) -> Block:
     """LLaMA self-attention up to (excluding) ``o_proj``: ``[B, N, num_heads*head_dim]``.
+
+    ``bias`` (Qwen2: the concatenated q/k/v biases) is added to the linear output before RoPE, as the
+    layer does; msModelSlim's ``llama_qkv`` kernel has none (Llama has no q/k/v biases).
 
     ``attention_mask`` is the 4-D additive mask transformers 4.37 passes to the layer
     (``[B, 1, N, N]``).  With ``None`` a causal mask is used, which is what msModelSlim's kernel does
@@ -174,7 +178,7 @@ def llama_qkv_block(
             out.append(BlockPart(idx, slice(a * n_rep * head_dim, b * n_rep * head_dim), screen_heads(b - a)))
         return out
 
-    return Block(post, screen=screen_heads(num_kv_heads), partition=partition)
+    return Block(post, bias, screen=screen_heads(num_kv_heads), partition=partition)
 
 
 def gate_up_block(act_fn: Callable[[Tensor], Tensor]) -> Block:
@@ -192,7 +196,7 @@ def gate_up_block(act_fn: Callable[[Tensor], Tensor]) -> Block:
     return Block(post, partition=partition)
 
 
-def clip_qkv_block(embed_dim: int, num_heads: int, head_dim: int, bias: Tensor) -> Block:
+def clip_qkv_block(embed_dim: int, num_heads: int, head_dim: int, bias: Tensor | None) -> Block:
     """CLIP self-attention up to (excluding) ``out_proj``, no mask: ``[B, N, embed_dim]``.  Parts: heads."""
     scale = head_dim**-0.5
 
@@ -224,7 +228,7 @@ def clip_qkv_block(embed_dim: int, num_heads: int, head_dim: int, bias: Tensor) 
     return Block(post, bias, screen, partition)
 
 
-def clip_fc1_block(bias: Tensor) -> Block:
+def clip_fc1_block(bias: Tensor | None) -> Block:
     """Exact-erf GELU of ``x W^T + b`` (the kernel ignores CLIP's quick_gelu ``act_fn``).  Parts: channels."""
 
     def partition(rows: int) -> list[BlockPart]:

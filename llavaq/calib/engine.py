@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llavaq.algorithms.blocks import clip_fc1_block, clip_qkv_block, gate_up_block, llama_qkv_block
+from llavaq.algorithms.blocks import Block, clip_fc1_block, clip_qkv_block, gate_up_block, llama_qkv_block
 from llavaq.algorithms.m2 import os_plus_search
 from llavaq.algorithms.smoothing import channel_shift, fold_pair, fold_scale, fold_shift
 from llavaq.algorithms.smoothquant import smoothquant_group
@@ -83,6 +83,9 @@ class CalibrationEngine:
         self.image_idx = [j for j, s in enumerate(samples) if s.pixel_values is not None]
         if recipe.anti_outlier == "m2" and samples[0].pixel_values is None:
             raise LlavaqError("m2 needs an image sample first: the anti-outlier pass runs on calibration sample 0")
+        #: the last stage whose groups the m2 search smooths: the m2 stream (sample 0) is dropped after it
+        stages = arch.stages()
+        self._m2_last = max((i for i, st in enumerate(stages) if self._m2_groups(st)), default=-1)
         self.rows_per_call = max(1, recipe.activation_sample_tokens // len(samples)) \
             if recipe.activation_sample_tokens else 0
         self._trim = IdleMemoryTrimmer(IDLE_MEMORY_SLACK)
@@ -119,6 +122,8 @@ class CalibrationEngine:
                 if stage.kind == "text_layer" and (i == 0 or stages[i - 1].kind != "text_layer"):
                     self._enter_language_model(streams, gen)
                 self.device = self.devices[i % len(self.devices)]
+                if i > self._m2_last:  # no later group is searched on sample 0: stop carrying it
+                    streams.m2 = streams.feat_m2 = None
                 record = self._run_stage(stage, streams, gen)
                 streams.carry_into(gen)
                 last = i + 1 == len(stages)
@@ -150,11 +155,9 @@ class CalibrationEngine:
         self._maybe_capture(s, 0, gen)
         return s
 
-    def _feature_index(self) -> int:
-        return self.arch.config.vision_feature_layer % (self.arch.n_vision_layers + 1)
-
     def _maybe_capture(self, s: Streams, hidden_index: int, gen: Generation) -> None:
-        if hidden_index != self._feature_index():
+        """Keep ``hidden_states[vision_feature_layer]`` (selected as LLaVA does) for the projector."""
+        if hidden_index != self.arch.feature_index:
             return
         s.feat_fq, s.feat_flt = gen.new_list("feat_fq"), gen.new_list("feat_flt")
         for h in s.fq:
@@ -164,12 +167,11 @@ class CalibrationEngine:
         s.feat_m2 = self._select(s.m2) if s.m2 is not None else None
 
     def _select(self, h: torch.Tensor) -> torch.Tensor:
-        strategy = self.arch.config.vision_feature_select_strategy
-        return h[:, 1:].clone() if strategy == "default" else h.clone()
+        return self.arch.select_image_features(h)
 
     def _enter_language_model(self, s: Streams, gen: Generation) -> None:
         """Token embeddings merged with projected image features, as LlavaForConditionalGeneration."""
-        embed = self.arch.build_token_embedding()
+        embed = self.arch.token_embedder()
         fq, flt, masks, positions = gen.new_list("lm_fq"), gen.new_list("lm_flt"), gen.new_list("masks"), []
         img_pos = {j: k for k, j in enumerate(self.image_idx)}
         m2_h = None
@@ -196,47 +198,57 @@ class CalibrationEngine:
         del embed
 
     # ------------------------------------------------------------------ one stage
-    def _build(self, stage: Stage) -> nn.Module:
-        if stage.kind == "vision_layer":
-            return self.arch.build_vision_layer(stage.index)
-        if stage.kind == "text_layer":
-            return self.arch.build_text_layer(stage.index)
-        return self.arch.build_projector()
+    def _m2_groups(self, stage: Stage) -> list[SmoothGroup]:
+        """The stage's groups the m2 search smooths: msModelSlim's (the layer classes its multimodal flow
+        wraps) or, with ``--m2_scope all``, every group."""
+        if self.recipe.anti_outlier != "m2":
+            return []
+        every = self.recipe.m2_scope == "all"
+        return [g for g in self.arch.smooth_groups(stage) if g.m2 or every]
 
-    def _forward(self, stage: Stage, layer: nn.Module, h: torch.Tensor, j: int, s: Streams) -> torch.Tensor:
-        ForwardCounter.count += 1
+    def _forward(self, stage: Stage, layer: nn.Module, h: torch.Tensor, j: int, s: Streams,
+                 count: bool = True) -> torch.Tensor:
+        if count:
+            ForwardCounter.count += 1
         h = h.to(self.device)
         if stage.kind == "vision_layer":
-            out = layer(h, None, None)[0]
+            out = self.arch.vision.call_layer(layer, h)
         elif stage.kind == "text_layer":
             mask = s.masks[j]
-            out = layer(h, attention_mask=None if mask is None else mask.to(self.device),
-                        position_ids=s.positions[j].to(self.device))[0]
-        else:
+            out = self.arch.text.call_layer(layer, h, None if mask is None else mask.to(self.device),
+                                            s.positions[j].to(self.device))
+        else:  # projector, vision head
             out = layer(h)
         out = out.cpu()
         self._trim()  # RSS follows the live tensors, not the number of samples seen (llavaq/memory.py)
         return out
 
     def _run_stage(self, stage: Stage, s: Streams, gen: Generation) -> dict[str, torch.Tensor]:
-        """Calibrate one layer over every sample; its outputs go to the streams of ``gen``."""
-        layer = self._build(stage).to(self.device)
+        """Calibrate one layer over every sample; its outputs go to the streams of ``gen``.
+
+        The vision head (SigLIP) runs on the last hidden states and changes no stream: LLaVA never uses
+        its output, only its Linears are calibrated (as msModelSlim does, on the pooled token).
+        """
+        layer = self.arch.build_stage(stage).to(self.device)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         groups = self.arch.smooth_groups(stage)
+        m2_groups = self._m2_groups(stage)
         record: dict[str, torch.Tensor] = {}
-        is_vision_side = stage.kind in ("vision_layer", "projector")
-        n_stream = len(s.fq) if stage.kind != "projector" else len(s.feat_fq)
-        self.progress.sub(stage.name, total=n_stream * 2 + (1 if groups and self.recipe.anti_outlier == "m2" else 0))
+        on_features = stage.kind == "projector"
+        head = stage.kind == "vision_head"
+        src_flt, src_fq = (s.feat_flt, s.feat_fq) if on_features else (s.flt, s.fq)
+        self.progress.sub(stage.name, total=len(src_fq) * 2 + (1 if m2_groups else 0))
+
+        def outputs(key: str):
+            return [] if head else gen.new_list(key)  # the head's outputs are dropped
 
         # 1. float statistics on the original layer (all samples); input moments for GPTQ if asked
         moments_for = sorted({self.arch.shared_inputs(stage)[n][len(stage.prefix):]
-                              for n in self.quantized if n.startswith(stage.prefix)}) \
-            if self.recipe.input_moments else ()
+                              for n in self.quantized if stage.owns(n)}) if self.recipe.input_moments else ()
         rec = InputRecorder(linears, self.rows_per_call, moments_for)
-        src = s.feat_flt if stage.kind == "projector" else s.flt
-        out = gen.new_list("feat_flt" if stage.kind == "projector" else "flt")
-        for j, h in enumerate(src):
-            out.append(self._forward(stage, layer, h, j if not is_vision_side else j, s))
+        out = outputs("feat_flt" if on_features else "flt")
+        for j, h in enumerate(src_flt):
+            out.append(self._forward(stage, layer, h, j, s))
             self.progress.sub_advance()
         rec.remove()
         float_stats = rec.result()
@@ -245,20 +257,19 @@ class CalibrationEngine:
                 float_stats.pop(f"float.{name[len(stage.prefix):]}.rows", None)
         record.update({self._full(stage, k): v for k, v in float_stats.items()})
 
-        # 2. anti-outlier smoothing
+        # 2. anti-outlier smoothing (m2 also carries sample 0 through the smoothed layer)
         method = self.recipe.anti_outlier
-        if groups and method == "m2":
-            m2_in = s.m2 if stage.kind != "projector" else s.feat_m2
-            m2_out, smooth = self._m2_layer(stage, layer, m2_in, s)
+        m2_in = s.feat_m2 if on_features else s.m2
+        m2_out = None
+        if m2_groups:
+            m2_out, smooth = self._m2_layer(stage, layer, m2_in, s, m2_groups)
             self.progress.sub_advance()
-        elif groups and method == "m1":
+        elif method == "m1" and groups:
             smooth = self._m1_layer(stage, layer, groups, float_stats)
-            m2_out = None
         else:
             smooth = {}
-            m2_out = s.feat_m2 if stage.kind == "projector" else s.m2
-            if stage.kind == "projector" and s.feat_m2 is not None:
-                m2_out = layer(s.feat_m2.to(self.device)).cpu()
+            if m2_in is not None and not head:  # a layer m2 leaves as it is: sample 0 through it, float
+                m2_out = self._forward(stage, layer, m2_in, 0, s, count=False)
         if self.recipe.smooth_vo:  # Linear -> Linear groups, after the norm groups (exact in float either way)
             smooth.update(self._pair_layer(stage, layer, float_stats))
         for gname, (scale, shift) in smooth.items():
@@ -277,9 +288,8 @@ class CalibrationEngine:
             if full in self.quantized:
                 fq_mods[full] = FakeQuantLinear(lin, self.recipe.observer)
                 set_submodule(layer, rel, fq_mods[full])
-        src = s.feat_fq if stage.kind == "projector" else s.fq
-        fq_out = gen.new_list("feat_fq" if stage.kind == "projector" else "fq")
-        for j, h in enumerate(src):
+        fq_out = outputs("feat_fq" if on_features else "fq")
+        for j, h in enumerate(src_fq):
             fq_out.append(self._forward(stage, layer, h, j, s))
             self.progress.sub_advance()
         for full, m in fq_mods.items():
@@ -291,12 +301,10 @@ class CalibrationEngine:
                 record[f"obs.{full}.{k}"] = v
 
         # 4. advance the streams
-        if stage.kind == "projector":
-            s.feat_fq, s.feat_flt = fq_out, out
-            s.feat_m2 = m2_out
-        else:
-            s.fq, s.flt = fq_out, out
-            s.m2 = m2_out if method == "m2" else None
+        if on_features:
+            s.feat_fq, s.feat_flt, s.feat_m2 = fq_out, out, m2_out
+        elif not head:
+            s.fq, s.flt, s.m2 = fq_out, out, m2_out
             if stage.kind == "vision_layer":
                 self._maybe_capture(s, stage.index + 1, gen)
         del layer
@@ -308,68 +316,33 @@ class CalibrationEngine:
         return f"{kind}.{stage.prefix}{rest}"
 
     # ------------------------------------------------------------------ smoothing per layer
-    def _m2_layer(self, stage: Stage, layer: nn.Module, h: torch.Tensor, s: Streams):
-        mode = self.recipe.m2_search
+    def _m2_layer(self, stage: Stage, layer: nn.Module, h: torch.Tensor, s: Streams, m2_groups: list[SmoothGroup]):
+        """Sample 0 through a pre-norm layer, searching and folding each group's smoothing on the way
+        (msModelSlim's wrappers: the attention group before the attention runs, the MLP group before
+        the MLP runs), with the family's roles naming the modules."""
+        fam = self.arch.family(stage)
+        r = fam.roles
+        text = stage.kind == "text_layer"
         h = h.to(self.device)
-        smooth = {}
-        if stage.kind == "vision_layer":
-            g_attn, g_mlp = self.arch.smooth_groups(stage)
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-            residual = h
-            x = layer.layer_norm1(h)
-            shift = channel_shift(x)
-            x -= shift
-            fold_shift([m.weight.data for m in qkv], [m.bias.data for m in qkv], shift)
-            w = torch.cat([m.weight.data for m in qkv])
-            b = torch.cat([m.bias.data for m in qkv])
-            fn = clip_qkv_block(attn.embed_dim, attn.num_heads, attn.head_dim, b)
-            scale = os_plus_search(x, w, fn, mode=mode, info=self.m2_info.setdefault(g_attn.name, {}))
-            x /= scale
-            fold_scale(layer.layer_norm1.weight.data, layer.layer_norm1.bias.data,
-                       [m.weight.data for m in qkv], scale, shift)
-            smooth[g_attn.name] = (scale.cpu(), shift.cpu())
-            x, _ = attn(hidden_states=x, attention_mask=None, causal_attention_mask=None)
-            h = residual + x
-            residual = h
-            x = layer.layer_norm2(h)
-            shift = channel_shift(x)
-            x -= shift
-            fold_shift([mlp.fc1.weight.data], [mlp.fc1.bias.data], shift)
-            fn = clip_fc1_block(mlp.fc1.bias.data)
-            scale = os_plus_search(x, mlp.fc1.weight.data, fn, mode=mode, info=self.m2_info.setdefault(g_mlp.name, {}))
-            x /= scale
-            fold_scale(layer.layer_norm2.weight.data, layer.layer_norm2.bias.data, [mlp.fc1.weight.data],
-                       scale, shift)
-            smooth[g_mlp.name] = (scale.cpu(), shift.cpu())
-            h = residual + mlp(x)
-        elif stage.kind == "text_layer":
-            g_attn, g_mlp = self.arch.smooth_groups(stage)
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        mask = pos = None
+        if text:
             mask = s.masks[0].to(self.device) if s.masks[0] is not None else None
             pos = s.positions[0].to(self.device)
-            residual = h
-            x = layer.input_layernorm(h)
-            w = torch.cat([m.weight.data for m in qkv])
-            fn = llama_qkv_block(attn.num_heads, attn.num_key_value_heads, attn.head_dim,
-                                 attn.rotary_emb.cos_cached, attn.rotary_emb.sin_cached, pos, mask)
-            scale = os_plus_search(x, w, fn, mode=mode, info=self.m2_info.setdefault(g_attn.name, {}))
-            x /= scale
-            fold_scale(layer.input_layernorm.weight.data, None, [m.weight.data for m in qkv], scale)
-            smooth[g_attn.name] = (scale.cpu(), None)
-            x = attn(hidden_states=x, attention_mask=mask, position_ids=pos)[0]
-            h = residual + x
-            residual = h
-            x = layer.post_attention_layernorm(h)
-            w = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data])
-            scale = os_plus_search(x, w, gate_up_block(mlp.act_fn), mode=mode,
-                                   info=self.m2_info.setdefault(g_mlp.name, {}))
-            x /= scale
-            fold_scale(layer.post_attention_layernorm.weight.data, None,
-                       [mlp.gate_proj.weight.data, mlp.up_proj.weight.data], scale)
-            smooth[g_mlp.name] = (scale.cpu(), None)
-            h = residual + mlp(x)
+        attn_group, mlp_group = self.arch.smooth_groups(stage)
+        chosen = {g.name for g in m2_groups}
+        smooth: dict = {}
+        residual = h
+        x = layer.get_submodule(r.attn_norm)(h)
+        if attn_group.name in chosen:
+            x = self._m2_group(stage, layer, attn_group, x, smooth, mask, pos)
+        attn = layer.get_submodule(r.attn)
+        x = fam.call_attention(attn, x, mask, pos) if text else fam.call_attention(attn, x)
+        h = residual + x
+        residual = h
+        x = layer.get_submodule(r.mlp_norm)(h)
+        if mlp_group.name in chosen:
+            x = self._m2_group(stage, layer, mlp_group, x, smooth, mask, pos)
+        h = residual + layer.get_submodule(r.mlp)(x)
         return h.cpu(), smooth
 
     def _pair_layer(self, stage: Stage, layer: nn.Module, stats: dict):
@@ -391,6 +364,44 @@ class CalibrationEngine:
                       None if dst.bias is None else dst.bias.data, scale, shift, g.heads)
             smooth[g.name] = (scale.cpu(), None if shift is None else shift.cpu())
         return smooth
+
+    def _m2_group(self, stage: Stage, layer: nn.Module, g: SmoothGroup, x: torch.Tensor, smooth: dict,
+                  mask, pos) -> torch.Tensor:
+        """One group: shift (LayerNorm groups), OS+ range search on the group's block, fold; returns x/s."""
+        mods = [layer.get_submodule(n[len(stage.prefix):]) for n in g.linears]
+        norm = layer.get_submodule(g.norm[len(stage.prefix):])
+        weights = [m.weight.data for m in mods]
+        shift = None
+        if g.shift:
+            shift = channel_shift(x)
+            x -= shift
+            fold_shift(weights, [m.bias.data for m in mods], shift)
+        w = torch.cat(weights) if len(weights) > 1 else weights[0]
+        block = self._m2_block(stage, layer, g, mods, mask, pos)
+        scale = os_plus_search(x, w, block, mode=self.recipe.m2_search, info=self.m2_info.setdefault(g.name, {}))
+        x /= scale
+        fold_scale(norm.weight.data, norm.bias.data if g.shift else None, weights, scale, shift)
+        smooth[g.name] = (scale.cpu(), None if shift is None else shift.cpu())
+        return x
+
+    def _m2_block(self, stage: Stage, layer: nn.Module, g: SmoothGroup, mods: list[nn.Module], mask, pos) -> Block:
+        """The block whose output error the search minimises (msModelSlim's migration module types)."""
+        fam = self.arch.family(stage)
+        config = self.arch.text_config if stage.kind == "text_layer" else self.arch.vision_config
+        heads = fam.heads(config)
+        biases = [m.bias.data for m in mods if m.bias is not None]
+        bias = torch.cat(biases) if len(biases) == len(mods) else None
+        if g.kind == "llama_qkv":
+            rope = layer.get_submodule(fam.roles.attn).rotary_emb
+            return llama_qkv_block(heads.heads, heads.kv_heads, heads.head_dim, rope.cos_cached, rope.sin_cached,
+                                   pos, mask, bias=bias)
+        if g.kind == "llama_gate_up":
+            return gate_up_block(layer.get_submodule(fam.roles.mlp).act_fn)
+        if g.kind == "clip_qkv":
+            return clip_qkv_block(heads.heads * heads.head_dim, heads.heads, heads.head_dim, bias)
+        if g.kind == "clip_fc1":
+            return clip_fc1_block(mods[0].bias.data)
+        raise LlavaqError(f"no m2 block for smoothing group kind {g.kind!r} ({g.name})")
 
     def _m1_layer(self, stage: Stage, layer: nn.Module, groups: list[SmoothGroup], stats: dict):
         """SmoothQuant with the calibrated float statistics (LayerNorm groups also centre by z)."""

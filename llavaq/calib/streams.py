@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from llavaq.calib.cache import _atomic_save_tensors, _atomic_write_bytes, fsync_path
@@ -70,10 +71,34 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def dense_layout(t: Tensor) -> tuple[Tensor, list[int] | None]:
+    """``t`` as a contiguous tensor, and the order of its dimensions in memory (None when ``t`` is contiguous).
+
+    A layer's output inherits its input's memory layout: SigLIP's patch embeddings are a transposed view, so
+    its hidden states stay channels-first in memory through the whole tower (transformers' too), and a
+    matmul over another layout can round differently in the last bit. A stream read back from a file gets
+    the layout it had in memory (:func:`restore_layout`), so disk and memory give the same bytes.
+    """
+    t = t.detach().cpu()
+    if t.is_contiguous() or t.dim() < 2:
+        return t.contiguous(), None
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    dense = t.permute(order)
+    return (dense, order) if dense.is_contiguous() else (t.contiguous(), None)
+
+
+def restore_layout(t: Tensor, order: Sequence[int] | None) -> Tensor:
+    """The inverse of :func:`dense_layout`: ``t`` (contiguous) viewed with its original dimension order."""
+    if not order:
+        return t
+    return t.permute(sorted(range(len(order)), key=lambda d: order[d]))
+
+
 def _write_tensor(path: Path, t: Tensor) -> None:
-    t = t.detach().cpu().contiguous()
+    t, order = dense_layout(t)
+    meta = {"layout": ",".join(map(str, order))} if order else None
     try:
-        save_file_streamed([("t", t)], path, specs=[TensorSpec.of("t", t)], durable=False)
+        save_file_streamed([("t", t)], path, metadata=meta, specs=[TensorSpec.of("t", t)], durable=False)
     except OSError as e:
         raise CacheError(f"cannot write calibration stream file {path} ({e.strerror or e})") from None
 
@@ -91,7 +116,8 @@ def _read_tensor(path: Path) -> Tensor:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor("t")
+            layout = (f.metadata() or {}).get("layout")
+            return restore_layout(f.get_tensor("t"), [int(d) for d in layout.split(",")] if layout else None)
     except Exception:
         raise CacheError(f"{path}: missing or corrupted calibration stream file; delete "
                          f"{path.parents[2]} and run calibrate again") from None
@@ -206,7 +232,9 @@ class Generation:
         small: dict[str, Tensor] = {f"positions.{j}": p for j, p in enumerate(streams.positions)}
         for key in ("m2", "feat_m2"):
             if getattr(streams, key) is not None:
-                small[key] = getattr(streams, key)
+                small[key], order = dense_layout(getattr(streams, key))
+                if order:
+                    small[key + ".layout"] = torch.tensor(order)
         _atomic_save_tensors(self.path / SMALL, small)
         lists = {}
         for name in LIST_FIELDS:
@@ -225,8 +253,11 @@ class Generation:
         try:
             index = json.loads((self.path / INDEX).read_text())
             small = load_file(str(self.path / SMALL))
+            m2, feat_m2 = (None if small.get(k) is None else
+                           restore_layout(small[k], small[k + ".layout"].tolist() if k + ".layout" in small else None)
+                           for k in ("m2", "feat_m2"))
             s = Streams(positions=[small[f"positions.{j}"] for j in range(int(index["positions"]))],
-                        m2=small.get("m2"), feat_m2=small.get("feat_m2"))
+                        m2=m2, feat_m2=feat_m2)
             for name in LIST_FIELDS:
                 entry = index["lists"][name]
                 lst = self.new_list(entry["key"])

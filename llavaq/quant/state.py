@@ -24,7 +24,7 @@ from llavaq.algorithms.smoothing import expand_heads, fold_pair, fold_scale, fol
 from llavaq.algorithms.smoothquant import smoothquant_group
 from llavaq.calib.cache import SessionCache
 from llavaq.errors import CacheError, LlavaqError
-from llavaq.model.llava import LlavaArch, SmoothGroup, Stage
+from llavaq.model.llava import EMBED, LM_HEAD, LlavaArch, SmoothGroup, Stage
 from llavaq.quant.int8 import activation_qparams, quantize_weight, weight_qparams
 from llavaq.recipe import QuantRecipe
 
@@ -111,7 +111,7 @@ def plan_stage(
             if f"smooth.{g.name}.scale" in record:
                 plan.smooth[g.name] = (record[f"smooth.{g.name}.scale"], record.get(f"smooth.{g.name}.shift"))
         for name in quantized:
-            if name.startswith(stage.prefix):
+            if stage.owns(name):
                 plan.acts[name] = ActivationParams(record[f"act.{name}.input_scale"],
                                                    record[f"act.{name}.input_offset"])
         return plan
@@ -128,7 +128,7 @@ def plan_stage(
                 stat=recipe.smooth_stat,
             )
     for name in quantized:
-        if not name.startswith(stage.prefix):
+        if not stage.owns(name):
             continue
         mn, mx = record[f"float.{name}.min"], record[f"float.{name}.max"]
         g = group_of.get(name)
@@ -215,6 +215,15 @@ class ModuleTensors:
     tensors: dict[str, torch.Tensor]  # full parameter name -> float32 tensor
     act: ActivationParams | None
     codes: torch.Tensor | None = None  # int8 weight codes chosen by GPTQ (None: round to nearest)
+    #: the tensors were read for this module alone (not a stage's shared weights): handed out without a copy
+    fresh: bool = False
+
+
+def _handed_out(t: torch.Tensor, dtype: torch.dtype, fresh: bool) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous, owned by the consumer: copied only if nothing else made it a new tensor
+    (a 152000-entry Qwen2 embedding table is 2.5 GB in float32: no second copy of it)."""
+    out = t.to(dtype).contiguous()
+    return out if fresh or out is not t else out.clone()
 
 
 def iter_modules(
@@ -234,13 +243,13 @@ def iter_modules(
     plan = StagePlan()
     codes: dict[str, torch.Tensor] = {}
     for module, _cls, params in arch.parameter_order(m2_wrapped=recipe.anti_outlier == "m2"):
-        st = next((s for s in stages if module.startswith(s.prefix)), None)
+        st = next((s for s in stages if s.owns(module)), None)
         if st is not None and st is not cur_stage:
-            weights = {st.prefix + k: v for k, v in ckpt.tensors(st.prefix).items()}
+            weights = arch.stage_tensors(st)
             record = cache.read_stage(st.name)
             plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
             apply_smoothing(weights, plan)
-            names = [n for n in arch.linear_names if n in quantized and n.startswith(st.prefix)]
+            names = [n for n in arch.linear_names if n in quantized and st.owns(n)]
             codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or ckpt.torch_dtype,
                                gptq_report) if recipe.weight_method == "gptq" and names else {}
             cur_stage = st
@@ -249,12 +258,12 @@ def iter_modules(
             name = f"{module}.{p}"
             if st is not None:
                 tensors[name] = weights[name]
-            elif name == "language_model.lm_head.weight" and arch.tied_embeddings:
+            elif name == LM_HEAD and arch.tied_embeddings:
                 tensors[name] = arch.lm_head_weight()
             else:
                 tensors[name] = ckpt.tensor(name)
         yield ModuleTensors(module, params, tensors, plan.acts.get(module) if module in quantized else None,
-                            codes.get(module))
+                            codes.get(module), fresh=st is None)
 
 
 def iter_quantized_tensors(
@@ -283,7 +292,7 @@ def iter_quantized_tensors(
             yield m.module + ".deq_scale", pack_deq_scale(lq.deq_scale, arch.ckpt.torch_dtype), W8A8
             continue
         for name, t in m.tensors.items():
-            yield name, t.to(out_dtype).contiguous().clone(), FLOAT
+            yield name, _handed_out(t, out_dtype, m.fresh), FLOAT
 
 
 def quantized_tensor_specs(
@@ -317,8 +326,7 @@ def quantized_tensor_specs(
             continue
         for p in params:
             name = f"{module}.{p}"
-            src = "language_model.model.embed_tokens.weight" \
-                if name == "language_model.lm_head.weight" and arch.tied_embeddings else name
+            src = EMBED if name == LM_HEAD and arch.tied_embeddings else name
             specs.append((name, out_dtype, ckpt.shape(src)))
     return specs
 
@@ -344,7 +352,7 @@ def iter_float_tensors(
             if dequantize and m.act is not None and name == m.module + ".weight":
                 ws = weight_qparams(t).to(out_dtype).float()
                 t = (quantize_weight(t, ws) if m.codes is None else m.codes).float() * ws
-            yield name, t.to(out_dtype).contiguous().clone()
+            yield name, _handed_out(t, out_dtype, m.fresh)
 
 
 def linear_errors(
@@ -361,11 +369,11 @@ def linear_errors(
     quantized = set(ordered)
     errors: dict[str, float] = {}
     for st in arch.stages():
-        names = [n for n in ordered if n.startswith(st.prefix)]
+        names = [n for n in ordered if st.owns(n)]
         if not names:
             continue
         record = cache.read_stage(st.name)
-        weights = {st.prefix + k: v for k, v in arch.ckpt.tensors(st.prefix).items()}
+        weights = arch.stage_tensors(st)
         plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
         apply_smoothing(weights, plan)
         codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or arch.ckpt.torch_dtype) \

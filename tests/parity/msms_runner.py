@@ -29,7 +29,17 @@ Deliberate deviations from upstream:
   before anything runs (msModelSlim's safetensors writer crashes on shared tensors);
 - ``--part_unit_bytes N`` (tests only) redefines msModelSlim's shard unit (1 GiB) as N bytes so that
   tiny models can be sharded; msModelSlim itself only accepts an integer ``part_file_size >= 1`` (GB);
-- ``--dtype`` can override the float32 CPU load dtype (upstream: float32 on CPU).
+- ``--dtype`` can override the float32 CPU load dtype (upstream: float32 on CPU);
+- ``--processor parts`` builds the processor from its parts, ``AutoTokenizer`` (fast) + ``AutoImageProcessor``,
+  joined as ``LlavaProcessor.__call__`` joins them. Upstream's ``AutoProcessor`` cannot load llava-interleave
+  checkpoints on transformers 4.37.2: ``LlavaProcessor`` forces a ``LlamaTokenizerFast`` (a Qwen2 tokenizer
+  has no BOS: "add_bos_token = True but bos_token = None") and a ``CLIPImageProcessor`` (the checkpoint's
+  is a ``SiglipImageProcessor``). Only the processor changes; the quantization flow is upstream's;
+- ``--disable NAME`` (repeatable) adds NAME to ``disable_names``. On a SigLIP tower upstream crashes in
+  ``calibrator.save`` (``'NoneType' object has no attribute 'cpu'``): the pooling head's
+  ``attention.out_proj`` is an ``nn.Linear`` that ``nn.MultiheadAttention`` never calls, so its quantizer
+  never sees an input and has no ``input_scale``. Disabling it (float, as llavaq keeps it) lets the rest
+  of upstream's flow run and be compared.
 
 The last stdout line is a JSON object with timings (seconds) and peak RSS (bytes) of this process.
 """
@@ -62,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--mindie_format", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--dev_type", default="cpu", help="only recorded in quantization_config (runs on CPU)")
+    p.add_argument("--disable", action="append", default=[], help="extra disable_names (see above)")
+    p.add_argument("--processor", default="auto", choices=["auto", "parts"],
+                   help="auto: AutoProcessor (upstream); parts: AutoTokenizer + AutoImageProcessor (see above)")
     return p.parse_args(argv)
 
 
@@ -110,6 +123,20 @@ def write_config_and_copy(model_path: Path, out: Path, orig_dtype: str, mindie: 
         os.chmod(dst, stat.S_IRUSR | stat.S_IWUSR)
 
 
+class PartsProcessor:
+    """``LlavaProcessor.__call__`` (transformers 4.37.2) over ``AutoImageProcessor`` + a fast ``AutoTokenizer``."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+
+    def __call__(self, text=None, images=None, return_tensors="pt"):
+        pixel_values = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
+        return {**self.tokenizer(text, return_tensors=return_tensors), "pixel_values": pixel_values}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     model_path = Path(args.model_path).resolve()
@@ -129,7 +156,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
 
     t = time.perf_counter()
-    processor = AutoProcessor.from_pretrained(str(model_path), local_files_only=True, pad_token="<pad>")
+    if args.processor == "auto":
+        processor = AutoProcessor.from_pretrained(str(model_path), local_files_only=True, pad_token="<pad>")
+    else:
+        processor = PartsProcessor(str(model_path))
     config = AutoConfig.from_pretrained(str(model_path), local_files_only=True)
     model = LlavaForConditionalGeneration.from_pretrained(
         str(model_path), local_files_only=True, torch_dtype=dtype, device_map="cpu"
@@ -140,6 +170,7 @@ def main(argv=None) -> int:
     n_layers = config.text_config.num_hidden_layers
     disable_names = [f"language_model.model.layers.{i}.mlp.down_proj" for i in range(n_layers)]
     disable_names.append("language_model.lm_head")
+    disable_names += args.disable
 
     images = list_images(calib_dir)
     calib_data = []

@@ -93,16 +93,21 @@ def parity_images_exif_alpha(parity_images, tmp_path_factory) -> Path:
     return out
 
 
-def run_msms(model: Path, images: Path, out: Path, *, mindie: bool = False, part_unit_bytes: int | None = None
-             ) -> dict:
+def msms(model: Path, images: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [MSMS_PY, str(HERE / "msms_runner.py"), "--model_path", str(model), "--calib_images", str(images),
-           "--save_directory", str(out)]
-    if mindie:
-        cmd.append("--mindie_format")
-    if part_unit_bytes:
-        cmd += ["--part_file_size", "1", "--part_unit_bytes", str(part_unit_bytes)]
+           "--save_directory", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+def run_msms(model: Path, images: Path, out: Path, *, mindie: bool = False, part_unit_bytes: int | None = None,
+             extra: tuple[str, ...] = ()) -> dict:
+    args = list(extra)
+    if mindie:
+        args.append("--mindie_format")
+    if part_unit_bytes:
+        args += ["--part_file_size", "1", "--part_unit_bytes", str(part_unit_bytes)]
+    proc = msms(model, images, out, *args)
     assert proc.returncode == 0, f"msModelSlim runner failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -261,3 +266,48 @@ def test_image_loading_msmodelslim_parity_on_exif_and_alpha_photos(parity_models
     assert moved, "the upright default should calibrate differently on EXIF/alpha photos"
     print(f"\ndefault upright vs msModelSlim on EXIF/alpha photos: {len(moved)}/{len(scales)} input_scale differ, "
           f"max rel. {max(float(((upright[k] - ref[k]) / ref[k]).abs().max()) for k in moved):.3g}")
+
+
+# ---------------------------------------------------------------------------------------------- other families
+HEAD_OUT_PROJ = "vision_tower.vision_model.head.attention.out_proj"
+FAMILY_FIXTURES = {
+    # bakLlava-like: Mistral LM (GQA, sliding window 8 < the prompt) + CLIP. msModelSlim's m2 wraps the CLIP
+    # layers only (its table has no MistralDecoderLayer): CLIP smoothed, Mistral not; upstream flow as is.
+    "mistral_clip_fp16": (dict(text_model_type="mistral", kv_heads=2, sliding_window=8, dtype=torch.float16,
+                               seed=14), ()),
+    # llava-interleave-like: Qwen2 LM (GQA, q/k/v biases) + SigLIP with its pooling head, "full" features.
+    # Nothing is smoothed (neither layer class is wrapped). Two runner deviations, each tested below: the
+    # processor from its parts (upstream's AutoProcessor cannot load it) and the head's never-called
+    # attention.out_proj disabled (upstream's save crashes on it; llavaq keeps it float).
+    "qwen2_siglip_bf16": (dict(text_model_type="qwen2", vision_model_type="siglip", kv_heads=2,
+                               dtype=torch.bfloat16, seed=15), ("--processor", "parts", "--disable", HEAD_OUT_PROJ)),
+}
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parity_families")
+    return {name: build_tiny_llava(root / name, **kw) for name, (kw, _) in FAMILY_FIXTURES.items()}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_FIXTURES))
+def test_family_parity(name, family_models, parity_images, tmp_path):
+    model, extra = family_models[name], FAMILY_FIXTURES[name][1]
+    run_msms(model, parity_images, tmp_path / "msms", extra=extra)
+    run_llavaq(model, parity_images, tmp_path / "llavaq", tmp_path / "cache")
+    rep = assert_parity(tmp_path / "llavaq", tmp_path / "msms")
+    assert rep["identical"], markdown_table(rep)
+    desc = json.loads((tmp_path / "llavaq" / "quant_model_description.json").read_text())
+    if name.startswith("qwen2_siglip"):
+        assert desc[HEAD_OUT_PROJ + ".weight"] == "FLOAT" and desc[HEAD_OUT_PROJ.replace("attention.out_proj",
+                                                                                          "mlp.fc1.weight")] == "W8A8"
+
+
+def test_msmodelslim_llava_flow_fails_on_qwen2_siglip_as_documented(family_models, parity_images, tmp_path):
+    """What upstream does without the runner's deviations (the README and the closing note quote these)."""
+    model = family_models["qwen2_siglip_bf16"]
+    proc = msms(model, parity_images, tmp_path / "auto")
+    assert proc.returncode != 0 and "add_bos_token = True but bos_token = None" in proc.stderr, proc.stderr[-2000:]
+    proc = msms(model, parity_images, tmp_path / "parts", "--processor", "parts")
+    assert proc.returncode != 0 and "'NoneType' object has no attribute 'cpu'" in proc.stderr, proc.stderr[-2000:]
+    assert "input_scale.cpu()" in proc.stderr

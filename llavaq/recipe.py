@@ -20,6 +20,7 @@ MODULE_PRESETS = ("msmodelslim", "with_down_proj", "language_only")
 M2_SEARCH_MODES = ("full", "fast", "exhaustive")
 WEIGHT_METHODS = ("rtn", "gptq")
 FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
+ROTATIONS = ("none", "hadamard")
 DEFAULT_PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 
 
@@ -59,6 +60,10 @@ class QuantRecipe:
     #: Record each quantized Linear's input moments (the Hessian GPTQ needs) in the session cache.
     #: Calibration-time; implied by ``weight_method="gptq"``.
     input_moments: bool = False
+    #: Rotate the language model's residual stream (randomised Hadamard, folded into the weights) before
+    #: calibration: "none" or "hadamard"; the seed draws the random signs.
+    rotation: str = "none"
+    rotation_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.w_bit != 8 or self.a_bit != 8:
@@ -101,6 +106,16 @@ class QuantRecipe:
         if self.keep_float < 0:
             raise LlavaqError(f"--keep_float must be >= 0, not {self.keep_float}")
         object.__setattr__(self, "float_linears", tuple(self.float_linears))
+        if self.rotation not in ROTATIONS:
+            raise LlavaqError(f"--rotation must be one of {', '.join(ROTATIONS)}, not {self.rotation!r}")
+        if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int) or self.rotation_seed < 0:
+            raise LlavaqError(f"--rotation_seed must be an integer >= 0, not {self.rotation_seed!r}")
+        if self.rotation != "none" and self.modules == "with_down_proj":
+            raise LlavaqError(
+                "--rotation hadamard cannot be used with --modules with_down_proj: a rotated model's quantized "
+                "down_proj needs an online Hadamard transform of its input, which no output format llavaq writes "
+                "can express; keep down_proj float (--modules msmodelslim or language_only)"
+            )
         if self.activation_sample_tokens < 0:
             raise LlavaqError("--activation_sample_tokens must be >= 0")
         object.__setattr__(self, "text_prompts", tuple(self.text_prompts))
@@ -143,6 +158,9 @@ class QuantRecipe:
         out.update({k: d[k] for k, default in self.OPTIONAL_CALIBRATION_FIELDS.items() if d[k] != default})
         if self.anti_outlier == "m1":
             out["alpha"] = self.alpha
+        if self.rotation != "none":  # only then: the keys of caches made without a rotation do not change
+            out["rotation"] = self.rotation
+            out["rotation_seed"] = self.rotation_seed
         return out
 
     def calibration_key(self) -> str:

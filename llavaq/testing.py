@@ -63,6 +63,7 @@ def build_tiny_llava(
     patch_size: int = 14,
     outliers: bool = True,
     tie_word_embeddings: bool = False,
+    attention_bias: bool = False,
 ) -> Path:
     """Write a tiny random LLaVA-1.5-shaped checkpoint (llava-hf layout) to ``out_dir``.
 
@@ -86,7 +87,7 @@ def build_tiny_llava(
             model_type="llama", hidden_size=hidden, intermediate_size=intermediate,
             num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
             vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-            tie_word_embeddings=tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+            tie_word_embeddings=tie_word_embeddings, attention_bias=attention_bias, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         ),
         image_token_index=image_token_index,

@@ -42,6 +42,9 @@ from llavaq.errors import ModelError
 from llavaq.model.checkpoint import Checkpoint
 from llavaq.model.llava import EMBED, LM, LM_HEAD, PROJECTOR, LlavaArch
 
+#: rows of an input-side-rotated tensor rotated at a time (float64 working memory: ROWS x hidden x 8 bytes)
+ROWS = 4096
+
 
 @dataclass(frozen=True)
 class DecoderLayerNames:
@@ -95,7 +98,7 @@ class RotationLayout:
 class _Rule:
     """How one tensor of the rotated model is computed from the original checkpoint."""
 
-    op: str  # ones | in | in_v | v_bias | o | out | out_bias
+    op: str  # ones | in (row-wise: see RotatedCheckpoint.tensor) | in_v | v_bias | o | out | out_bias
     source: str  # original tensor name
     norm: str | None = None  # norm weight folded in (input side)
 
@@ -192,7 +195,17 @@ class RotatedCheckpoint:
         if rule is None:
             return self.inner.tensor(name, dtype)
         out_dtype = dtype or self.inner.dtype_of(rule.source)
-        return self._rotated(rule).to(out_dtype)
+        if rule.op != "in":
+            return self._rotated(rule).to(out_dtype)
+        # row by row: a large table (embeddings, lm_head: 32000 x 4096 for 7B) is rotated ROWS rows at a time in
+        # float64 instead of all at once
+        w = self.inner.tensor(rule.source, None)
+        gamma = self.inner.tensor(rule.norm, torch.float64) if rule.norm is not None else None
+        out = torch.empty(w.shape, dtype=out_dtype)
+        for i in range(0, w.shape[0], ROWS):
+            block = w[i:i + ROWS].to(torch.float64)
+            out[i:i + ROWS] = rotate_input(block if gamma is None else fold_norm(block, gamma), self.residual)
+        return out
 
     def tensors(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
         return {n[len(prefix):]: self.tensor(n, dtype) for n in self.names if n.startswith(prefix)}
@@ -210,8 +223,6 @@ class RotatedCheckpoint:
         w = self.inner.tensor(rule.source, torch.float64)
         if rule.norm is not None:
             w = fold_norm(w, self.inner.tensor(rule.norm, torch.float64))
-        if rule.op == "in":
-            return rotate_input(w, q)
         if rule.op == "in_v":
             return rotate_head_outputs(rotate_input(w, q), r2, lay.n_kv_heads)
         if rule.op == "v_bias":

@@ -157,7 +157,7 @@ def kron_apply(x: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.Tens
     """``x·(F_1 ⊗ F_2 ⊗ ...)`` along the last dimension of ``x``, without forming the product."""
     lead = x.shape[:-1]
     sizes = [f.shape[0] for f in factors]
-    y = x.reshape(*lead, *sizes)
+    y = x.contiguous().reshape(*lead, *sizes)  # a transposed view would reshape into a slow strided one
     for t, f in enumerate(factors):
         pos = len(lead) + t
         y = torch.movedim(torch.movedim(y, pos, -1) @ f, -1, pos)

@@ -353,8 +353,18 @@ class LayerErrorHooks:
         undo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         fparams = _ReferenceParams(float_model, reference)
         recipe = q.record.get("recipe") or {}
+        from llavaq.quant.state import group_input_smoothing
+
+        #: a Linear -> Linear group's source -> (scale, shift) per output row its smoothed output carries
+        smoothed_out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for g in arch.all_smooth_groups(recipe.get("modules", "msmodelslim"), bool(recipe.get("smooth_vo"))):
-            found = _undo_pair(g, fparams, q, undo) if g.from_linear else _undo_norm(g, fparams, q)
+            if g.from_linear:
+                raw = _pair_scale(g, fparams, q, undo)
+                found = None if raw is None else group_input_smoothing(g, *raw)
+                if raw is not None:
+                    smoothed_out[g.norm] = raw
+            else:
+                found = _undo_norm(g, fparams, q)
             if found is not None:
                 undo.update({lin: found for lin in g.linears})
         #: Linear -> (scale, shift) per input column that maps its smoothed input back to the float model's
@@ -366,9 +376,11 @@ class LayerErrorHooks:
                 if reference is not None:
                     w = fparams[name + ".weight"]
                     b = fparams[name + ".bias"] if b is not None else None
-                self._handles.append(mod.register_forward_hook(self._hook(name, mod, w, b, undo.get(name))))
+                self._handles.append(mod.register_forward_hook(
+                    self._hook(name, mod, w, b, undo.get(name), smoothed_out.get(name))))
 
-    def _hook(self, name, mod: EmulatedW8A8Linear, weight: torch.Tensor, bias: torch.Tensor | None, undo):
+    def _hook(self, name, mod: EmulatedW8A8Linear, weight: torch.Tensor, bias: torch.Tensor | None, undo,
+              smoothed_out=None):
         def hook(_m, args, out):
             x = args[0].detach().float()
             xf = x
@@ -376,6 +388,9 @@ class LayerErrorHooks:
                 s, z = undo
                 xf = x * s + (z if z is not None else 0)
             ref = F.linear(xf, weight, bias)
+            if smoothed_out is not None:  # the source of --smooth_vo writes (y − z)/s: compare like with like
+                s_out, z_out = smoothed_out
+                ref = (ref - (z_out if z_out is not None else 0)) / s_out
             st = self.stats.setdefault(name, [0.0, 0.0, 0, 0, 0])
             st[0] += float(((out.float() - ref) ** 2).sum())
             st[1] += float((ref**2).sum())
@@ -442,10 +457,11 @@ def _undo_norm(g, fparams: dict[str, torch.Tensor], q: QuantizedCheckpoint):
     return s, z
 
 
-def _undo_pair(g, fparams: dict[str, torch.Tensor], q: QuantizedCheckpoint, undo: dict):
-    """(s, z) per input column of a Linear → Linear group's destination, from its source Linear."""
-    from llavaq.quant.state import group_input_smoothing
+def _pair_scale(g, fparams: Mapping[str, torch.Tensor], q: QuantizedCheckpoint, undo: dict):
+    """(s, z) per output row of a Linear → Linear group's source, from its float and saved weights.
 
+    The destination's input columns take them through :func:`~llavaq.quant.state.group_input_smoothing`.
+    """
     src = g.norm
     w = fparams[src + ".weight"]
     b = fparams.get(src + ".bias")
@@ -464,7 +480,7 @@ def _undo_pair(g, fparams: dict[str, torch.Tensor], q: QuantizedCheckpoint, undo
     else:
         return None
     z = b - b_out.float() * s if g.shift and b is not None and b_out is not None else None
-    return group_input_smoothing(g, s, z)
+    return s, z
 
 
 def _text_positions(input_ids: torch.Tensor, image_token: int, seq_len: int) -> torch.Tensor:

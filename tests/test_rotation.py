@@ -274,3 +274,21 @@ def test_rotation_composes_with_smoothing_and_derived_exports(tiny_model_tied, c
     assert auto.cache.path != cal.cache.path
     res = api.export(tiny_model_tied, auto.cache, tmp_path / "auto")
     assert inspect_path(res.save_directory)["ok"]
+
+
+def test_rotation_composes_with_gptq_and_smooth_vo(tiny_model_tied, calib_dir, cache_root, tmp_path, small_eval):
+    from llavaq.inspect import inspect_path
+    from llavaq.verify import verify
+
+    recipe = QuantRecipe(rotation="hadamard", anti_outlier="m1", alpha=0.5, act_method=1, smooth_vo=True,
+                         weight_method="gptq")
+    _, res = api.quantize(tiny_model_tied, calib_dir, tmp_path / "out", recipe, cache_dir=cache_root,
+                          device_type="cpu")
+    rep = inspect_path(res.save_directory)
+    assert rep["ok"], rep["problems"]
+    assert rep["rotation"]["method"] == "hadamard" and rep["weight_method"] == "gptq"
+    assert res.gptq_error  # GPTQ ran on the rotated Linears
+    # the per-Linear reference undoes v->o smoothing on the rotated float v_proj: only the int8 weights differ
+    wo = verify(tiny_model_tied, res.save_directory, mode="weight_only", worst=100, **small_eval)
+    lm_layers = [e for e in wo.worst_layers if e.name.startswith("language_model.")]
+    assert len(lm_layers) == 12 and max(e.rel_mse for e in lm_layers) < 1e-3

@@ -44,15 +44,7 @@ class Row:
     size: int | None
     report: object
     note: str = ""
-
-
-def pooled(prompts, image: bool) -> tuple[float, float, int]:
-    """Top-1 and KL over the answer positions of the image (or text-only) prompts, weighted by answer length."""
-    sel = [p for p in prompts if (p.image is not None) == image]
-    n = sum(p.answer_tokens for p in sel)
-    if not n:
-        return float("nan"), float("nan"), 0
-    return (sum(p.top1 * p.answer_tokens for p in sel) / n, sum(p.kl * p.answer_tokens for p in sel) / n, n)
+    shared: bool = False  # derived at export from another row's calibration
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,10 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             outs[label] = (out, recipe, derive_from)
         rep = verify(model, out, images=images, prompts=prompts, text=text, mode=mode, float_model=fp,
                      float_reference=fref)
-        calib = None if derive_from or mode != "static" else calib_time[key]
-        rows.append(Row(label, recipe.rotation != "none", calib, exp_s, size, rep, note))
-        it, ik, _ = pooled(rep.prompts, True)
-        tt, tk, _ = pooled(rep.prompts, False)
+        calib = None if mode != "static" else calib_time[key]
+        rows.append(Row(label, recipe.rotation != "none", calib, exp_s, size, rep, note, derive_from is not None))
+        it, ik, tt, tk = rep.image_top1, rep.image_kl, rep.text_prompt_top1, rep.text_prompt_kl
         print(f"{label:44s} ppl {rep.ppl_increase:+.2f}% top1 {rep.top1:.4f} KL {rep.kl:.5f} | image {it:.3f}/{ik:.4f} "
               f"text {tt:.3f}/{tk:.4f} heldout {rep.text_top1:.3f}/{rep.text_kl:.4f} [{time.perf_counter() - t0:.0f}s]",
               flush=True)
@@ -107,10 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     rtn = QuantRecipe(anti_outlier="none", act_method=1, text_prompts=tp)
     auto = QuantRecipe(anti_outlier="m1", alpha="auto", act_method=1, text_prompts=tp)
     m2 = QuantRecipe(anti_outlier="m2", act_method=2, text_prompts=tp)
+    a08 = rtn.replace(anti_outlier="m1", alpha=0.8)
     if not a.no_baselines:
-        measure("RTN (none), min-max", rtn)
-        measure("m1 α=0.8", rtn.replace(anti_outlier="m1", alpha=0.8), derive_from=rtn)
-        measure("auto-α, min-max", auto)
+        measure("m1 α=0.8", a08, derive_from=rtn)
         measure("m2, histogram (msModelSlim)", m2)
     R = {"rotation": "hadamard"}
     rrtn = rtn.replace(**R)
@@ -118,14 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     measure("R: rotation alone (none), histogram", rrtn.replace(act_method=2))
     measure("R + m1 α=0.5", rrtn.replace(anti_outlier="m1", alpha=0.5), derive_from=rrtn)
     measure("R + m1 α=0.8", rrtn.replace(anti_outlier="m1", alpha=0.8), derive_from=rrtn)
+    measure("R + m1 α=0.8 + --smooth_vo", rrtn.replace(anti_outlier="m1", alpha=0.8, smooth_vo=True),
+            derive_from=rrtn)
     measure("R + auto-α, min-max", auto.replace(**R))
     measure("R + m2, histogram", m2.replace(**R))
-    best = max((r for r in rows if r.rotated and r.label in outs), key=lambda r: (r.report.top1, -r.report.ppl_q))
+
+    def best_rotated() -> Row:
+        return max((r for r in rows if r.rotated and r.label in outs), key=lambda r: (r.report.top1, -r.report.ppl_q))
+
+    best = best_rotated()
+    _, rec, base = outs[best.label]
+    gptq = {"weight_method": "gptq"}
+    measure(f"{best.label} + GPTQ", rec.replace(**gptq), derive_from=None if base is None else base.replace(**gptq))
+    if not a.no_baselines:
+        measure("m1 α=0.8 + GPTQ", a08.replace(**gptq), derive_from=rtn.replace(**gptq))
+    best = best_rotated()
     best_out, best_recipe, best_base = outs[best.label]
     for seed in a.seeds:
-        base = (best_base or best_recipe).replace(rotation_seed=seed)
-        measure(f"{best.label}, rotation seed {seed}", best_recipe.replace(rotation_seed=seed),
-                derive_from=base if best_base is not None else None, note="another draw of the random signs")
+        base = None if best_base is None else best_base.replace(rotation_seed=seed)
+        measure(f"{best.label}, rotation seed {seed}", best_recipe.replace(rotation_seed=seed), derive_from=base,
+                note="another draw of the random signs")
     measure(f"{best.label}, DYNAMIC per-token acts", best_recipe, derive_from=best_base, mode="dynamic",
             out_dir=best_out, note="reference: same int8 weights, activations quantized per token at run time")
     measure(f"{best.label}, int8 weights only (float activations)", best_recipe, derive_from=best_base,
@@ -148,8 +150,7 @@ def markdown(rows: list[Row], model: Path) -> str:
     import datetime
 
     r0 = rows[0].report
-    n_img = pooled(r0.prompts, True)[2]
-    n_txt = pooled(r0.prompts, False)[2]
+    n_img, n_txt = r0.image_positions, r0.text_prompt_positions
     lines = [
         TITLE,
         "",
@@ -161,8 +162,9 @@ def markdown(rows: list[Row], model: Path) -> str:
         "weights; `down_proj` stays float (msModelSlim's module set), the CLIP tower and projector `linear_1` are "
         "not rotated. Top-1 / KL are over: **image** = the answers to the held-out photos' questions "
         f"({n_img} tokens), **text** = the answers to the text-only questions ({n_txt} tokens), **held-out** = "
-        f"the plain-English perplexity text ({r0.text_tokens} tokens); **all** pools every scored position. Size = "
-        "the msModelSlim-format output directory.",
+        f"the plain-English perplexity text ({r0.text_tokens} tokens); **all** pools every scored position. "
+        "Calibrate s = the session cache the row is exported from (in parentheses: derived at export from that "
+        "cache, no forward pass); size = the msModelSlim-format output directory.",
         "",
         f"FP perplexity **{r0.ppl_fp:.4f}**.",
         "",
@@ -172,10 +174,10 @@ def markdown(rows: list[Row], model: Path) -> str:
     ]
     for r in rows:
         p = r.report
-        it, ik, _ = pooled(p.prompts, True)
-        tt, tk, _ = pooled(p.prompts, False)
+        it, ik, tt, tk = p.image_top1, p.image_kl, p.text_prompt_top1, p.text_prompt_kl
         w = p.worst_layers[0]
         cs = "" if r.calib_s is None else ("cached" if r.calib_s != r.calib_s else f"{r.calib_s:.0f}")
+        cs = f"({cs})" if cs and r.shared else cs
         es = "" if r.export_s is None else f"{r.export_s:.1f}"
         size = "" if r.size is None else f"{r.size / 2**20:.1f}"
         label = (f"**{r.label}**" if r.rotated else r.label) + (f" <br>*{r.note}*" if r.note else "")

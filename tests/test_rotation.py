@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,8 +112,6 @@ def test_rotated_float_model_computes_the_original_logits(shape, tmp_path, calib
 
 
 def test_demo_model_rotated_logits_equal_the_original(demo_build, demo_float):
-    from pathlib import Path
-
     model, processor = demo_float
     rot = rotated_float_model(model, demo_build[0])
     view = rotated_arch(api.open_model(demo_build[0]), 0).ckpt
@@ -292,3 +291,26 @@ def test_rotation_composes_with_gptq_and_smooth_vo(tiny_model_tied, calib_dir, c
     wo = verify(tiny_model_tied, res.save_directory, mode="weight_only", worst=100, **small_eval)
     lm_layers = [e for e in wo.worst_layers if e.name.startswith("language_model.")]
     assert len(lm_layers) == 12 and max(e.rel_mse for e in lm_layers) < 1e-3
+
+
+def test_cli_quantize_and_calibrate_take_the_rotation(tiny_model_tied, calib_dir, cache_root, tmp_path, monkeypatch,
+                                                      capsys):
+    from llavaq.cli import main
+
+    def run(*args: str) -> None:
+        monkeypatch.setattr(sys, "argv", ["llavaq", *args])
+        try:
+            main()
+        except SystemExit as ex:
+            assert ex.code in (0, None), capsys.readouterr().err
+
+    common = ["--model_path", str(tiny_model_tied), "--calib_images", str(calib_dir), "--cache_dir", str(cache_root),
+              "--device_type", "cpu", "--anti_outlier", "none", "--act_method", "1", "--rotation", "hadamard",
+              "--rotation_seed", "3"]
+    run("calibrate", *common)
+    cache = capsys.readouterr().out.strip().splitlines()[-1]
+    manifest = json.loads((Path(cache) / "manifest.json").read_text())
+    assert manifest["recipe_calibration"]["rotation_seed"] == 3
+    run("quantize", *common, "--save_directory", str(tmp_path / "out"))
+    rec = json.loads((tmp_path / "out" / "llavaq_record.json").read_text())
+    assert rec["recipe"]["rotation"] == "hadamard" and rec["rotation"]["seed"] == 3

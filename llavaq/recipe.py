@@ -112,9 +112,10 @@ class QuantRecipe:
             raise LlavaqError(f"--rotation_seed must be an integer >= 0, not {self.rotation_seed!r}")
         if self.rotation != "none" and self.modules == "with_down_proj":
             raise LlavaqError(
-                "--rotation hadamard cannot be used with --modules with_down_proj: a rotated model's quantized "
-                "down_proj needs an online Hadamard transform of its input, which no output format llavaq writes "
-                "can express; keep down_proj float (--modules msmodelslim or language_only)"
+                "--rotation hadamard cannot be used with --modules with_down_proj: down_proj's input (the SwiGLU "
+                "product) is not in the rotated basis, and rotating it would need an online Hadamard transform in "
+                "the kernel, which no output format llavaq writes can express; keep down_proj float (--modules "
+                "msmodelslim or language_only)"
             )
         if self.activation_sample_tokens < 0:
             raise LlavaqError("--activation_sample_tokens must be >= 0")

@@ -88,10 +88,11 @@ class RotationLayout:
             )
             for p in (f"{LM}layers.{i}." for i in range(arch.n_text_layers))
         )
-        return cls(hidden=tc.hidden_size, n_heads=heads, n_kv_heads=getattr(tc, "num_key_value_heads", heads) or heads,
-                   head_dim=tc.hidden_size // heads, embed=EMBED, final_norm=LM + "norm",
-                   lm_head=LM_HEAD.removesuffix(".weight"), tied=arch.tied_embeddings,
-                   projector_out=PROJECTOR + "linear_2", layers=layers)
+        return cls(hidden=tc.hidden_size, n_heads=heads,
+                   n_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+                   embed=EMBED, final_norm=LM + "norm", lm_head=LM_HEAD.removesuffix(".weight"),
+                   tied=arch.tied_embeddings, projector_out=PROJECTOR + "linear_2", layers=layers)
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,12 @@ class RotatedCheckpoint:
     """A :class:`Checkpoint` view of the rotated model (same names, shapes and fingerprint as the original)."""
 
     def __init__(self, inner: Checkpoint, layout: RotationLayout, seed: int) -> None:
-        if layout.hidden % layout.n_heads or layout.n_heads % layout.n_kv_heads:
-            raise ModelError(f"{inner.path / 'config.json'}: hidden size {layout.hidden} with {layout.n_heads} heads "
-                             f"and {layout.n_kv_heads} KV heads cannot be rotated per head")
+        heads, kv, hd = layout.n_heads, layout.n_kv_heads, layout.head_dim
+        ly = layout.layers[0] if layout.layers else None
+        shapes = (inner.shape(ly.v + ".weight"), inner.shape(ly.o + ".weight")) if ly is not None else None
+        if heads % kv or (shapes is not None and shapes != ((kv * hd, layout.hidden), (layout.hidden, heads * hd))):
+            raise ModelError(f"{inner.path / 'config.json'}: {heads} heads and {kv} KV heads of size {hd} do not "
+                             f"match v_proj/o_proj {shapes}: cannot rotate per head")
         self.inner = inner
         self.layout = layout
         self.seed = seed

@@ -32,6 +32,15 @@ def open_model(model_path: str | Path, *, trust_remote_code: bool = False) -> Ll
     return LlavaArch(Checkpoint(model_path), trust_remote_code=trust_remote_code)
 
 
+def model_for_recipe(arch: LlavaArch, recipe: QuantRecipe) -> LlavaArch:
+    """The model the recipe calibrates and exports: ``arch`` itself, or its rotated view (``--rotation``)."""
+    if recipe.rotation == "none":
+        return arch
+    from llavaq.model.rotated import rotated_arch
+
+    return rotated_arch(arch, recipe.rotation_seed)
+
+
 @dataclass
 class CalibrationResult:
     cache: SessionCache
@@ -108,7 +117,7 @@ def calibrate(
         if cache.manifest["stages_done"]:
             progress.log(f"resuming calibration at layer {len(cache.manifest['stages_done']) + 1} "
                          f"from {cache.path}")
-        CalibrationEngine(arch, samples, recipe, cache, progress=progress, device=device,
+        CalibrationEngine(model_for_recipe(arch, recipe), samples, recipe, cache, progress=progress, device=device,
                           stream_budget=budget, release_images=True).run()
     return CalibrationResult(cache, len(samples), loaded.summary(), reused, time.perf_counter() - t0,
                              int(cache.manifest.get("forward_passes", 0)))
@@ -167,15 +176,19 @@ def export(
     recipe = recipe.replace(input_moments=cached_recipe.input_moments)
     derived = recipe.calibration_dict() != cached_recipe.calibration_dict()
     if derived:
-        if recipe.anti_outlier not in ("none", "m1") or recipe.modules != cached_recipe.modules:
+        if recipe.anti_outlier not in ("none", "m1") or recipe.modules != cached_recipe.modules or \
+                (recipe.rotation, recipe.rotation_seed) != (cached_recipe.rotation, cached_recipe.rotation_seed):
             raise CacheError(
                 f"recipe differs from the cache's ({_diff(recipe, cached_recipe)}) and only "
-                "--anti_outlier none|m1 with the same module set can be derived without a forward pass; "
-                "run calibrate with this recipe"
+                "--anti_outlier none|m1 with the same module set and rotation can be derived without a forward "
+                "pass; run calibrate with this recipe"
             )
     float_dtype = _float_dtype(recipe.float_dtype, fmt, arch.ckpt.torch_dtype, device_type)
+    arch = model_for_recipe(arch, recipe)
     recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=float_dtype)
     extra_record: dict[str, Any] = {"cache": str(cache.path)}
+    if recipe.rotation != "none":
+        extra_record["rotation"] = arch.ckpt.describe()
     if errors:
         extra_record["linear_errors"] = {n: errors[n] for n in recipe.float_linears if n in errors}
     gptq_report: dict[str, dict[str, float]] | None = None

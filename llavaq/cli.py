@@ -47,6 +47,7 @@ def _float_linears(value: str | None) -> tuple[str, ...]:
 def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: int, modules: str,
             m2_search: str, float_dtype: str, text_prompts: Path | None, keep_float: int = 0,
             float_linears: str | None = None, image_loading: str = "upright", m2_scope: str = "msmodelslim",
+            rotation: str = "none", rotation_seed: int = 0,
             **weight_options) -> QuantRecipe:
     prompts: tuple[str, ...] = ()
     if text_prompts is not None:
@@ -56,7 +57,8 @@ def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: i
     return QuantRecipe(w_bit=w_bit, a_bit=a_bit, anti_outlier=anti_outlier, alpha=alpha, act_method=act_method,
                        modules=modules, m2_search=m2_search, float_dtype=float_dtype, text_prompts=prompts,
                        prompt=DEFAULT_PROMPT, keep_float=keep_float, float_linears=_float_linears(float_linears),
-                       image_loading=image_loading, m2_scope=m2_scope, **_recipe_options(**weight_options))
+                       image_loading=image_loading, m2_scope=m2_scope, rotation=rotation, rotation_seed=rotation_seed,
+                       **_recipe_options(**weight_options))
 
 
 def _recipe_options(smooth_vo: bool = False, weight_method: str = "rtn", gptq_damp: float = 0.01,
@@ -114,6 +116,10 @@ StreamMemory = typer.Option(None, "--stream_memory_gb",
                             help="GB of RAM for the calibration samples' hidden states between layers; beyond it "
                                  "they are kept on disk in the session cache (default: a quarter of the available "
                                  "memory; 0 = all on disk).")
+Rotation = typer.Option("none", "--rotation", help="none | hadamard: rotate the language model's residual stream "
+                        "(randomised Hadamard, folded into the weights) before calibration, so static int8 "
+                        "activations have no outlier channels. down_proj stays float.")
+RotationSeed = typer.Option(0, "--rotation_seed", help="Seed of the random signs of the --rotation (recorded).")
 PartFileSize = typer.Option(None, "--part_file_size", help="Shard size in GB (default: one file).")
 Overwrite = typer.Option(False, "--overwrite", help="Replace a non-empty save directory.")
 
@@ -205,6 +211,8 @@ def quantize(
     gptq_damp: float = GptqDamp,
     gptq_block_size: int = GptqBlock,
     gptq_act_order: str = GptqActOrder,
+    rotation: str = Rotation,
+    rotation_seed: int = RotationSeed,
     cache_dir: Path = CacheDir,
     stream_memory_gb: float = StreamMemory,
     overwrite: bool = Overwrite,
@@ -213,9 +221,9 @@ def quantize(
     from llavaq import api
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts,
-                     keep_float, float_linears, image_loading=image_loading, m2_scope=m2_scope, smooth_vo=smooth_vo,
-                     weight_method=weight_method, gptq_damp=gptq_damp, gptq_block_size=gptq_block_size,
-                     gptq_act_order=gptq_act_order, smooth_stat=smooth_stat)
+                     keep_float, float_linears, image_loading=image_loading, m2_scope=m2_scope, rotation=rotation,
+                     rotation_seed=rotation_seed, smooth_vo=smooth_vo, weight_method=weight_method, gptq_damp=gptq_damp,
+                     gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order, smooth_stat=smooth_stat)
     trust = _bool(trust_remote_code, "--trust_remote_code")
     fmt = format or ("mindie" if mindie_format else "msmodelslim")
     _device_line(device_type)
@@ -257,6 +265,8 @@ def calibrate(
     weight_method: str = typer.Option("rtn", "--weight_method", help="gptq: also record the input moments GPTQ "
                                       "needs, so exports can use --weight_method gptq (and rtn)."),
     image_loading: str = ImageLoading,
+    rotation: str = Rotation,
+    rotation_seed: int = RotationSeed,
     stream_memory_gb: float = StreamMemory,
 ) -> None:
     """Run calibration once and store the session cache (resumes if interrupted)."""
@@ -264,7 +274,7 @@ def calibrate(
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, "auto", text_prompts,
                      smooth_vo=smooth_vo, weight_method=weight_method, image_loading=image_loading,
-                     smooth_stat=smooth_stat, m2_scope=m2_scope)
+                     smooth_stat=smooth_stat, m2_scope=m2_scope, rotation=rotation, rotation_seed=rotation_seed)
     _device_line(device_type)
     with _progress() as progress:
         cal = api.calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,

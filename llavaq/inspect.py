@@ -20,6 +20,7 @@ from rich.table import Table
 
 from llavaq.errors import LlavaqError, OutputError
 
+RECORD_NAME = "llavaq_record.json"
 OUTLIER_FACTOR = 6.0  # a channel is an outlier when its float |x|max exceeds 6× the median channel's
 
 
@@ -156,7 +157,7 @@ def inspect_output(path: Path) -> dict[str, Any]:
     layers = []
     gptq = rec.get("gptq") if isinstance(rec.get("gptq"), dict) else None
     gptq_errors = (gptq or {}).get("error") or {}
-    problems: list[str] = view.check()
+    problems: list[str] = view.check() + _rotation_problems(view, rec)
     for name in view.quantized:
         try:
             lv = view.linear(name)
@@ -191,6 +192,7 @@ def inspect_output(path: Path) -> dict[str, Any]:
         "model": model,
         "architecture": architecture(cfg),
         "recipe": rec.get("recipe") or cfg.get("quantization_config"),
+        "rotation": rec.get("rotation"),
         "derived_from_cache": rec.get("derived_from_cache"),
         "weight_method": (rec.get("recipe") or {}).get("weight_method", "rtn") if rec else None,
         "gptq": {k: v for k, v in gptq.items() if k != "error"} if gptq else None,
@@ -216,6 +218,22 @@ def _written_by(view, path: Path) -> str:
     if (path / "recipe.yaml").is_file():
         return f"llm-compressor (recipe.yaml; compressed-tensors {qc.get('version', '?')}; no llavaq_record.json)"
     return "another tool (no llavaq_record.json)"
+
+
+def _rotation_problems(view, rec: dict[str, Any]) -> list[str]:
+    """A rotated output must load untied: its lm_head (E·diag(γ)·Q) is not its embedding (E·Q)."""
+    if (rec.get("recipe") or {}).get("rotation", "none") == "none":
+        return []
+    cfg = view.config or {}
+    problems = []
+    for where, c in (("", cfg), ("text_config.", cfg.get("text_config") or {})):
+        if c.get("tie_word_embeddings") is True:
+            problems.append(f"config.json: {where}tie_word_embeddings is true in a rotated output (its lm_head "
+                            "is not its embedding: loaders would tie them)")
+    head = "language_model.lm_head.weight"
+    if head not in view.float_names:
+        problems.append(f"{RECORD_NAME}: rotated output without {head}")
+    return problems
 
 
 def inspect_cache(path: Path) -> dict[str, Any]:
@@ -289,6 +307,8 @@ def _render(rep: dict[str, Any], console: Console) -> None:
                 "a_bit")
         head.add_row("recipe", ", ".join(f"{k}={r[k]}" for k in keys if k in r)
                      + (" (derived from cached float statistics)" if rep.get("derived_from_cache") else ""))
+        if r.get("rotation", "none") != "none":
+            head.add_row("rotation", _rotation_line(r, rep.get("rotation")))
     if rep.get("gptq_summary"):
         g = rep.get("gptq") or {}
         head.add_row("weights", f"{rep['gptq_summary']}; damp {g.get('damp')}, block {g.get('block_size')}, "
@@ -346,6 +366,16 @@ def _render(rep: dict[str, Any], console: Console) -> None:
         console.print(f"[red]✗[/] {len(rep['problems'])} problem(s):")
         for p in rep["problems"][:20]:
             console.print(f"  - {p}", highlight=False, soft_wrap=True)
+
+
+def _rotation_line(recipe: dict[str, Any], info: dict[str, Any] | None) -> str:
+    line = f"{recipe['rotation']} (seed {recipe.get('rotation_seed', 0)})"
+    if info:
+        res, head = info.get("residual") or {}, info.get("head") or {}
+        line += (f": residual stream {res.get('size')} = {res.get('construction')}, per head {head.get('size')} = "
+                 f"{head.get('construction')}; language model only (CLIP tower and projector linear_1 unrotated)"
+                 + ("; embeddings untied" if info.get("untied_embeddings") else ""))
+    return line
 
 
 _ABBREV = (("vision_tower.vision_model.encoder.layers.", "vision."), ("language_model.model.layers.", "text."),

@@ -26,6 +26,7 @@ M2_SCOPES = ("msmodelslim", "all")
 FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 #: how calibration photos become RGB (llavaq.calib.images.load_image); the first is the default
 IMAGE_LOADING = ("upright", "msmodelslim")
+ROTATIONS = ("none", "hadamard")
 DEFAULT_PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 
 
@@ -74,6 +75,10 @@ class QuantRecipe:
     #: How calibration photos become RGB: "upright" (EXIF orientation applied, alpha composited on white) or
     #: "msmodelslim" (upstream's example exactly: as decoded, then convert("RGB")). Changes the calibration inputs.
     image_loading: str = "upright"
+    #: Rotate the language model's residual stream (randomised Hadamard, folded into the weights) before
+    #: calibration: "none" or "hadamard"; the seed draws the random signs.
+    rotation: str = "none"
+    rotation_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.w_bit != 8 or self.a_bit != 8:
@@ -123,6 +128,17 @@ class QuantRecipe:
         if self.keep_float < 0:
             raise LlavaqError(f"--keep_float must be >= 0, not {self.keep_float}")
         object.__setattr__(self, "float_linears", tuple(self.float_linears))
+        if self.rotation not in ROTATIONS:
+            raise LlavaqError(f"--rotation must be one of {', '.join(ROTATIONS)}, not {self.rotation!r}")
+        if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int) or self.rotation_seed < 0:
+            raise LlavaqError(f"--rotation_seed must be an integer >= 0, not {self.rotation_seed!r}")
+        if self.rotation != "none" and self.modules == "with_down_proj":
+            raise LlavaqError(
+                "--rotation hadamard cannot be used with --modules with_down_proj: down_proj's input (the SwiGLU "
+                "product) is not in the rotated basis, and rotating it would need an online Hadamard transform in "
+                "the kernel, which no output format llavaq writes can express; keep down_proj float (--modules "
+                "msmodelslim or language_only)"
+            )
         if self.activation_sample_tokens < 0:
             raise LlavaqError("--activation_sample_tokens must be >= 0")
         object.__setattr__(self, "text_prompts", tuple(self.text_prompts))
@@ -170,6 +186,9 @@ class QuantRecipe:
                 out["smooth_stat"] = self.smooth_stat
         if self.anti_outlier == "m2" and self.m2_scope != "msmodelslim":  # (older caches keep their key)
             out["m2_scope"] = self.m2_scope
+        if self.rotation != "none":  # only then: the keys of caches made without a rotation do not change
+            out["rotation"] = self.rotation
+            out["rotation_seed"] = self.rotation_seed
         return out
 
     def calibration_key(self) -> str:

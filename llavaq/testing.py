@@ -93,6 +93,7 @@ def build_tiny_llava(
     vision_feature_layer: int | None = None,
     vision_feature_select_strategy: str | None = None,
     vision_use_head: bool = True,
+    attention_bias: bool = False,
 ) -> Path:
     """Write a tiny random llava-hf LLaVA checkpoint to ``out_dir``.
 
@@ -135,6 +136,8 @@ def build_tiny_llava(
         tie_word_embeddings=tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    if attention_bias:
+        text_config["attention_bias"] = True
     if text_model_type in ("mistral", "qwen2"):
         text_config["sliding_window"] = sliding_window if sliding_window is not None else 4096
     if text_model_type == "qwen2":

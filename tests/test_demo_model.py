@@ -25,23 +25,16 @@ PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "llava-demo"
-    t0 = time.perf_counter()
-    build_demo_model(out)
-    elapsed = time.perf_counter() - t0
+def demo_dir(demo_build):
+    out, elapsed = demo_build
     print(f"\ndemo model built in {elapsed:.1f} s")
     assert elapsed < 60, f"building the demo model took {elapsed:.1f} s"
     return out
 
 
 @pytest.fixture(scope="module")
-def loaded(demo_dir):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(demo_dir, torch_dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(demo_dir)
-    return model, processor
+def loaded(demo_float):
+    return demo_float
 
 
 def test_files_and_config(demo_dir):

@@ -122,3 +122,16 @@ def test_smooth_vo_needs_an_anti_outlier_method():
         QuantRecipe(anti_outlier="none", smooth_vo=True)
     assert "smooth_vo" not in QuantRecipe().calibration_dict()
     assert QuantRecipe(smooth_vo=True).calibration_dict()["smooth_vo"] is True
+
+
+def test_verify_reference_of_the_smoothed_source_carries_its_output_scale(vo_runs, tiny_model, calib_dir, tmp_path):
+    """v_proj's saved output is (y − z)/s (o_proj takes s back): with float activations only int8 weights differ."""
+    from llavaq.verify import verify
+
+    cal, _base, _ = vo_runs
+    res = api.export(tiny_model, cal.cache, tmp_path / "vo")
+    text = tmp_path / "heldout.txt"
+    text.write_text("The cat sat on the table next to a cup of coffee. " * 4)
+    rep = verify(tiny_model, res.save_directory, images=calib_dir, text=text, mode="weight_only", worst=100)
+    v = [e for e in rep.worst_layers if e.name.endswith("v_proj")]
+    assert len(v) == 4 and max(e.rel_mse for e in v) < 1e-3  # 2 CLIP (with a shift) + 2 Llama v_proj

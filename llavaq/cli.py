@@ -409,8 +409,8 @@ def verify(
                                 mode=mode, console=out))
 
 
-_INTERRUPTED = ("[yellow]interrupted:[/] no output was written; the session cache keeps every finished layer: "
-                "run the same command again to resume")
+_INTERRUPTED = ("[yellow]interrupted:[/] no output was written; the session cache keeps every finished layer "
+                "(and tuning score): run the same command again to resume")
 
 
 def main() -> None:

@@ -49,9 +49,10 @@ MAX_FLOAT_FRACTION = 0.10
 #: Fallback: at most this many doubling steps up to the cap (then halving back to the fewest that pass).
 FALLBACK_STEPS = 4
 #: Candidates scored on the whole evaluation set after screening.
-FINALISTS = 3
-#: GPTQ candidates are scored only where their round-to-nearest twin is among the best this many.
-GPTQ_TWINS = 2
+FINALISTS = 2
+#: A GPTQ candidate is scored only where its round-to-nearest twin is among the best this many (a GPTQ export
+#: costs several round-to-nearest ones; the smoothing that is best with rtn weights is the one GPTQ refines).
+GPTQ_TWINS = 1
 TUNING_FILE = "llavaq_tuning.json"
 SCORE_VERSION = 1
 

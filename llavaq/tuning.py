@@ -99,27 +99,34 @@ CALIBRATIONS: tuple[CalibrationSpec, ...] = (
          anti_outlier="m2", act_method=2, weight_method="gptq"),
     _cal("hadamard", "Hadamard rotation, min-max ranges, input moments", 1.2, ("rotation",),
          anti_outlier="none", act_method=1, weight_method="gptq", rotation="hadamard"),
-    _cal("smooth_vo", "min-max ranges with v→o smoothing, input moments", 1.2, ("smooth_vo",),
-         anti_outlier="none", act_method=1, weight_method="gptq", smooth_vo=True),
 )
 #: In the order they are scored (the likely best first, so that a tight time budget cuts the others); a GPTQ
 #: candidate after its round-to-nearest twin (step 3). Adding a recipe is one line.
 CANDIDATES: tuple[CandidateSpec, ...] = (
     _cand("m1 α=auto, rtn", "minmax", anti_outlier="m1", alpha="auto", weight_method="rtn"),
+    _cand("m1 α=auto, v→o, rtn", "minmax", ("smooth_vo",), anti_outlier="m1", alpha="auto", smooth_vo=True,
+          weight_method="rtn"),
     _cand("m1 α=0.8, rtn", "minmax", anti_outlier="m1", alpha=0.8, weight_method="rtn"),
+    _cand("m1 α=0.8, v→o, rtn", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.8, smooth_vo=True,
+          weight_method="rtn"),
     _cand("m1 α=0.5, rtn", "minmax", anti_outlier="m1", alpha=0.5, weight_method="rtn"),
+    _cand("m1 α=0.5, v→o, rtn", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.5, smooth_vo=True,
+          weight_method="rtn"),
     _cand("none, rtn", "minmax", anti_outlier="none", weight_method="rtn"),
     _cand("m1 α=auto, gptq", "minmax", anti_outlier="m1", alpha="auto", weight_method="gptq"),
+    _cand("m1 α=auto, v→o, gptq", "minmax", ("smooth_vo",), anti_outlier="m1", alpha="auto", smooth_vo=True,
+          weight_method="gptq"),
     _cand("m1 α=0.8, gptq", "minmax", anti_outlier="m1", alpha=0.8, weight_method="gptq"),
+    _cand("m1 α=0.8, v→o, gptq", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.8, smooth_vo=True,
+          weight_method="gptq"),
     _cand("m1 α=0.5, gptq", "minmax", anti_outlier="m1", alpha=0.5, weight_method="gptq"),
+    _cand("m1 α=0.5, v→o, gptq", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.5, smooth_vo=True,
+          weight_method="gptq"),
     _cand("none, gptq", "minmax", anti_outlier="none", weight_method="gptq"),
     _cand("m2, rtn (msModelSlim's recipe)", "m2", weight_method="rtn"),
     _cand("m2, gptq", "m2", weight_method="gptq"),
     _cand("hadamard, rtn", "hadamard", ("rotation",), weight_method="rtn"),
     _cand("hadamard, gptq", "hadamard", ("rotation",), weight_method="gptq"),
-    _cand("v→o, m1 α=auto, rtn", "smooth_vo", ("smooth_vo",), anti_outlier="m1", alpha="auto", weight_method="rtn"),
-    _cand("v→o, m1 α=auto, gptq", "smooth_vo", ("smooth_vo",), anti_outlier="m1", alpha="auto",
-          weight_method="gptq"),
 )
 
 
@@ -532,8 +539,8 @@ class _Tuner:
             self.timing["screen" if stage == "screen" else "full"].append(row.seconds)
             store.put(key, {"candidate": name, "stage": stage, "recipe": recipe_d, "score": row.score,
                             "float_errors": row.float_errors, "seconds": row.seconds})
+        row.failed = target_gaps(row.score, self.P, self.T)  # on the subset: only indicative (meets stays None)
         if stage != "screen":
-            row.failed = target_gaps(row.score, self.P, self.T)
             row.meets = not row.failed
         self.rows.append(row)
         self._log(row)
@@ -586,20 +593,22 @@ class _Tuner:
         self.progress.stage(f"tuning: {'screening' if stage == 'screen' else 'scoring'} {calibration} candidates",
                             len(cands))
         rows = self._score_all(first, calibration, stage, mandatory)
-        best = {r.candidate for r in sorted((r for r in rows if r.scored), key=lambda r: r.kl)[:GPTQ_TWINS]}
+        best = {r.candidate for r in sorted((r for r in rows if r.scored), key=_rank)[:GPTQ_TWINS]}
         second = [(c, r) for c, r in cands if twin[c.name] is not None and twin[c.name] in best]
         for c, _ in cands:
             if twin[c.name] is not None and twin[c.name] not in best:
                 self.notes.append(f"{c.name} not scored: its round-to-nearest twin ({twin[c.name]}) is not among the "
-                                  f"best {GPTQ_TWINS}")
+                                  f"best {GPTQ_TWINS} round-to-nearest candidate(s)")
         rows += self._score_all(second, calibration, stage, False)
         if stage == "full":
             return
-        # finalists: the best few by screening KL (of an extra calibration: only those that beat the finalists so far)
-        ranked = sorted((r for r in rows if r.scored), key=lambda r: r.kl)[: self.finalists]
-        others = sorted(r.kl for r in self.rows if r.stage == "screen" and r.scored and r.calibration != calibration)
-        bar = others[self.finalists - 1] if len(others) >= self.finalists and not mandatory else math.inf
-        picked = [r for r in ranked if r.kl < bar]
+        # finalists: the best few on the subset — meeting the target there first, then by KL (of an extra
+        # calibration: only those that beat the finalists so far)
+        ranked = sorted((r for r in rows if r.scored), key=_rank)[: self.finalists]
+        others = sorted(_rank(r) for r in self.rows if r.stage == "screen" and r.scored
+                         and r.calibration != calibration)
+        bar = others[self.finalists - 1] if len(others) >= self.finalists and not mandatory else (True, math.inf)
+        picked = [r for r in ranked if _rank(r) < bar]
         self.pending = {self.row_export[id(r)] for r in picked if id(r) in self.row_export}
         self.prune()
         self.progress.stage(f"tuning: scoring the best {calibration} candidates on the whole evaluation set",
@@ -626,7 +635,7 @@ class _Tuner:
             rows.append(self.score(c.name, calibration, recipe, stage))
             if stage == "screen":  # keep the exports of the best few: they are scored in full next
                 ranked = sorted((r for r in self.rows if r.stage == "screen" and r.scored
-                                 and r.calibration == calibration), key=lambda r: r.kl)[: self.finalists]
+                                 and r.calibration == calibration), key=_rank)[: self.finalists]
                 self.prune({self.row_export[id(r)] for r in ranked if id(r) in self.row_export})
             else:
                 self.prune()
@@ -730,6 +739,11 @@ class _Tuner:
         files = sorted(p.name for p in out.iterdir())
         return dataclasses.replace(exp.result, save_directory=out, files=files,
                                    bytes_written=sum((out / f).stat().st_size for f in files))
+
+
+def _rank(row: TuningRow) -> tuple[bool, float]:
+    """Screening order: meeting the target (on the subset) first, then the lowest KL."""
+    return bool(row.failed), row.kl
 
 
 def _twin(c: CandidateSpec, table: list[CandidateSpec]) -> str | None:
@@ -863,7 +877,8 @@ def tuning_table(doc: dict[str, Any]):
         if not s:
             verdict = escape(r.get("status", ""))
         else:
-            verdict = "–" if r.get("meets") is None else ("[green]meets[/]" if r["meets"] else "[red]misses[/]")
+            verdict = ("[green]meets[/]" if r["meets"] else "[red]misses[/]") if r.get("meets") is not None \
+                else "(misses)" if r.get("failed") else "(meets)"
         t.add_row(name, r["stage"] + (" (resumed)" if r.get("status") == "resumed" else ""),
                   _fmt(s.get("ppl_increase"), "+.2f"), _fmt(s.get("text_top1")), _fmt(s.get("text_kl")),
                   _fmt(s.get("image_top1")), _fmt(s.get("image_kl")),

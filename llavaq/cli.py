@@ -221,7 +221,9 @@ def quantize(
     if recipe_name == "auto":
         fixed = {"--anti_outlier": anti_outlier != "m2", "--alpha": alpha != "0.5", "--act_method": act_method != 2,
                  "--m2_search": m2_search != "full", "--keep_float": keep_float != 0, "--float_linears": float_linears,
-                 "--weight_method": weight_method != "rtn"}
+                 "--weight_method": weight_method != "rtn", "--smooth_vo": smooth_vo,
+                 "--gptq_damp": gptq_damp != 0.01, "--gptq_block_size": gptq_block_size != 128,
+                 "--gptq_act_order": _bool(gptq_act_order, "--gptq_act_order") is not True}
         given = [flag for flag, on in fixed.items() if on]
         if given:
             raise LlavaqError(f"{given[0]} is chosen by --recipe auto; leave it out (or use --recipe msmodelslim)")

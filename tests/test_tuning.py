@@ -432,3 +432,15 @@ def test_candidate_table_probes_capabilities():
         assert not tuning.available((("rotation", "hadamard"),), ("rotation",), base)
     assert not tuning.available((("anti_outlier", "m9"),), (), base)  # rejected by QuantRecipe
     assert not tuning.available((("no_such_field", 1),), (), base)
+
+
+def test_smooth_vo_candidates_are_derived_from_the_base_cache(tiny_model, calib_dir, eval_set, tuning_cache,
+                                                              tmp_path):
+    vo = tuple(c for c in CANDIDATES if c.name == "m1 α=0.5, v→o, rtn")
+    assert vo and tuning.available(vo[0].fields, vo[0].requires, QuantRecipe())
+    res = api.tune(tiny_model, calib_dir, tmp_path / "out", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
+                   cache_dir=tuning_cache, calibrations=BASE, candidates=vo, max_ppl_increase=1e9, min_top1=0.0)
+    assert res.met and res.chosen.candidate == "m1 α=0.5, v→o, rtn" and res.chosen.recipe["smooth_vo"] is True
+    assert [c.name for c in res.calibrations] == ["minmax"]  # no new calibration: derived from the base cache
+    rec = json.loads((tmp_path / "out" / "llavaq_record.json").read_text())
+    assert rec["recipe"]["smooth_vo"] is True and rec["derived_from_cache"] is True

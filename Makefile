@@ -8,7 +8,7 @@ DEMO_OUT ?= demo/out-w8a8
 DEMO_CACHE ?= demo/cache
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo-model demo test lint parity-env parity interop-env interop bench-fidelity bench-scale bench-streams bench-vs-msmodelslim llmc-env bench-vs-llmcompressor clean
+.PHONY: install install-dev demo-model demo test lint parity-env parity interop-env interop bench-fidelity bench-scale bench-streams bench-vs-msmodelslim llmc-env bench-vs-llmcompressor bench-tuning clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ interop: install-dev interop-env
 
 bench-fidelity: demo-model
 	$(PY) benchmarks/fidelity.py --model $(DEMO_MODEL) --work demo/bench-fidelity --markdown docs/BENCHMARKS.md
+
+bench-tuning: demo-model
+	$(PY) benchmarks/tuning.py --model $(DEMO_MODEL) --work demo/bench-tuning --markdown docs/BENCHMARKS.md
 
 bench-vs-msmodelslim: demo-model parity-env
 	$(PY) benchmarks/vs_msmodelslim.py --model_path $(DEMO_MODEL) --calib_images calibImages --msms_python .venv-msms/bin/python --also_fast --work_dir demo/bench-vs-msmodelslim --markdown docs/BENCHMARKS.md

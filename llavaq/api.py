@@ -5,6 +5,7 @@ The CLI is a thin shell over these functions.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,12 +151,15 @@ def export(
     overwrite: bool = False,
     device_type: str = "cpu",
     trust_remote_code: bool = False,
+    extra_record: dict[str, Any] | None = None,
+    extra_json: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Write a quantized model from a session cache: no forward pass.
 
     ``recipe`` defaults to the cache's. A recipe whose calibration fields differ is *derived* from
     the cached float statistics (anti_outlier ``none`` or ``m1``, min-max ranges); anything else
-    needs a new ``calibrate``.
+    needs a new ``calibrate``. ``extra_record`` adds keys to ``llavaq_record.json``; ``extra_json``
+    (file name -> object) adds JSON files to the output, written before it is moved into place.
     """
     t0 = time.perf_counter()
     fmt = get_format(format)
@@ -186,7 +190,7 @@ def export(
     float_dtype = _float_dtype(recipe.float_dtype, fmt, arch.ckpt.torch_dtype, device_type)
     arch = model_for_recipe(arch, recipe)
     recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=float_dtype)
-    extra_record: dict[str, Any] = {"cache": str(cache.path)}
+    extra_record = {"cache": str(cache.path), **(extra_record or {})}
     if recipe.rotation != "none":
         extra_record["rotation"] = arch.ckpt.describe()
     if errors:
@@ -203,6 +207,8 @@ def export(
         tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype,
                                          gptq_report=gptq_report)
         info = fmt.write(tmp, tensors, ctx)
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False))
     out = Path(save_directory)
     files = sorted(p.name for p in out.iterdir())
     size = sum((out / f).stat().st_size for f in files)
@@ -247,3 +253,10 @@ def quantize(
                  part_file_size=part_file_size, overwrite=overwrite, device_type=device_type,
                  trust_remote_code=trust_remote_code)
     return cal, exp
+
+
+def tune(model_path: str | Path, calib_images: str | Path, save_directory: str | Path, **options: Any):
+    """``quantize --recipe auto``: the best W8A8 model meeting an accuracy target (:func:`llavaq.tuning.tune`)."""
+    from llavaq.tuning import tune as _tune
+
+    return _tune(model_path, calib_images, save_directory, **options)

@@ -216,10 +216,47 @@ def quantize(
     cache_dir: Path = CacheDir,
     stream_memory_gb: float = StreamMemory,
     overwrite: bool = Overwrite,
+    recipe_name: str = typer.Option("msmodelslim", "--recipe", help="msmodelslim: the recipe the flags above "
+                                    "describe (default: msModelSlim's, byte for byte); auto: calibrate once, score "
+                                    "candidate recipes with verify and write the best that meets the target."),
+    max_ppl_increase: float = typer.Option(None, "--max_ppl_increase", help="--recipe auto: largest held-out "
+                                           "perplexity increase in percent (default 1.0)."),
+    min_top1: float = typer.Option(None, "--min_top1", help="--recipe auto: smallest top-1 agreement (0..1) on the "
+                                   "held-out text and on the answers to image prompts, each (default 0.95)."),
+    eval_prompts: Path = typer.Option(None, "--eval_prompts", help="--recipe auto: evaluation prompts (JSON, as "
+                                      "verify --prompts; default: the shipped held-out set)."),
+    eval_images: Path = typer.Option(None, "--eval_images", help="--recipe auto: evaluation photos (as verify "
+                                     "--images)."),
+    eval_text: Path = typer.Option(None, "--eval_text", help="--recipe auto: held-out plain text for perplexity "
+                                   "(as verify --text)."),
+    time_budget: float = typer.Option(None, "--time_budget", help="--recipe auto: minutes for the whole run; "
+                                      "calibrations beyond the first (msModelSlim's m2, ...) run when they fit, "
+                                      "candidates and fallback steps that would not fit are skipped (default: no "
+                                      "limit, one calibration)."),
 ) -> None:
     """Calibrate (reusing a matching session cache) and write the W8A8 model."""
     from llavaq import api
 
+    auto = {"max_ppl_increase": max_ppl_increase, "min_top1": min_top1, "eval_prompts": eval_prompts,
+            "eval_images": eval_images, "eval_text": eval_text, "time_budget": time_budget}
+    if recipe_name == "auto":
+        fixed = {"--anti_outlier": anti_outlier != "m2", "--alpha": alpha != "0.5", "--act_method": act_method != 2,
+                 "--m2_search": m2_search != "full", "--keep_float": keep_float != 0, "--float_linears": float_linears,
+                 "--weight_method": weight_method != "rtn", "--smooth_vo": smooth_vo,
+                 "--gptq_damp": gptq_damp != 0.01, "--gptq_block_size": gptq_block_size != 128,
+                 "--gptq_act_order": _bool(gptq_act_order, "--gptq_act_order") is not True}
+        given = [flag for flag, on in fixed.items() if on]
+        if given:
+            raise LlavaqError(f"{given[0]} is chosen by --recipe auto; leave it out (or use --recipe msmodelslim)")
+        return _quantize_auto(model_path, save_directory, calib_images, w_bit, a_bit, device_type,
+                              _bool(trust_remote_code, "--trust_remote_code"),
+                              format or ("mindie" if mindie_format else "msmodelslim"), modules, float_dtype,
+                              text_prompts, part_file_size, cache_dir, stream_memory_gb, overwrite, auto)
+    if recipe_name != "msmodelslim":
+        raise LlavaqError(f"--recipe must be msmodelslim or auto, not {recipe_name!r}")
+    given = [key for key, v in auto.items() if v is not None]
+    if given:
+        raise LlavaqError(f"--{given[0]} applies to --recipe auto only")
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts,
                      keep_float, float_linears, image_loading=image_loading, m2_scope=m2_scope, rotation=rotation,
                      rotation_seed=rotation_seed, smooth_vo=smooth_vo, weight_method=weight_method, gptq_damp=gptq_damp,
@@ -235,6 +272,43 @@ def quantize(
     _print_calibration(cal)
     _print_export(res)
     _summary(0.0 if cal.reused else cal.seconds, res)
+
+
+def _quantize_auto(model_path: Path, save_directory: Path, calib_images: Path, w_bit: int, a_bit: int,
+                   device_type: str, trust: bool, fmt: str, modules: str, float_dtype: str, text_prompts: Path | None,
+                   part_file_size: float | None, cache_dir: Path | None, stream_memory_gb: float | None,
+                   overwrite: bool, auto: dict) -> None:
+    """``quantize --recipe auto``: print the tuning table; exit 1 (best model written) when the target is missed."""
+    from llavaq import api
+    from llavaq.calib.prompts import read_text_prompts
+    from llavaq.errors import VerificationFailed
+    from llavaq.tuning import tuning_table
+
+    QuantRecipe(w_bit=w_bit, a_bit=a_bit)  # one-line error for anything but W8A8
+    prompts = read_text_prompts(text_prompts) if text_prompts is not None else None
+    _device_line(device_type)
+    with _progress() as progress:
+        res = api.tune(model_path, calib_images, save_directory, format=fmt, **auto, text_prompts=prompts,
+                       modules=modules, float_dtype=float_dtype, part_file_size=part_file_size, overwrite=overwrite,
+                       cache_dir=cache_dir, device_type=device_type, trust_remote_code=trust, progress=progress,
+                       stream_memory_gb=stream_memory_gb)
+    for c in res.calibrations:
+        state = "reused" if c.reused else f"calibrated in {c.seconds:.1f}s"
+        err.print(f"[green]✓[/] {escape(c.label)}: {state}", soft_wrap=True)
+        err.print(f"  session cache: {escape(c.cache)}", soft_wrap=True, highlight=False)
+    out.print(tuning_table(res.table()))
+    for note in res.notes:
+        err.print(f"  note: {escape(note)}", soft_wrap=True, highlight=False)
+    resumed = sum(r.status == "resumed" for r in res.rows)
+    again = f", {resumed} read back from the session cache" if resumed else ""
+    table = escape(str(res.save_directory / "llavaq_tuning.json"))
+    err.print(f"{res.verify_calls} scoring(s) run{again}; table saved as {table}", soft_wrap=True, highlight=False)
+    _print_export(res.export)
+    _summary(res.seconds - res.export.seconds, res.export)
+    if not res.met:
+        raise VerificationFailed(f"target missed; the best candidate ({res.chosen.candidate}) was written to "
+                                 f"{res.save_directory}: " + "; ".join(res.missed))
+    err.print(f"[green]✓[/] {escape(res.chosen.candidate)} meets the target", soft_wrap=True)
 
 
 def _summary(calib_seconds: float, res) -> None:
@@ -368,8 +442,8 @@ def verify(
                                 mode=mode, console=out))
 
 
-_INTERRUPTED = ("[yellow]interrupted:[/] no output was written; the session cache keeps every finished layer: "
-                "run the same command again to resume")
+_INTERRUPTED = ("[yellow]interrupted:[/] no output was written; the session cache keeps every finished layer "
+                "(and tuning score): run the same command again to resume")
 
 
 def main() -> None:

@@ -183,6 +183,7 @@ def inspect_output(path: Path) -> dict[str, Any]:
         layers.append(row)
     cfg = view.config or {}
     model = rec.get("model_path") or cfg.get("_name_or_path") or "?"
+    tuning = _tuning_table(path, problems)
     return {
         "kind": "output",
         "path": str(path),
@@ -203,6 +204,7 @@ def inspect_output(path: Path) -> dict[str, Any]:
         "layers": layers,
         "smoothing": (stats or {}).get("groups", []),
         "cache": cache,
+        "tuning": tuning,
         "problems": problems,
         "ok": not problems,
     }
@@ -234,6 +236,24 @@ def _rotation_problems(view, rec: dict[str, Any]) -> list[str]:
     if head not in view.float_names:
         problems.append(f"{RECORD_NAME}: rotated output without {head}")
     return problems
+
+
+def _tuning_table(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    """``llavaq_tuning.json`` (written by ``quantize --recipe auto``), if the output has one."""
+    from llavaq.tuning import TUNING_FILE
+
+    f = path / TUNING_FILE
+    if not f.is_file():
+        return None
+    try:
+        doc = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        problems.append(f"{f}: unreadable tuning table")
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("candidates"), list):
+        problems.append(f"{f}: not a llavaq tuning table")
+        return None
+    return doc
 
 
 def inspect_cache(path: Path) -> dict[str, Any]:
@@ -358,6 +378,13 @@ def _render(rep: dict[str, Any], console: Console) -> None:
                           (f"{g['m2_screened']:.0f}" if "m2_screened" in g else "–") + f" / {g.get('m2_grid', 0):.0f}",
                           f"{g.get('m2_evals', 0):.0f}")
             console.print(s)
+    if rep.get("tuning"):
+        from llavaq.tuning import tuning_table
+
+        console.print(tuning_table(rep["tuning"]))
+        tu = rep["tuning"]
+        console.print(f"chosen: {tu.get('chosen')} — target " + ("met" if tu.get("met") else
+                      "missed: " + "; ".join(tu.get("missed") or [])), highlight=False, soft_wrap=True)
     if rep["ok"]:
         console.print("[green]✓[/] consistent: every tensor present with the right dtype/shape, deq_scale = "
                       "input_scale·weight_scale, no NaN/Inf" if rep["kind"] == "output" else

@@ -188,13 +188,17 @@ def _shipped(name: str) -> Path | None:
     return p if p.exists() else None
 
 
-def load_eval_prompts(prompts: str | Path | None, images: str | Path | None) -> list[EvalPrompt]:
+def load_eval_prompts(prompts: str | Path | list[EvalPrompt] | None, images: str | Path | None) -> list[EvalPrompt]:
     """Evaluation prompts: a JSON list of ``{"image": file, "question": q}`` / ``{"question": q}`` / strings.
 
     Image files are resolved against ``images`` (default: the prompts file's folder, then the shipped
     held-out images). Without a prompts file every image in ``images`` gets "Describe this image in detail."
+    A list of :class:`EvalPrompt` (already resolved) is used as it is.
     """
     from llavaq.calib.images import IMAGE_SUFFIXES
+
+    if isinstance(prompts, list):
+        return list(prompts)
 
     img_dir = Path(images) if images is not None else None
     if img_dir is not None and not img_dir.is_dir():
@@ -604,7 +608,7 @@ def verify(
     quantized_dir: str | Path,
     *,
     images: str | Path | None = None,
-    prompts: str | Path | None = None,
+    prompts: str | Path | list[EvalPrompt] | None = None,
     text: str | Path | None = None,
     mode: str = "static",
     answer_tokens: int = 16,
@@ -613,6 +617,7 @@ def verify(
     worst: int = 10,
     float_model: nn.Module | None = None,
     float_reference: dict | None = None,
+    layer_errors: bool = True,
 ) -> FidelityReport:
     """Compare the float model with the quantized output as int8 kernels run it (see module docstring).
 
@@ -621,6 +626,8 @@ def verify(
     ``mode="weight_only"`` keeps activations float: what the int8 weights alone cost.
     ``float_reference``: a dict shared between calls with the same ``float_model`` and evaluation inputs
     (e.g. comparing recipes); the float model's answers and logits are computed once and reused.
+    ``layer_errors=False`` skips the per-Linear error hooks (``worst_layers`` stays empty): the model-level
+    numbers are the same, in less time.
     """
     from llavaq.api import open_model
     from llavaq.calib.samples import load_processor
@@ -636,7 +643,7 @@ def verify(
     processor = load_processor(model_path)
     fp = float_model if float_model is not None else load_float_model(model_path)
     qm = build_quantized_model(fp, q, mode=mode, absent=arch.is_absent)
-    hooks = LayerErrorHooks(qm, fp, q, arch, reference=_rotated_reference(arch, q))
+    hooks = LayerErrorHooks(qm, fp, q, arch, reference=_rotated_reference(arch, q)) if layer_errors else None
     image = (arch.config.image_token_index, arch.image_tokens)
     acc, image_acc, textq_acc = _Acc(), _Acc(), _Acc()
     try:
@@ -650,8 +657,9 @@ def verify(
             ppl_fp, ppl_q, text_n, text_stats = _perplexity(fp, qm, processor.tokenizer, heldout, ppl_window,
                                                            max_text_tokens, acc, float_reference)
     finally:
-        hooks.remove()
-    layers = sorted(hooks.result(), key=lambda e: e.rel_mse, reverse=True)
+        if hooks is not None:
+            hooks.remove()
+    layers = sorted(hooks.result(), key=lambda e: e.rel_mse, reverse=True) if hooks is not None else []
     top1, kl, cos = acc.means()
     tt = text_stats.means() if text_stats is not None else (None, None, None)
     image_top1, image_kl = image_acc.top1_kl()

@@ -20,7 +20,9 @@ read -r -a PKGS <<< "${INTEROP_PACKAGES:-transformers compressed-tensors}"
 PKGS+=("safetensors" "numpy")
 START=$(date +%s)
 
-fail() { echo "setup_interop_env: FAILED: $*" >&2; exit 1; }
+NAME=setup_interop_env
+# shellcheck source=venv_lib.sh
+source "$REPO_ROOT/scripts/venv_lib.sh"
 
 check_env() {
     "$VENV/bin/python" - <<'PY' 2>/dev/null
@@ -40,29 +42,5 @@ if [ -x "$VENV/bin/python" ] && check_env; then
     exit 0
 fi
 
-command -v "$PY" >/dev/null 2>&1 || fail "interpreter '$PY' not found (set PYTHON=...)"
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv "$VENV" || fail "could not create venv at $VENV"
-fi
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-# CPU-only torch first. TORCH_INDEX_URL overrides; by default the PyTorch CPU index is used when it
-# is reachable, otherwise pip's configured sources (e.g. a local find-links with a +cpu wheel).
-TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
-TORCH_ARGS=()
-if "$VENV/bin/python" -c "import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
-        "$TORCH_INDEX_URL/" >/dev/null 2>&1; then
-    TORCH_ARGS=(--extra-index-url "$TORCH_INDEX_URL")
-else
-    echo "setup_interop_env: $TORCH_INDEX_URL unreachable, installing $TORCH_PIN from pip's configured sources" >&2
-fi
-"${PIP[@]}" "${TORCH_ARGS[@]}" "$TORCH_PIN" || fail "could not install $TORCH_PIN"
-if [ "$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda is None)')" != "True" ]; then
-    echo "setup_interop_env: warning: installed torch is a CUDA build (large); a CPU build is enough" >&2
-fi
-# Keep torch pinned while resolving the rest (a constraint, so nothing upgrades it); --upgrade: the newest.
-CONSTRAINT="$(mktemp)"
-trap 'rm -f "$CONSTRAINT"' EXIT
-echo "$TORCH_PIN" > "$CONSTRAINT"
-"${PIP[@]}" --upgrade -c "$CONSTRAINT" "${PKGS[@]}" || fail "could not install ${PKGS[*]}"
-check_env || fail "packages installed but torch/transformers/compressed-tensors do not import (torch 2.13.0)"
+install_venv --upgrade -- "${PKGS[@]}"
 echo "setup_interop_env: OK $VENV/bin/python: $(versions) [$(( $(date +%s) - START ))s]"

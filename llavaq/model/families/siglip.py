@@ -13,26 +13,23 @@ msModelSlim 26.1.0's m2 does not wrap ``SiglipEncoderLayer``: nothing is smoothe
 ``--m2_scope all`` uses CLIP's blocks (msModelSlim's ``llava_vit_qkv`` / ``c_fc`` kernels, exact GELU).
 """
 
-from llavaq.model.families.base import EncoderFamily, LayerRoles
+import dataclasses
 
-SIGLIP = EncoderFamily(
+from llavaq.model.families.clip import CLIP
+
+SIGLIP = dataclasses.replace(
+    CLIP,  # the same roles, LayerNorm with biases and m2 blocks
     model_type="siglip_vision_model",
     name="SigLIP",
     layer_class="transformers.models.siglip.modeling_siglip:SiglipEncoderLayer",
     embeddings_class="transformers.models.siglip.modeling_siglip:SiglipVisionEmbeddings",
-    roles=LayerRoles(o="self_attn.out_proj", gate=None, up="mlp.fc1", down="mlp.fc2",
-                     attn_norm="layer_norm1", mlp_norm="layer_norm2"),
-    norm="layer",
-    qkv_bias=True,
-    o_bias=True,
-    mlp_bias=True,
-    qkv_kind="clip_qkv",
-    mlp_kind="clip_fc1",
     msmodelslim_m2=False,
+    m2_child_order=None,
     pre_norm=None,
     class_token=False,
     post_head=("post_layernorm", "head"),
     head_class="transformers.models.siglip.modeling_siglip:SiglipMultiheadAttentionPoolingHead",
     uncalled_linears=("head.attention.out_proj",),
     layer_args=(None,),  # attention_mask
+    attn_kwargs={},
 )

@@ -1,7 +1,7 @@
 """Full-size scale benchmark: quantize a 7B/13B-shaped LLaVA checkpoint end to end on this machine.
 
     python benchmarks/scale.py --size 7b|13b|both|bakllava-7b|interleave-qwen-7b|families
-                               [--workdir DIR] [--m2_search full|fast] [--keep]
+                               [--workdir DIR] [--m2_search full|fast] [--recipe K=V,...] [--keep]
 
 1. Builds a FULL-SIZE checkpoint with the real config and seeded random fp16 weights (N(0, 0.02);
    norms ~1 with a few outlier channels), tensor by tensor (bounded memory), sharded like llava-hf
@@ -16,6 +16,8 @@
      groups: on bakLlava the CLIP layers, on llava-interleave none), msModelSlim format;
    * the physical floor: one plain float forward of the whole model over the same samples
      (layer-streamed fp32, the same builders), and one read + write of all the weights.
+   ``--recipe K=V,...`` replaces recipe fields (e.g. ``anti_outlier=none,act_method=1,weight_method=gptq``:
+   GPTQ's input moments in the cache and GPTQ weights at export); the table states it.
 3. Appends a markdown table to ``docs/BENCHMARKS.md`` (machine, date, numbers).
 
 A size runs only with enough free disk (checked first; skipped with a note).
@@ -210,7 +212,19 @@ def build_checkpoint(out: Path, size: str, seed: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- phases
-def phase_quantize(model: Path, images: Path, work: Path, m2_search: str) -> dict:
+def parse_recipe(text: str) -> dict:
+    """``K=V,...`` -> recipe fields (numbers and booleans parsed; the rest strings)."""
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        k, _, v = item.partition("=")
+        try:
+            out[k] = json.loads(v.lower() if v in ("True", "False") else v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def phase_quantize(model: Path, images: Path, work: Path, m2_search: str, recipe_fields: str = "") -> dict:
     import llavaq.calib.engine as engine
     from llavaq import api
     from llavaq.recipe import QuantRecipe
@@ -229,12 +243,13 @@ def phase_quantize(model: Path, images: Path, work: Path, m2_search: str) -> dic
     engine.os_plus_search = timed
     out, cache = work / "out", work / "cache"
     t0 = time.perf_counter()
-    cal, exp = api.quantize(model, images, out, QuantRecipe(m2_search=m2_search), cache_dir=cache,
+    recipe = QuantRecipe(m2_search=m2_search).replace(**parse_recipe(recipe_fields))
+    cal, exp = api.quantize(model, images, out, recipe, cache_dir=cache,
                             overwrite=True, device_type="cpu")
     wall = time.perf_counter() - t0
     return {"wall": wall, "calibrate": cal.seconds, "export": exp.seconds, "m2_seconds": m2["seconds"],
             "m2_calls": m2["calls"], "output_bytes": _du(out), "cache_bytes": _du(cache),
-            "forward_passes": cal.forward_passes}
+            "forward_passes": cal.forward_passes, "gptq_error": exp.gptq_error}
 
 
 def phase_forward(model: Path, images: Path) -> dict:
@@ -302,7 +317,7 @@ def _weight_bytes(size: str) -> int:
     return sum(p.numel() * 2 for p in meta.parameters())
 
 
-def run_size(size: str, work: Path, images: Path, m2_search: str, keep: bool, log) -> dict:
+def run_size(size: str, work: Path, images: Path, m2_search: str, keep: bool, log, recipe: str = "") -> dict:
     model = work / f"{size}-random"
     weights = _weight_bytes(size)
     built = (model / "model.safetensors.index.json").exists()
@@ -325,7 +340,7 @@ def run_size(size: str, work: Path, images: Path, m2_search: str, keep: bool, lo
     log(f"[{size}] quantize (m2_search={m2_search})")
     qwork = work / f"{size}-q"
     load = os.getloadavg()[0]
-    r["q"], r["q_wall"], r["q_rss"] = child(["quantize", str(model), str(images), str(qwork), m2_search,
+    r["q"], r["q_wall"], r["q_rss"] = child(["quantize", str(model), str(images), str(qwork), m2_search, recipe,
                                              "--result", str(work / f"{size}-q.json")])
     r["q_load"] = (load + os.getloadavg()[0]) / 2  # other processes on the machine: the wall time's share
     if not keep:
@@ -334,10 +349,11 @@ def run_size(size: str, work: Path, images: Path, m2_search: str, keep: bool, lo
     return r
 
 
-def table(results: list[dict], m: dict, m2_search: str) -> str:
+def table(results: list[dict], m: dict, m2_search: str, recipe: str = "") -> str:
     lines = [
         f"### Scale benchmark ({m['date']}; {m['nproc']} CPU cores ({m['cpu']}), {m['ram_gib']:.0f} GiB RAM, "
-        f"torch {m['torch']}; `python benchmarks/scale.py`, m2_search={m2_search})",
+        f"torch {m['torch']}; `python benchmarks/scale.py`, m2_search={m2_search}"
+        + (f", `--recipe {recipe}`" if recipe else "") + ")",
         "",
         "Random-weight full-size checkpoints with the real llava-hf configs (fp16, 5 GB shards as llava-hf "
         "ships them), two 640x480 photos (336 px CLIP: ~600 tokens each; 384 px SigLIP: ~760), default recipe "
@@ -361,7 +377,8 @@ def table(results: list[dict], m: dict, m2_search: str) -> str:
             (f"{q['wall'] / 60:.1f} min" + (f" ({q['cpu_seconds'] / 60:.1f} min)" if "cpu_seconds" in q else "")
              if q else "—"), f"{q['m2_seconds'] / 60:.1f} min" if q else "—",
             f"{q['export'] / 60:.1f} min" if q else "—", f"{r['q_rss'] / GIB:.2f} GiB" if q else "—",
-            f"{(q['output_bytes'] + q['cache_bytes']) / GIB:.1f} GiB" if q else "—",
+            (f"{(q['output_bytes'] + q['cache_bytes']) / GIB:.1f} GiB (cache {q['cache_bytes'] / GIB:.2f})"
+             if q else "—"),
             f"{f['wall'] / 60:.1f} min / {f0 / 60:.1f} min (peak RSS {r['fwd_rss'] / GIB:.2f} GiB)" if f else "—",
             f"{io['seconds'] / 60:.1f} min ({io['bytes'] / GIB:.1f} GiB)" if io else "—",
             f"{q['m2_seconds'] / f0:.1f}×" if q and f0 else "—",
@@ -384,7 +401,7 @@ def main() -> None:
         elif phase == "forward":
             res = phase_forward(Path(pos[0]), Path(pos[1]))
         else:
-            res = phase_quantize(Path(pos[0]), Path(pos[1]), Path(pos[2]), pos[3])
+            res = phase_quantize(Path(pos[0]), Path(pos[1]), Path(pos[2]), pos[3], pos[4] if len(pos) > 4 else "")
         import resource
 
         ru = resource.getrusage(resource.RUSAGE_SELF)  # CPU time: what the phase costs whatever else runs
@@ -397,6 +414,7 @@ def main() -> None:
     ap.add_argument("--images", type=Path, default=None, help="calibration photos (default: 2 from calibImages/)")
     ap.add_argument("--m2_search", choices=["full", "fast"], default="full",
                     help="the m2 search to measure (default: full, llavaq's own default)")
+    ap.add_argument("--recipe", default="", help="recipe fields K=V,... (default: msModelSlim's recipe)")
     ap.add_argument("--keep", action="store_true", help="keep the quantized output and cache")
     ap.add_argument("--report", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     a = ap.parse_args()
@@ -420,9 +438,10 @@ def main() -> None:
 
     m = machine_info()
     sizes = GROUPS.get(a.size, [a.size])
-    results = [run_size(s, work, images, a.m2_search, a.keep, log) for s in sizes]
+    parse_recipe(a.recipe)  # fail here, not in the child
+    results = [run_size(s, work, images, a.m2_search, a.keep, log, a.recipe) for s in sizes]
     (work / "results.json").write_text(json.dumps({"machine": m, "results": results}, indent=2))
-    text = table(results, m, a.m2_search)
+    text = table(results, m, a.m2_search, a.recipe)
     a.report.parent.mkdir(parents=True, exist_ok=True)
     head = "" if a.report.exists() else "# Benchmarks\n\n"
     with open(a.report, "a") as f:

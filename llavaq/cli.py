@@ -230,9 +230,9 @@ def quantize(
     eval_text: Path = typer.Option(None, "--eval_text", help="--recipe auto: held-out plain text for perplexity "
                                    "(as verify --text)."),
     time_budget: float = typer.Option(None, "--time_budget", help="--recipe auto: minutes for the whole run; "
-                                      "calibrations beyond the first (msModelSlim's m2, ...) run when they fit, "
-                                      "candidates and fallback steps that would not fit are skipped (default: no "
-                                      "limit, one calibration)."),
+                                      "dear calibrations (msModelSlim's m2) run when they fit, candidates and "
+                                      "fallback steps that would not fit are skipped (default: no limit; the base "
+                                      "and the rotation calibration only)."),
 ) -> None:
     """Calibrate (reusing a matching session cache) and write the W8A8 model."""
     from llavaq import api

@@ -13,9 +13,10 @@ Orchestration only: calibration, export, scoring and the sensitivity ranking are
    a GPTQ candidate is scored only when its round-to-nearest twin is among the best :data:`GPTQ_TWINS`
    (GPTQ exports cost the most), and candidates are scored on a subset of the evaluation data
    (:data:`SCREEN`) first, the best :data:`FINALISTS` by KL then on all of it, from the same export.
-4. The other calibrations of the table (msModelSlim's m2; rotation / smooth_vo once
-   :class:`~llavaq.recipe.QuantRecipe` has them: a capability probe) run only with a ``time_budget`` that
-   leaves room for them (their time is estimated from the base calibration's).
+4. The other calibrations of the table: those that cost at most :data:`CHEAP_CALIBRATION` base calibrations
+   (the Hadamard rotation) always, the dearer ones (msModelSlim's m2) only with a ``time_budget`` that leaves
+   room for them (their time is estimated from the base calibration's). A calibration whose recipe fields this
+   :class:`~llavaq.recipe.QuantRecipe` lacks is left out (a capability probe).
 5. If no candidate meets the target, the most sensitive Linears (ranked on the cached activation rows, as
    ``--keep_float`` does) of the lowest-KL candidate are kept in float: first as many as the cap allows
    (:data:`MAX_FLOAT_FRACTION` of the quantized Linears); if that meets the target, the fewest that still do.
@@ -53,6 +54,9 @@ FINALISTS = 2
 #: A GPTQ candidate is scored only where its round-to-nearest twin is among the best this many (a GPTQ export
 #: costs several round-to-nearest ones; the smoothing that is best with rtn weights is the one GPTQ refines).
 GPTQ_TWINS = 1
+#: Without a time budget, an extra calibration runs when it costs at most this many base calibrations: the
+#: rotation (1.2: one more float pass) does, msModelSlim's m2 (4.5: its threshold search) needs --time_budget.
+CHEAP_CALIBRATION = 2.0
 TUNING_FILE = "llavaq_tuning.json"
 SCORE_VERSION = 1
 
@@ -90,7 +94,7 @@ def _cand(name: str, calibration: str, requires: tuple[str, ...] = (), **fields:
 
 
 BASE_CALIBRATION = "minmax"
-#: The base first; the others only within a time budget (module docstring, step 4). ``cost``: calibration time
+#: The base first; the others when cheap or within a time budget (module docstring, step 4). ``cost``: calibration time
 #: relative to the base one (demo model, measured). An entry whose ``requires`` QuantRecipe lacks is left out.
 CALIBRATIONS: tuple[CalibrationSpec, ...] = (
     _cal("minmax", "min-max ranges, float statistics, input moments", 1.0,
@@ -649,7 +653,7 @@ class _Tuner:
         return any(r.meets for r in self.full_rows())
 
     def extra_calibrations(self) -> None:
-        """The other calibrations of the table: only with a time budget that leaves room for them."""
+        """The other calibrations of the table: the cheap ones, the others only within a time budget."""
         for spec in self.calibration_table:
             if spec.name == BASE_CALIBRATION or not available(spec.fields, spec.requires, self.base):
                 continue
@@ -658,7 +662,7 @@ class _Tuner:
                 continue
             per = self.estimate("screen" if self.screen_data is not None else "full")
             est = self.cal_seconds.get(BASE_CALIBRATION, 0.0) * spec.cost + n * per + self.estimate("full")
-            if self.budget is None:
+            if self.budget is None and spec.cost > CHEAP_CALIBRATION:
                 self.notes.append(f"{spec.name} ({spec.label}) not calibrated: about {est:.0f}s more; pass "
                                   f"--time_budget to try it")
                 continue
@@ -790,7 +794,7 @@ def tune(
 ) -> TuningResult:
     """The best W8A8 model that meets ``Δppl ≤ max_ppl_increase`` % and top-1 ≥ ``min_top1`` (module docstring).
 
-    ``time_budget``: minutes for the whole run (None: no limit, and no calibration beyond the base one).
+    ``time_budget``: minutes for the whole run (None: no limit; of the extra calibrations only the cheap ones).
     ``text_prompts``: text-only calibration prompts (default: the shipped ones). ``screen=None`` scores every
     candidate on the whole evaluation set; ``candidates`` / ``calibrations`` replace the tables
     :data:`CANDIDATES` / :data:`CALIBRATIONS` (the base calibration must be among them). The result says whether

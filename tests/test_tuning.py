@@ -444,3 +444,16 @@ def test_smooth_vo_candidates_are_derived_from_the_base_cache(tiny_model, calib_
     assert [c.name for c in res.calibrations] == ["minmax"]  # no new calibration: derived from the base cache
     rec = json.loads((tmp_path / "out" / "llavaq_record.json").read_text())
     assert rec["recipe"]["smooth_vo"] is True and rec["derived_from_cache"] is True
+
+
+def test_cheap_calibrations_run_without_a_time_budget(tiny_model, calib_dir, eval_set, tuning_cache, tmp_path):
+    """The rotation costs ~one more float pass: it is calibrated and scored with no --time_budget; m2 is not."""
+    cands = tuple(c for c in CANDIDATES if c.name in ("none, rtn", "hadamard, rtn", "m2, rtn (msModelSlim's recipe)"))
+    assert tuning.CHEAP_CALIBRATION >= next(c.cost for c in CALIBRATIONS if c.name == "hadamard")
+    assert tuning.CHEAP_CALIBRATION < next(c.cost for c in CALIBRATIONS if c.name == "m2")
+    res = api.tune(tiny_model, calib_dir, tmp_path / "out", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
+                   cache_dir=tuning_cache, candidates=cands, screen=None, max_ppl_increase=1e9, min_top1=0.0)
+    assert [c.name for c in res.calibrations] == ["minmax", "hadamard"]
+    scored = {r.candidate for r in res.rows if r.scored}
+    assert scored == {"none, rtn", "hadamard, rtn"}
+    assert any(n.startswith("m2 (") and "--time_budget" in n for n in res.notes)

@@ -130,7 +130,10 @@ CANDIDATES: tuple[CandidateSpec, ...] = (
     _cand("m2, rtn (msModelSlim's recipe)", "m2", weight_method="rtn"),
     _cand("m2, gptq", "m2", weight_method="gptq"),
     _cand("hadamard, rtn", "hadamard", ("rotation",), weight_method="rtn"),
+    _cand("hadamard + m1 α=0.5, rtn", "hadamard", ("rotation",), anti_outlier="m1", alpha=0.5, weight_method="rtn"),
     _cand("hadamard, gptq", "hadamard", ("rotation",), weight_method="gptq"),
+    _cand("hadamard + m1 α=0.5, gptq", "hadamard", ("rotation",), anti_outlier="m1", alpha=0.5,
+          weight_method="gptq"),
 )
 
 

@@ -176,8 +176,9 @@ def export(
     if recipe.weight_method == "gptq" and not cached_recipe.input_moments:
         raise CacheError(f"cache {cache.path} has no input moments, which --weight_method gptq needs (it was "
                          "calibrated for round-to-nearest weights); run calibrate with --weight_method gptq")
-    # input moments are extra statistics: a cache that has them serves recipes that do not need them
-    recipe = recipe.replace(input_moments=cached_recipe.input_moments)
+    # input moments are extra statistics: a cache that has them serves recipes that do not need them (and the
+    # tokens they weigh are the cache's)
+    recipe = recipe.replace(input_moments=cached_recipe.input_moments, gptq_tokens=cached_recipe.gptq_tokens)
     derived = recipe.calibration_dict() != cached_recipe.calibration_dict()
     if derived:
         if recipe.anti_outlier not in ("none", "m1") or recipe.modules != cached_recipe.modules or \

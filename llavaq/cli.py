@@ -62,10 +62,12 @@ def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: i
 
 
 def _recipe_options(smooth_vo: bool = False, weight_method: str = "rtn", gptq_damp: float = 0.01,
-                    gptq_block_size: int = 128, gptq_act_order: str = "True", smooth_stat: str = "absmax") -> dict:
+                    gptq_block_size: int = 128, gptq_act_order: str = "True", smooth_stat: str = "absmax",
+                    gptq_tokens: str = "all") -> dict:
     return {"smooth_vo": smooth_vo, "weight_method": weight_method, "gptq_damp": gptq_damp,
             "gptq_block_size": gptq_block_size,
-            "gptq_act_order": _bool(gptq_act_order, "--gptq_act_order"), "smooth_stat": smooth_stat}
+            "gptq_act_order": _bool(gptq_act_order, "--gptq_act_order"), "smooth_stat": smooth_stat,
+            "gptq_tokens": gptq_tokens}
 
 
 # Options shared by calibrate / quantize / export ------------------------------------------------
@@ -107,6 +109,9 @@ GptqDamp = typer.Option(0.01, "--gptq_damp", help="GPTQ dampening: fraction of t
 GptqBlock = typer.Option(128, "--gptq_block_size", help="GPTQ columns per lazy update (speed only).")
 GptqActOrder = typer.Option("True", "--gptq_act_order", help="GPTQ: quantize input columns in decreasing order of "
                             "their activation power (True/False).")
+GptqTokens = typer.Option("all", "--gptq_tokens", help="How the language model's calibration tokens weigh in GPTQ's "
+                          "Hessian: all (each once; a photo's 576 image tokens dominate) or balanced (image and "
+                          "text tokens half each). Calibration-time.")
 ImageLoading = typer.Option("upright", "--image_loading",
                             help="How calibration photos become RGB: upright (EXIF orientation applied, transparent "
                                  "pixels on white) or msmodelslim (exactly msModelSlim's example: as decoded, then "
@@ -211,6 +216,7 @@ def quantize(
     gptq_damp: float = GptqDamp,
     gptq_block_size: int = GptqBlock,
     gptq_act_order: str = GptqActOrder,
+    gptq_tokens: str = GptqTokens,
     rotation: str = Rotation,
     rotation_seed: int = RotationSeed,
     cache_dir: Path = CacheDir,
@@ -244,7 +250,8 @@ def quantize(
                  "--m2_search": m2_search != "full", "--keep_float": keep_float != 0, "--float_linears": float_linears,
                  "--weight_method": weight_method != "rtn", "--smooth_vo": smooth_vo,
                  "--gptq_damp": gptq_damp != 0.01, "--gptq_block_size": gptq_block_size != 128,
-                 "--gptq_act_order": _bool(gptq_act_order, "--gptq_act_order") is not True}
+                 "--gptq_act_order": _bool(gptq_act_order, "--gptq_act_order") is not True,
+                 "--gptq_tokens": gptq_tokens != "all"}
         given = [flag for flag, on in fixed.items() if on]
         if given:
             raise LlavaqError(f"{given[0]} is chosen by --recipe auto; leave it out (or use --recipe msmodelslim)")
@@ -260,7 +267,8 @@ def quantize(
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, float_dtype, text_prompts,
                      keep_float, float_linears, image_loading=image_loading, m2_scope=m2_scope, rotation=rotation,
                      rotation_seed=rotation_seed, smooth_vo=smooth_vo, weight_method=weight_method, gptq_damp=gptq_damp,
-                     gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order, smooth_stat=smooth_stat)
+                     gptq_block_size=gptq_block_size, gptq_act_order=gptq_act_order, smooth_stat=smooth_stat,
+                     gptq_tokens=gptq_tokens)
     trust = _bool(trust_remote_code, "--trust_remote_code")
     fmt = format or ("mindie" if mindie_format else "msmodelslim")
     _device_line(device_type)
@@ -338,6 +346,7 @@ def calibrate(
     smooth_stat: str = SmoothStat,
     weight_method: str = typer.Option("rtn", "--weight_method", help="gptq: also record the input moments GPTQ "
                                       "needs, so exports can use --weight_method gptq (and rtn)."),
+    gptq_tokens: str = GptqTokens,
     image_loading: str = ImageLoading,
     rotation: str = Rotation,
     rotation_seed: int = RotationSeed,
@@ -348,7 +357,8 @@ def calibrate(
 
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, "auto", text_prompts,
                      smooth_vo=smooth_vo, weight_method=weight_method, image_loading=image_loading,
-                     smooth_stat=smooth_stat, m2_scope=m2_scope, rotation=rotation, rotation_seed=rotation_seed)
+                     smooth_stat=smooth_stat, m2_scope=m2_scope, rotation=rotation, rotation_seed=rotation_seed,
+                     gptq_tokens=gptq_tokens)
     _device_line(device_type)
     with _progress() as progress:
         cal = api.calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,

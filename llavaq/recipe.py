@@ -20,6 +20,7 @@ MODULE_PRESETS = ("msmodelslim", "with_down_proj", "language_only")
 M2_SEARCH_MODES = ("full", "fast", "exhaustive")
 WEIGHT_METHODS = ("rtn", "gptq")
 SMOOTH_STATS = ("absmax", "range")
+GPTQ_TOKENS = ("all", "balanced")
 #: which smoothing groups m2 searches: msModelSlim's (the layer classes its multimodal flow wraps:
 #: Llama decoder and CLIP encoder layers) or every group of every family
 M2_SCOPES = ("msmodelslim", "all")
@@ -69,6 +70,10 @@ class QuantRecipe:
     #: SmoothQuant's per-channel activation statistic for m1 (llavaq.algorithms.smoothquant): "absmax"
     #: (max|X_c|, the paper's) or "range" (max_c − min_c, llm-compressor's); same for centred LayerNorm groups.
     smooth_stat: str = "absmax"
+    #: How the language model's calibration tokens weigh in GPTQ's Hessian: "all" (every token once: a photo's
+    #: 576 image tokens outweigh its prompt ~40 to 1) or "balanced" (image and text tokens half each).
+    #: Calibration-time (the recorded moments); implies ``input_moments``.
+    gptq_tokens: str = "all"
     #: Record each quantized Linear's input moments (the Hessian GPTQ needs) in the session cache.
     #: Calibration-time; implied by ``weight_method="gptq"``.
     input_moments: bool = False
@@ -115,7 +120,9 @@ class QuantRecipe:
                               f"not {self.gptq_damp}")
         if int(self.gptq_block_size) < 1:
             raise LlavaqError(f"--gptq_block_size must be >= 1, not {self.gptq_block_size}")
-        if self.weight_method == "gptq":
+        if self.gptq_tokens not in GPTQ_TOKENS:
+            raise LlavaqError(f"--gptq_tokens must be one of {', '.join(GPTQ_TOKENS)}, not {self.gptq_tokens!r}")
+        if self.weight_method == "gptq" or self.gptq_tokens != "all":
             object.__setattr__(self, "input_moments", True)
         if self.smooth_stat not in SMOOTH_STATS:
             raise LlavaqError(f"--smooth_stat must be one of {', '.join(SMOOTH_STATS)}, not {self.smooth_stat!r}")
@@ -174,7 +181,7 @@ class QuantRecipe:
     #: Calibration fields added after caches existed: part of the key only when not at their default, so the
     #: session caches of earlier recipes keep their ids.
     OPTIONAL_CALIBRATION_FIELDS: ClassVar[dict[str, Any]] = {"input_moments": False, "smooth_vo": False,
-                                                             "image_loading": "upright"}
+                                                             "image_loading": "upright", "gptq_tokens": "all"}
 
     def calibration_dict(self) -> dict[str, Any]:
         d = self.to_dict()

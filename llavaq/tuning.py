@@ -5,18 +5,20 @@ Orchestration only: calibration, export, scoring and the sensitivity ranking are
 
 1. Evaluation data that overlaps the calibration data (an identical image file, an identical prompt or
    text) is refused with one line, before any work.
-2. One calibration (the base of :data:`CALIBRATIONS`: min-max ranges, float statistics and input moments)
-   serves every candidate of :data:`CANDIDATES` on it without a forward pass: no smoothing / SmoothQuant α /
-   auto-α, with round-to-nearest or GPTQ weights.
+2. One calibration — the base: the first entry of :data:`CALIBRATIONS` this recipe can use (the Hadamard
+   rotation with min-max ranges and input moments; without a rotation, e.g. ``--modules with_down_proj``,
+   the unrotated min-max one) — serves every candidate of :data:`CANDIDATES` on it without a forward pass:
+   no smoothing / SmoothQuant α / auto-α, with round-to-nearest or GPTQ weights.
 3. Each candidate is exported (requested format, into a scratch directory in the session cache) and scored
-   by ``verify``'s integer-exact emulation, the float model's side computed once. Screening keeps it cheap:
-   a GPTQ candidate is scored only when its round-to-nearest twin is among the best :data:`GPTQ_TWINS`
-   (GPTQ exports cost the most), and candidates are scored on a subset of the evaluation data
-   (:data:`SCREEN`) first, the best :data:`FINALISTS` by KL then on all of it, from the same export.
-4. The other calibrations of the table: those that cost at most :data:`CHEAP_CALIBRATION` base calibrations
-   (the Hadamard rotation) always, the dearer ones (msModelSlim's m2) only with a ``time_budget`` that leaves
-   room for them (their time is estimated from the base calibration's). A calibration whose recipe fields this
-   :class:`~llavaq.recipe.QuantRecipe` lacks is left out (a capability probe).
+   by ``verify``'s integer-exact emulation, the float model's side computed once. Round-to-nearest
+   candidates are scored on a subset of the evaluation data (:class:`ScreenSpec`) first, the best
+   :data:`FINALISTS` (of a later calibration: only those that beat the finalists so far) then on all of it,
+   from the same export; a GPTQ candidate (its export costs several round-to-nearest ones) is scored, in
+   full, only as the twin of the best :data:`GPTQ_TWINS` finalists of its calibration.
+4. The other calibrations of the table: those that cost at most :data:`CHEAP_CALIBRATION` min-max
+   calibrations (the unrotated min-max one) always, the dearer ones (msModelSlim's m2) only with a
+   ``time_budget`` that leaves room for them (their time is estimated from the base calibration's). A
+   calibration whose recipe fields this :class:`~llavaq.recipe.QuantRecipe` lacks or refuses is left out.
 5. If no candidate meets the target, the most sensitive Linears (ranked on the cached activation rows, as
    ``--keep_float`` does) of the lowest-KL candidate are kept in float: first as many as the cap allows
    (:data:`MAX_FLOAT_FRACTION` of the quantized Linears); if that meets the target, the fewest that still do.
@@ -54,8 +56,8 @@ FINALISTS = 2
 #: A GPTQ candidate is scored only where its round-to-nearest twin is among the best this many (a GPTQ export
 #: costs several round-to-nearest ones; the smoothing that is best with rtn weights is the one GPTQ refines).
 GPTQ_TWINS = 1
-#: Without a time budget, an extra calibration runs when it costs at most this many base calibrations: the
-#: rotation (1.2: one more float pass) does, msModelSlim's m2 (4.5: its threshold search) needs --time_budget.
+#: Without a time budget, an extra calibration runs when it costs at most this many min-max calibrations: the
+#: rotation (1.2) and min-max ones do, msModelSlim's m2 (4.5: its threshold search) needs --time_budget.
 CHEAP_CALIBRATION = 2.0
 TUNING_FILE = "llavaq_tuning.json"
 SCORE_VERSION = 1
@@ -93,39 +95,30 @@ def _cand(name: str, calibration: str, requires: tuple[str, ...] = (), **fields:
     return CandidateSpec(name, calibration, tuple(fields.items()), requires)
 
 
-BASE_CALIBRATION = "minmax"
-#: The base first; the others when cheap or within a time budget (module docstring, step 4). ``cost``: calibration time
-#: relative to the base one (demo model, measured). An entry whose ``requires`` QuantRecipe lacks is left out.
+#: The first available entry is the base (calibrated first, its candidates always scored in full); the others
+#: when cheap or within a time budget (module docstring, step 4). The rotation leads: it gave the best model on
+#: every measure on the demo model, so the unrotated candidates are then screened against its finalists.
+#: ``cost``: calibration time relative to the min-max one (demo model, measured). An entry whose fields this
+#: QuantRecipe lacks or refuses (``--rotation`` with ``--modules with_down_proj``) is left out.
 CALIBRATIONS: tuple[CalibrationSpec, ...] = (
+    _cal("hadamard", "Hadamard rotation, min-max ranges, input moments", 1.2, ("rotation",),
+         anti_outlier="none", act_method=1, weight_method="gptq", rotation="hadamard"),
     _cal("minmax", "min-max ranges, float statistics, input moments", 1.0,
          anti_outlier="none", act_method=1, weight_method="gptq"),
     _cal("m2", "msModelSlim's m2 (OS+) search, histogram ranges, input moments", 4.5,
          anti_outlier="m2", act_method=2, weight_method="gptq"),
-    _cal("hadamard", "Hadamard rotation, min-max ranges, input moments", 1.2, ("rotation",),
-         anti_outlier="none", act_method=1, weight_method="gptq", rotation="hadamard"),
 )
 #: In the order they are scored (the likely best first, so that a tight time budget cuts the others); a GPTQ
-#: candidate after its round-to-nearest twin (step 3). Adding a recipe is one line.
+#: candidate after its round-to-nearest twin (step 3). Adding a recipe is one line. ``--smooth_vo`` is not in
+#: the table: on the demo model it made every recipe worse (docs/BENCHMARKS.md, "Fidelity").
 CANDIDATES: tuple[CandidateSpec, ...] = (
     _cand("m1 α=auto, rtn", "minmax", anti_outlier="m1", alpha="auto", weight_method="rtn"),
-    _cand("m1 α=auto, v→o, rtn", "minmax", ("smooth_vo",), anti_outlier="m1", alpha="auto", smooth_vo=True,
-          weight_method="rtn"),
     _cand("m1 α=0.8, rtn", "minmax", anti_outlier="m1", alpha=0.8, weight_method="rtn"),
-    _cand("m1 α=0.8, v→o, rtn", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.8, smooth_vo=True,
-          weight_method="rtn"),
     _cand("m1 α=0.5, rtn", "minmax", anti_outlier="m1", alpha=0.5, weight_method="rtn"),
-    _cand("m1 α=0.5, v→o, rtn", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.5, smooth_vo=True,
-          weight_method="rtn"),
     _cand("none, rtn", "minmax", anti_outlier="none", weight_method="rtn"),
     _cand("m1 α=auto, gptq", "minmax", anti_outlier="m1", alpha="auto", weight_method="gptq"),
-    _cand("m1 α=auto, v→o, gptq", "minmax", ("smooth_vo",), anti_outlier="m1", alpha="auto", smooth_vo=True,
-          weight_method="gptq"),
     _cand("m1 α=0.8, gptq", "minmax", anti_outlier="m1", alpha=0.8, weight_method="gptq"),
-    _cand("m1 α=0.8, v→o, gptq", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.8, smooth_vo=True,
-          weight_method="gptq"),
     _cand("m1 α=0.5, gptq", "minmax", anti_outlier="m1", alpha=0.5, weight_method="gptq"),
-    _cand("m1 α=0.5, v→o, gptq", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.5, smooth_vo=True,
-          weight_method="gptq"),
     _cand("none, gptq", "minmax", anti_outlier="none", weight_method="gptq"),
     _cand("m2, rtn (msModelSlim's recipe)", "m2", weight_method="rtn"),
     _cand("m2, gptq", "m2", weight_method="gptq"),
@@ -433,6 +426,7 @@ class _Tuner:
         self.screen_data = data.screen(screen) if screen is not None else None
         self.P, self.T = max_ppl_increase, min_top1
         self.budget = time_budget_s
+        self.base_name = ""  # the first usable calibration of the table (set by tune)
         self.finalists = finalists
         self.candidate_table, self.calibration_table = candidates, calibrations
         self.t0 = time.perf_counter()
@@ -590,27 +584,30 @@ class _Tuner:
                 if c.calibration == calibration and available(c.fields, c.requires, recipe)]
 
     def run_candidates(self, calibration: str) -> None:
-        """Score a calibration's candidates: GPTQ ones only where their round-to-nearest twin is among the best
-        :data:`GPTQ_TWINS`; on the screening subset first (then the best :data:`FINALISTS` in full), or in full."""
+        """Score a calibration's round-to-nearest candidates — on the screening subset first, then the best
+        :data:`FINALISTS` in full (of an extra calibration: only those that beat the finalists so far) — and
+        then, in full, the GPTQ twins of the best :data:`GPTQ_TWINS` of them (GPTQ refines a smoothing that
+        already won; its export costs several round-to-nearest ones)."""
         cands = self.candidates_of(calibration)
         twin = {c.name: _twin(c, [d for d, _ in cands]) for c, _ in cands}
         first = [(c, r) for c, r in cands if twin[c.name] is None]
         stage = "screen" if self.screen_data is not None else "full"
-        mandatory = calibration == BASE_CALIBRATION
+        mandatory = calibration == self.base_name
         self.progress.stage(f"tuning: {'screening' if stage == 'screen' else 'scoring'} {calibration} candidates",
-                            len(cands))
+                            len(first))
         rows = self._score_all(first, calibration, stage, mandatory)
-        best = {r.candidate for r in sorted((r for r in rows if r.scored), key=_rank)[:GPTQ_TWINS]}
+        full = rows if stage == "full" else self._finalists(rows, calibration, mandatory)
+        best = {r.candidate for r in sorted((r for r in full if r.scored), key=_rank)[:GPTQ_TWINS]}
         second = [(c, r) for c, r in cands if twin[c.name] is not None and twin[c.name] in best]
         for c, _ in cands:
             if twin[c.name] is not None and twin[c.name] not in best:
                 self.notes.append(f"{c.name} not scored: its round-to-nearest twin ({twin[c.name]}) is not among the "
-                                  f"best {GPTQ_TWINS} round-to-nearest candidate(s)")
-        rows += self._score_all(second, calibration, stage, False)
-        if stage == "full":
-            return
-        # finalists: the best few on the subset — meeting the target there first, then by KL (of an extra
-        # calibration: only those that beat the finalists so far)
+                                  f"best {GPTQ_TWINS} of this calibration scored in full")
+        self._score_all(second, calibration, "full", False)
+
+    def _finalists(self, rows: list[TuningRow], calibration: str, mandatory: bool) -> list[TuningRow]:
+        """The best few screened rows — meeting the target on the subset first, then by KL — scored in full
+        from the same exports; returns their full rows."""
         ranked = sorted((r for r in rows if r.scored), key=_rank)[: self.finalists]
         others = sorted(_rank(r) for r in self.rows if r.stage == "screen" and r.scored
                          and r.calibration != calibration)
@@ -620,17 +617,19 @@ class _Tuner:
         self.prune()
         self.progress.stage(f"tuning: scoring the best {calibration} candidates on the whole evaluation set",
                             len(picked))
+        full = []
         for i, r in enumerate(picked):
             recipe = self.recipes[id(r)]
             if (i or not mandatory) and not self.fits(self.estimate("full")):
                 self.skip(r.candidate, calibration, recipe, "full", "time budget")
                 continue
-            self.score(r.candidate, calibration, recipe, "full")
+            full.append(self.score(r.candidate, calibration, recipe, "full"))
             self.pending.discard(self.row_export.get(id(r), ""))
             self.prune()
             self.progress.advance()
         self.pending = set()
         self.prune()
+        return full
 
     def _score_all(self, cands: list[tuple[CandidateSpec, Any]], calibration: str, stage: str,
                    mandatory: bool) -> list[TuningRow]:
@@ -658,13 +657,14 @@ class _Tuner:
     def extra_calibrations(self) -> None:
         """The other calibrations of the table: the cheap ones, the others only within a time budget."""
         for spec in self.calibration_table:
-            if spec.name == BASE_CALIBRATION or not available(spec.fields, spec.requires, self.base):
+            if spec.name == self.base_name or not available(spec.fields, spec.requires, self.base):
                 continue
             n = len(self.candidates_of(spec.name))
             if not n:
                 continue
             per = self.estimate("screen" if self.screen_data is not None else "full")
-            est = self.cal_seconds.get(BASE_CALIBRATION, 0.0) * spec.cost + n * per + self.estimate("full")
+            unit = self.cal_seconds.get(self.base_name, 0.0) / self.spec(self.base_name).cost
+            est = unit * spec.cost + n * per + self.estimate("full")
             if self.budget is None and spec.cost > CHEAP_CALIBRATION:
                 self.notes.append(f"{spec.name} ({spec.label}) not calibrated: about {est:.0f}s more; pass "
                                   f"--time_budget to try it")
@@ -824,8 +824,6 @@ def tune(
         raise LlavaqError(f"max_float_fraction must be in (0, 1], not {max_float_fraction}")
     candidates = CANDIDATES if candidates is None else tuple(candidates)
     calibrations = CALIBRATIONS if calibrations is None else tuple(calibrations)
-    if not any(s.name == BASE_CALIBRATION for s in calibrations):
-        raise LlavaqError(f"the calibration table needs the base calibration {BASE_CALIBRATION!r}")
     get_format(format)
     AtomicOutputDir.check(Path(save_directory), overwrite)
     arch = api.open_model(model_path, trust_remote_code=trust_remote_code)
@@ -833,6 +831,10 @@ def tune(
     base = QuantRecipe(modules=modules, float_dtype=float_dtype, text_prompts=tp)
     data = load_eval_data(eval_prompts, eval_images, eval_text, answer_tokens)
     check_disjoint(calib_images, tp, data)
+    usable = [c for c in calibrations if available(c.fields, c.requires, base)
+              and any(d.calibration == c.name for d in candidates)]
+    if not usable:
+        raise LlavaqError("no calibration of the table has candidates usable with this recipe (--modules)")
     tuner = _Tuner(model_path=Path(model_path), calib_images=Path(calib_images), base=base, fmt=format,
                    part_file_size=part_file_size, device_type=device_type, trust_remote_code=trust_remote_code,
                    cache_dir=Path(cache_dir) if cache_dir is not None else None, progress=progress or NullProgress(),
@@ -840,8 +842,9 @@ def tune(
                    time_budget_s=None if time_budget is None else time_budget * 60, screen=screen,
                    finalists=finalists, candidates=candidates, calibrations=calibrations)
     try:
-        tuner.calibrate(tuner.spec(BASE_CALIBRATION))
-        tuner.run_candidates(BASE_CALIBRATION)
+        tuner.base_name = usable[0].name
+        tuner.calibrate(usable[0])
+        tuner.run_candidates(usable[0].name)
         tuner.extra_calibrations()
         if not tuner.met():
             tuner.fallback(len(arch.quantized_linears(modules)), max_float_fraction)

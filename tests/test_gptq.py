@@ -245,3 +245,67 @@ def test_cli_export_gptq_with_smooth_vo_from_one_cache(gptq_cache, tiny_model, t
     r = CliRunner().invoke(app, ["export", "--model_path", str(tiny_model), "--cache", str(gptq_cache.cache.path),
                                  "--save_directory", str(tmp_path / "bad"), "--weight_method", "awq"])
     assert r.exit_code != 0 and "--weight_method must be one of rtn, gptq" in str(r.exception)
+
+
+def test_weighted_input_moments_equal_the_weighted_sums():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(90, 12, generator=g) * torch.linspace(0.1, 4, 12) + 2.0
+    w = torch.rand(90, generator=g).double() * 3
+    m = InputMoments()
+    for lo, hi in ((0, 30), (30, 31), (31, 90)):
+        m.update(x[lo:hi], w[lo:hi])
+    xd = x.double()
+    mean = (w[:, None] * xd).sum(0) / w.sum()
+    cov = ((xd - mean) * w[:, None]).T @ (xd - mean)
+    assert m.n == pytest.approx(float(w.sum()))
+    assert torch.allclose(m.mean, mean, atol=1e-12)
+    assert torch.allclose(m.cov.double(), cov, rtol=1e-5, atol=1e-4)
+    back = InputMoments.from_tensors(**m.to_tensors())
+    assert back.n == pytest.approx(m.n) and torch.equal(back.mean, m.mean)
+
+
+def test_balanced_gptq_tokens_weigh_image_and_text_rows_half_each(tiny_model, calib_dir, tmp_path):
+    """``--gptq_tokens balanced``: the language model's H is Σ w·x xᵀ with image rows and text rows each
+    weighing half of the calibration set (the vision tower's, all image rows, is unchanged)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llavaq.calib.samples import build_samples, load_processor
+
+    recipe = QuantRecipe(anti_outlier="none", act_method=1, weight_method="gptq", gptq_tokens="balanced")
+    assert recipe.calibration_key() != recipe.replace(gptq_tokens="all").calibration_key()
+    assert "gptq_tokens" not in QuantRecipe(weight_method="gptq").calibration_dict()  # old caches keep their key
+    cal = api.calibrate(tiny_model, calib_dir, recipe, cache_dir=tmp_path / "cache", device_type="cpu")
+    arch = api.open_model(tiny_model)
+    proc = load_processor(tiny_model)
+    images = [Image.open(p).convert("RGB") for p in sorted(calib_dir.iterdir())]
+    samples = build_samples(proc, images, DEFAULT_PROMPT)
+    masks = [arch.image_rows(s.input_ids) for s in samples]
+    n_img, n_all = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+    assert 0 < n_img < n_all and n_img == len(samples) * arch.image_tokens
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    name = "language_model.model.layers.1.self_attn.o_proj"
+    want, cur = [torch.zeros(())], {}
+
+    def hook(_m, args):
+        x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+        w = torch.where(cur["mask"], n_all / (2 * n_img), n_all / (2 * (n_all - n_img))).double()
+        want[0] = want[0] + (x * w[:, None]).T @ x
+
+    h = model.get_submodule(name).register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for s, mask in zip(samples, masks, strict=True):
+            cur["mask"] = mask
+            model(input_ids=s.input_ids, pixel_values=s.pixel_values, attention_mask=s.attention_mask)
+    h.remove()
+    stage = arch.stage_of(name)
+    record = cal.cache.read_stage(stage.name)
+    key = arch.shared_inputs(stage)[name]
+    moments = InputMoments.from_tensors(*(record[f"hess.{key}.{k}"] for k in ("n", "mean", "cov")))
+    assert moments.n == pytest.approx(n_all)
+    got = smoothed_hessian(moments, None, None)
+    assert float((got - want[0]).abs().max() / want[0].abs().max()) < 2e-5
+    # an export takes the cache's token weighting and records it
+    res = api.export(tiny_model, cal.cache, tmp_path / "out", recipe=QuantRecipe(anti_outlier="m1", alpha=0.8,
+                                                                                act_method=1, weight_method="gptq"))
+    rec = json.loads((res.save_directory / "llavaq_record.json").read_text())
+    assert rec["recipe"]["gptq_tokens"] == "balanced" and rec["recipe"]["weight_method"] == "gptq"

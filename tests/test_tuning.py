@@ -306,15 +306,20 @@ def test_screening_subset_then_full_scores_for_the_finalists(tiny_model, calib_d
                    text_prompts=CALIB_TEXT, cache_dir=tmp_path / "cache", candidates=SHORT,
                    screen=ScreenSpec(image_prompts=1, text_prompts=0, text_tokens=60), finalists=2,
                    max_ppl_increase=1e9, min_top1=0.0)
-    # one export per candidate: the finalists are scored in full and the choice written from the same files
-    assert len(exports) == 3 and not any((tmp_path / "cache").glob("*/tuning/scratch/*"))
     # no time budget: msModelSlim's m2 is not calibrated, and the output says how to try it
     assert [c.name for c in res.calibrations] == ["minmax"]
     assert any(n.startswith("m2 (") and "--time_budget" in n for n in res.notes)
     screen = [r for r in res.rows if r.stage == "screen"]
     full = [r for r in res.rows if r.stage == "full"]
-    assert len(screen) == 3 and len(full) == 2
-    assert [r.candidate for r in full] == [r.candidate for r in sorted(screen, key=lambda r: r.kl)[:2]]
+    # round-to-nearest candidates are screened, the finalists scored in full from the same exports, and the
+    # GPTQ twin of the best finalist (only) is scored in full directly
+    assert [r.candidate for r in screen] == ["m1 α=0.5, rtn", "none, rtn"]
+    rtn_full = [r for r in full if r.recipe["weight_method"] == "rtn"]
+    assert [r.candidate for r in rtn_full] == [r.candidate for r in sorted(screen, key=lambda r: r.kl)[:2]]
+    twins = [r.candidate for r in full if r.recipe["weight_method"] == "gptq"]
+    assert twins == (["none, gptq"] if min(rtn_full, key=tuning._rank).candidate == "none, rtn" else [])
+    # one export per candidate: the choice is written from the scored files
+    assert len(exports) == 2 + len(twins) and not any((tmp_path / "cache").glob("*/tuning/scratch/*"))
     assert res.chosen in full
     assert all(r.score["image_positions"] < f.score["image_positions"] for r in screen for f in full)
     assert all(r.score["text_tokens"] < f.score["text_tokens"] for r in screen for f in full)
@@ -436,8 +441,10 @@ def test_candidate_table_probes_capabilities():
 
 def test_smooth_vo_candidates_are_derived_from_the_base_cache(tiny_model, calib_dir, eval_set, tuning_cache,
                                                               tmp_path):
-    vo = tuple(c for c in CANDIDATES if c.name == "m1 α=0.5, v→o, rtn")
-    assert vo and tuning.available(vo[0].fields, vo[0].requires, QuantRecipe())
+    # not in the default table (it made every recipe worse on the demo model), but a table may hold it
+    vo = (tuning._cand("m1 α=0.5, v→o, rtn", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.5,
+                       smooth_vo=True, weight_method="rtn"),)
+    assert tuning.available(vo[0].fields, vo[0].requires, QuantRecipe())
     res = api.tune(tiny_model, calib_dir, tmp_path / "out", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
                    cache_dir=tuning_cache, calibrations=BASE, candidates=vo, max_ppl_increase=1e9, min_top1=0.0)
     assert res.met and res.chosen.candidate == "m1 α=0.5, v→o, rtn" and res.chosen.recipe["smooth_vo"] is True
@@ -453,7 +460,13 @@ def test_cheap_calibrations_run_without_a_time_budget(tiny_model, calib_dir, eva
     assert tuning.CHEAP_CALIBRATION < next(c.cost for c in CALIBRATIONS if c.name == "m2")
     res = api.tune(tiny_model, calib_dir, tmp_path / "out", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
                    cache_dir=tuning_cache, candidates=cands, screen=None, max_ppl_increase=1e9, min_top1=0.0)
-    assert [c.name for c in res.calibrations] == ["minmax", "hadamard"]
+    assert [c.name for c in res.calibrations] == ["hadamard", "minmax"]  # the rotation is the base
     scored = {r.candidate for r in res.rows if r.scored}
     assert scored == {"none, rtn", "hadamard, rtn"}
     assert any(n.startswith("m2 (") and "--time_budget" in n for n in res.notes)
+    # where the rotation is refused (a quantized down_proj), the min-max calibration is the base
+    res = api.tune(tiny_model, calib_dir, tmp_path / "out2", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
+                   modules="with_down_proj", cache_dir=tuning_cache, candidates=cands, screen=None,
+                   max_ppl_increase=1e9, min_top1=0.0)
+    assert [c.name for c in res.calibrations] == ["minmax"]
+    assert {r.candidate for r in res.rows if r.scored} == {"none, rtn"}

@@ -24,18 +24,26 @@ from torch import Tensor
 class InputMoments:
     """Running (n, μ, C) of a Linear's input rows; ``update`` merges one batch exactly (Chan et al.)."""
 
-    n: int = 0
+    n: float = 0
     mean: Tensor | None = None  # float64 [in]
     cov: Tensor | None = None  # float32 [in, in], centred second moment (a sum, not divided by n)
 
-    def update(self, x: Tensor) -> None:
+    def update(self, x: Tensor, weights: Tensor | None = None) -> None:
+        """Merge a batch of rows; ``weights`` (one per row) count a row that many times (``n`` = their sum)."""
         x = x.reshape(-1, x.shape[-1])
-        nb = x.shape[0]
-        if nb == 0:
+        if x.shape[0] == 0:
             return
-        mb = x.double().mean(0)
-        xc = x.float() - mb.float()
-        cb = xc.T @ xc
+        if weights is None:
+            nb = x.shape[0]
+            mb = x.double().mean(0)
+            xc = x.float() - mb.float()
+            cb = xc.T @ xc
+        else:
+            w = weights.reshape(-1).double()
+            nb = float(w.sum())
+            mb = (w[:, None] * x.double()).sum(0) / nb
+            xc = x.float() - mb.float()
+            cb = (xc * w.float()[:, None]).T @ xc
         if self.mean is None:
             self.n, self.mean, self.cov = nb, mb, cb
             return
@@ -48,13 +56,15 @@ class InputMoments:
 
     def to_tensors(self) -> dict[str, Tensor]:
         assert self.mean is not None and self.cov is not None
-        return {"n": torch.tensor([self.n], dtype=torch.int64), "mean": self.mean.double(),
+        n = torch.tensor([self.n], dtype=torch.int64 if float(self.n).is_integer() else torch.float64)
+        return {"n": n, "mean": self.mean.double(),
                 "cov": pack_upper(self.cov)}
 
     @classmethod
     def from_tensors(cls, n: Tensor, mean: Tensor, cov: Tensor) -> InputMoments:
         m = mean.double()
-        return cls(int(n.reshape(-1)[0]), m, unpack_upper(cov, m.numel()))
+        count = n.reshape(-1)[0]
+        return cls(int(count) if not count.is_floating_point() else float(count), m, unpack_upper(cov, m.numel()))
 
 
 def pack_upper(mat: Tensor) -> Tensor:

@@ -197,6 +197,21 @@ class CalibrationEngine:
         s.feat_fq, s.feat_flt, s.feat_m2 = [], [], None
         del embed
 
+    def _token_weights(self) -> list[torch.Tensor] | None:
+        """``--gptq_tokens balanced``: per sample, each language-model row's weight in the input moments, so
+        that image and text tokens weigh half each over the calibration set (their counts keep the total)."""
+        if self.recipe.gptq_tokens != "balanced":
+            return None
+        with_image = set(self.image_idx)
+        masks = [self.arch.image_rows(smp.input_ids) if j in with_image
+                 else torch.zeros(smp.input_ids.numel(), dtype=torch.bool) for j, smp in enumerate(self.samples)]
+        n_img = sum(int(m.sum()) for m in masks)
+        n_all = sum(m.numel() for m in masks)
+        if n_img in (0, n_all):
+            return None
+        w_img, w_txt = n_all / (2 * n_img), n_all / (2 * (n_all - n_img))
+        return [torch.where(m, w_img, w_txt).double() for m in masks]
+
     # ------------------------------------------------------------------ one stage
     def _m2_groups(self, stage: Stage) -> list[SmoothGroup]:
         """The stage's groups the m2 search smooths: msModelSlim's (the layer classes its multimodal flow
@@ -246,8 +261,10 @@ class CalibrationEngine:
         moments_for = sorted({self.arch.shared_inputs(stage)[n][len(stage.prefix):]
                               for n in self.quantized if stage.owns(n)}) if self.recipe.input_moments else ()
         rec = InputRecorder(linears, self.rows_per_call, moments_for)
+        weights = self._token_weights() if moments_for and stage.kind == "text_layer" else None
         out = outputs("feat_flt" if on_features else "flt")
         for j, h in enumerate(src_flt):
+            rec.row_weights = None if weights is None else weights[j]
             out.append(self._forward(stage, layer, h, j, s))
             self.progress.sub_advance()
         rec.remove()

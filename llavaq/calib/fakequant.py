@@ -53,6 +53,8 @@ class InputRecorder:
     def __init__(self, modules: dict[str, nn.Module], rows_per_call: int, moments_for=()) -> None:
         self.rows_per_call = rows_per_call
         self.moments = {name: InputMoments() for name in moments_for}
+        #: weights of the next call's rows in the moments (None: each row counts once); set by the caller
+        self.row_weights: torch.Tensor | None = None
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.sample_min: dict[str, list[torch.Tensor]] = {}
@@ -72,7 +74,7 @@ class InputRecorder:
                 s["min"] = torch.minimum(s["min"], mn)
                 s["max"] = torch.maximum(s["max"], mx)
             if name in self.moments:
-                self.moments[name].update(x)
+                self.moments[name].update(x, self.row_weights)
             if self.rows_per_call > 0:
                 k = min(self.rows_per_call, x.shape[0])
                 idx = torch.linspace(0, x.shape[0] - 1, k).round().long()

@@ -370,6 +370,14 @@ class LlavaArch:
         drop = 1 if self.config.vision_feature_select_strategy == "default" else 0
         return self.vision.positions(self.vision_config) - drop
 
+    def image_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Which language-model positions of a one-sample prompt hold image features (bool, merged length):
+        each ``<image>`` token expands to :attr:`image_tokens` positions, every other token to one."""
+        ids = input_ids.reshape(-1)
+        is_img = ids == self.config.image_token_index
+        width = torch.where(is_img, torch.full_like(ids, self.image_tokens), torch.ones_like(ids))
+        return torch.repeat_interleave(is_img, width)
+
     def select_image_features(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden_states[vision_feature_layer]`` → the features the projector gets (a copy)."""
         strategy = self.config.vision_feature_select_strategy

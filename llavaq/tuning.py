@@ -15,10 +15,11 @@ Orchestration only: calibration, export, scoring and the sensitivity ranking are
    :data:`FINALISTS` (of a later calibration: only those that beat the finalists so far) then on all of it,
    from the same export; a GPTQ candidate (its export costs several round-to-nearest ones) is scored, in
    full, only as the twin of the best :data:`GPTQ_TWINS` finalists of its calibration.
-4. The other calibrations of the table: those that cost at most :data:`CHEAP_CALIBRATION` min-max
-   calibrations (the unrotated min-max one) always, the dearer ones (msModelSlim's m2) only with a
-   ``time_budget`` that leaves room for them (their time is estimated from the base calibration's). A
-   calibration whose recipe fields this :class:`~llavaq.recipe.QuantRecipe` lacks or refuses is left out.
+4. The other calibrations of the table, as few as it can: without a ``time_budget`` only while no candidate
+   meets the target, and only those that cost at most :data:`CHEAP_CALIBRATION` min-max calibrations (the
+   unrotated min-max one); with a budget, every one that fits in it (msModelSlim's m2 too; times estimated
+   from the base calibration's). A calibration whose recipe fields this
+   :class:`~llavaq.recipe.QuantRecipe` lacks or refuses is left out.
 5. If no candidate meets the target, the most sensitive Linears (ranked on the cached activation rows, as
    ``--keep_float`` does) of the lowest-KL candidate are kept in float: first as many as the cap allows
    (:data:`MAX_FLOAT_FRACTION` of the quantized Linears); if that meets the target, the fewest that still do.
@@ -665,6 +666,10 @@ class _Tuner:
             per = self.estimate("screen" if self.screen_data is not None else "full")
             unit = self.cal_seconds.get(self.base_name, 0.0) / self.spec(self.base_name).cost
             est = unit * spec.cost + n * per + self.estimate("full")
+            if self.budget is None and self.met():
+                self.notes.append(f"{spec.name} ({spec.label}) not calibrated: the target is met; pass --time_budget "
+                                  f"to try it too (about {est:.0f}s)")
+                continue
             if self.budget is None and spec.cost > CHEAP_CALIBRATION:
                 self.notes.append(f"{spec.name} ({spec.label}) not calibrated: about {est:.0f}s more; pass "
                                   f"--time_budget to try it")

@@ -458,10 +458,17 @@ def test_cheap_calibrations_run_without_a_time_budget(tiny_model, calib_dir, eva
     cands = tuple(c for c in CANDIDATES if c.name in ("none, rtn", "hadamard, rtn", "m2, rtn (msModelSlim's recipe)"))
     assert tuning.CHEAP_CALIBRATION >= next(c.cost for c in CALIBRATIONS if c.name == "hadamard")
     assert tuning.CHEAP_CALIBRATION < next(c.cost for c in CALIBRATIONS if c.name == "m2")
-    res = api.tune(tiny_model, calib_dir, tmp_path / "out", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
+    # a target the base calibration meets: no other calibration (as few as it can)
+    res = api.tune(tiny_model, calib_dir, tmp_path / "out0", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
                    cache_dir=tuning_cache, candidates=cands, screen=None, max_ppl_increase=1e9, min_top1=0.0)
-    assert [c.name for c in res.calibrations] == ["hadamard", "minmax"]  # the rotation is the base
-    scored = {r.candidate for r in res.rows if r.scored}
+    assert [c.name for c in res.calibrations] == ["hadamard"] and res.met  # the rotation is the base
+    assert any(n.startswith("minmax (") and "the target is met" in n for n in res.notes)
+    # one it does not meet: the cheap min-max calibration runs too, m2 (dear) only with a budget
+    res = api.tune(tiny_model, calib_dir, tmp_path / "out", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
+                   cache_dir=tuning_cache, candidates=cands, screen=None, max_ppl_increase=0.0, min_top1=1.0,
+                   max_float_fraction=0.01)
+    assert [c.name for c in res.calibrations] == ["hadamard", "minmax"]
+    scored = {r.candidate for r in res.rows if r.scored and r.stage != "fallback"}
     assert scored == {"none, rtn", "hadamard, rtn"}
     assert any(n.startswith("m2 (") and "--time_budget" in n for n in res.notes)
     # where the rotation is refused (a quantized down_proj), the min-max calibration is the base

@@ -29,7 +29,6 @@ and text sequence, GQA, tied embeddings) with real language-model activation sta
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from llavaq.model.checkpoint import file_sha256
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "llavaq_demo.json"
@@ -245,14 +246,6 @@ def _params(
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_demo_model(
     out_dir: str | Path,
     *,
@@ -380,7 +373,7 @@ def build_demo_model(
             vision_tower="seeded random CLIP ViT (336 px, patch 14)",
             projector="seeded random 2-layer GELU MLP",
             safetensors_size=st.stat().st_size,
-            safetensors_sha256=_sha256(st),
+            safetensors_sha256=file_sha256(st),
         )
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         os.chmod(tmp, 0o755)

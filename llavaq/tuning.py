@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from llavaq.errors import CacheError, LlavaqError
+from llavaq.model.checkpoint import file_sha256
 
 DEFAULT_MAX_PPL_INCREASE = 1.0
 DEFAULT_MIN_TOP1 = 0.95
@@ -189,14 +190,6 @@ class EvalData:
                         self.digest + ":screen", tokens)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_eval_data(eval_prompts: str | Path | None, eval_images: str | Path | None, eval_text: str | Path | None,
                    answer_tokens: int) -> EvalData:
     """The evaluation set (defaults: the shipped held-out set) and its digest (prompts, image bytes, text)."""
@@ -210,7 +203,7 @@ def load_eval_data(eval_prompts: str | Path | None, eval_images: str | Path | No
     text_path = Path(eval_text) if eval_text is not None else _shipped("heldout.txt")
     h = hashlib.sha256(f"v{SCORE_VERSION}:{answer_tokens}".encode())
     for p in prompts:
-        h.update(json.dumps([p.question, _file_digest(p.image) if p.image is not None else None]).encode())
+        h.update(json.dumps([p.question, file_sha256(p.image) if p.image is not None else None]).encode())
     h.update(text.encode())
     return EvalData(prompts, text_path, text, answer_tokens, h.hexdigest()[:16])
 
@@ -232,9 +225,9 @@ def check_disjoint(calib_images: str | Path, text_prompts: tuple[str, ...], data
     calib = {}
     for f in list_image_files(Path(calib_images)):
         if not is_doc_file(f):
-            calib.setdefault(_file_digest(f), f)
+            calib.setdefault(file_sha256(f), f)
     for p in data.prompts:
-        if p.image is not None and (twin := calib.get(_file_digest(p.image))) is not None:
+        if p.image is not None and (twin := calib.get(file_sha256(p.image))) is not None:
             raise LlavaqError(f"evaluation image {p.image} is identical to calibration image {twin}: the evaluation "
                               "data must not overlap the calibration data (pass other --eval_images/--eval_prompts "
                               "or --calib_images)")

@@ -255,3 +255,12 @@ class InMemoryCheckpoint(Checkpoint):
 
     def _load(self, name: str) -> torch.Tensor:
         return self._data[name].clone()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

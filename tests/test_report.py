@@ -186,6 +186,21 @@ def test_verify_report_page_has_every_linear_and_the_cache_ranges(verify_page):
     assert [f.name for f in page.parent.iterdir()] == ["report.html"]
 
 
+def test_compare_verifies_outputs_with_one_float_reference_like_verify(verify_page, quantized, tiny_model, eval_set,
+                                                                        tmp_path, capsys):
+    page, rep = verify_page
+    (tmp_path / "v.json").write_text(json.dumps(rep))
+    out = quantized[1].save_directory
+    assert compare_main([f"verify={tmp_path / 'v.json'}", f"again={out}", f"page={out}", "--model_path",
+                         str(tiny_model), "--prompts", str(eval_set / "prompts.json"), "--images",
+                         str(eval_set / "images"), "--text", str(eval_set / "heldout.txt"), "--markdown",
+                         "--report", str(tmp_path / "p.html")]) == 0
+    rows = [[c.strip() for c in r.strip(" |").split(" | ")][1:] for r in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 9 and all(r[0] == r[1] == r[2] for r in rows)  # the same numbers, float side shared
+    assert f"{rep['worst_layers'][0]['rel_mse']:.3e}" in (tmp_path / "p.html").read_text()
+    assert compare_main([f"x={out}"]) == 2 and "--model_path is needed" in capsys.readouterr().err
+
+
 def test_report_to_a_missing_folder_fails_before_verifying(quantized, tiny_model, tmp_path):
     code, _, err = _cli("verify", "--model_path", tiny_model, "--quantized", quantized[1].save_directory,
                         "--report", tmp_path / "no" / "r.html")

@@ -1,8 +1,10 @@
-"""Two (or more) ``llavaq verify --json`` reports side by side: the table ``make demo`` ends with.
+"""Two (or more) W8A8 outputs of one model side by side: the table ``make demo`` ends with.
 
-``python -m llavaq.report.compare "msModelSlim's recipe=a.json" "--recipe auto=b.json" [--markdown]``
-prints one table (held-out text, answers to image prompts and answers to text prompts apart); ``--markdown``
-prints it as a Markdown table instead (the README's).
+``python -m llavaq.report.compare --model_path M "msModelSlim's recipe=OUT_A" "--recipe auto=OUT_B"
+[--report page.html] [--markdown]`` verifies each output (the float model's answers and logits computed once
+for all) and prints one table: held-out text, answers to image prompts and answers to text prompts apart.
+A ``NAME=FILE.json`` (``llavaq verify --json`` output) is read instead of verified. ``--report`` writes the
+last output's HTML page; ``--markdown`` prints the table as Markdown (the README's).
 """
 
 from __future__ import annotations
@@ -61,11 +63,30 @@ def rich_table(names: list[str], rows: list[list[str]], title: str):
     return t
 
 
-def _load(arg: str) -> tuple[str, dict[str, Any]]:
+def verify_outputs(model_path: str | Path, outputs: list[Path], report_last: bool = False,
+                   **evaluation: Any) -> list[dict[str, Any]]:
+    """``verify`` of each output directory (``evaluation``: verify's images / prompts / text; default the shipped
+    held-out set), the float side computed once; per-Linear errors measured only for the last one when
+    ``report_last`` (its page shows them)."""
+    from llavaq.verify import load_float_model, verify
+
+    fp, reference = load_float_model(model_path), {}
+    return [verify(model_path, out, float_model=fp, float_reference=reference, worst=1 << 30,
+                   layer_errors=report_last and i == len(outputs) - 1, **evaluation).to_dict()
+            for i, out in enumerate(outputs)]
+
+
+def _load(arg: str, model_path: str | None) -> tuple[str, dict[str, Any] | Path]:
+    """``NAME=PATH``: a verify JSON file (read) or an output directory (returned, to be verified)."""
     name, sep, path = arg.rpartition("=")
     p = Path(path)
+    name = name if sep else p.name
+    if p.is_dir():
+        if model_path is None:
+            raise LlavaqError(f"{p} is an output directory: --model_path is needed to verify it")
+        return name, p
     if not p.is_file():
-        raise LlavaqError(f"verify report {p} does not exist")
+        raise LlavaqError(f"{p} does not exist (a verify --json file or an output directory)")
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -73,21 +94,39 @@ def _load(arg: str) -> tuple[str, dict[str, Any]]:
             from None
     if not isinstance(doc, dict) or "prompts" not in doc:
         raise LlavaqError(f"{p}: not a `llavaq verify --json` report")
-    return (name if sep else p.stem), doc
+    return name, doc
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llavaq.report.compare", description=__doc__.splitlines()[0])
-    ap.add_argument("reports", nargs="+", help="NAME=verify.json (verify --json output), in column order")
+    ap.add_argument("reports", nargs="+", help="NAME=OUTPUT_DIR or NAME=verify.json, in column order")
+    ap.add_argument("--model_path", help="the float model (to verify output directories)")
+    ap.add_argument("--report", help="write the last output directory's HTML page here")
+    for flag in ("images", "prompts", "text"):
+        ap.add_argument(f"--{flag}", help=f"as verify --{flag} (default: the shipped held-out set)")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    ap.add_argument("--title", default="the same model, two W8A8 recipes (verify, integer-exact emulation)")
+    ap.add_argument("--title", default="the same model, W8A8 recipes side by side (verify, integer-exact emulation)")
     args = ap.parse_args(argv)
     try:
-        loaded = [_load(a) for a in args.reports]
+        return _run(args)
     except LlavaqError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return e.exit_code
-    names, reports = [n for n, _ in loaded], [r for _, r in loaded]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llavaq.report.files import check_report_target, write_report
+
+    loaded = [_load(a, args.model_path) for a in args.reports]
+    dirs = [v for _, v in loaded if isinstance(v, Path)]
+    if args.report is not None:
+        if not dirs or not isinstance(loaded[-1][1], Path):
+            raise LlavaqError("--report needs the last NAME=PATH to be an output directory")
+        check_report_target(args.report)
+    evaluation = {k: getattr(args, k) for k in ("images", "prompts", "text")}
+    verified = iter(verify_outputs(args.model_path, dirs, args.report is not None, **evaluation) if dirs else [])
+    names = [n for n, _ in loaded]
+    reports = [next(verified) if isinstance(v, Path) else v for _, v in loaded]
     rows = compare_rows(reports)
     if args.markdown:
         print(markdown(names, rows), end="")
@@ -95,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         from rich.console import Console
 
         Console().print(rich_table(names, rows, args.title))
+    if args.report is not None:
+        print(f"report: {write_report(args.report, reports[-1])}", file=sys.stderr)
     return 0
 
 

@@ -196,7 +196,8 @@ def test_compare_verifies_outputs_with_one_float_reference_like_verify(verify_pa
                          str(eval_set / "images"), "--text", str(eval_set / "heldout.txt"), "--markdown",
                          "--report", str(tmp_path / "p.html")]) == 0
     rows = [[c.strip() for c in r.strip(" |").split(" | ")][1:] for r in capsys.readouterr().out.splitlines()[2:]]
-    assert len(rows) == 9 and all(r[0] == r[1] == r[2] for r in rows)  # the same numbers, float side shared
+    assert rows[0] == ["m2, rtn"] * 3  # the recipe, from the output's record
+    assert len(rows) == 10 and all(r[0] == r[1] == r[2] for r in rows[1:])  # the same numbers, float side shared
     assert f"{rep['worst_layers'][0]['rel_mse']:.3e}" in (tmp_path / "p.html").read_text()
     assert compare_main([f"x={out}"]) == 2 and "--model_path is needed" in capsys.readouterr().err
 

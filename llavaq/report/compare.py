@@ -46,6 +46,20 @@ def compare_rows(reports: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def recipe_line(output_dir: Path) -> str:
+    """What an output's ``llavaq_record.json`` says it is: ``--recipe auto``'s choice, or the recipe's smoothing
+    and weights (``m2, rtn``)."""
+    from llavaq.report.files import RECORD, read_json
+
+    rec = read_json(output_dir / RECORD) if output_dir.is_dir() else None
+    if not rec:
+        return "–"
+    if (rec.get("tuning") or {}).get("chosen"):
+        return str(rec["tuning"]["chosen"])
+    r = rec.get("recipe") or {}
+    return ", ".join(str(x) for x in (r.get("anti_outlier"), r.get("weight_method")) if x is not None) or "–"
+
+
 def markdown(names: list[str], rows: list[list[str]]) -> str:
     head = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
     return head + "".join("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |\n" for r in rows)
@@ -128,6 +142,8 @@ def _run(args: argparse.Namespace) -> int:
     names = [n for n, _ in loaded]
     reports = [next(verified) if isinstance(v, Path) else v for _, v in loaded]
     rows = compare_rows(reports)
+    if dirs:
+        rows.insert(0, ["recipe", *(recipe_line(Path(r["quantized"])) for r in reports)])
     if args.markdown:
         print(markdown(names, rows), end="")
     else:

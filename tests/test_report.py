@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -81,8 +82,8 @@ def test_page_shows_the_numbers_the_worst_linear_and_every_chart():
     assert len(svgs) == 3  # per-Linear error, activation ranges, candidates
     assert "lm.1.self_attn.k_proj" in svgs[0]  # the worst Linear is labelled on its chart
     assert "lm.0.mlp.gate_proj" in svgs[1]  # the widest range is labelled
-    assert "chosen: hadamard, gptq" in svgs[2] and "none, rtn (screen)" in svgs[2]
-    assert "hadamard, gptq ◀ chosen" in html and "m2 not calibrated" in html
+    assert "chosen: hadamard, gptq" in svgs[2] and len(re.findall(r">[123]</text>", svgs[2])) >= 3  # numbered
+    assert "<td class=l>3</td><td class=l>hadamard, gptq ◀ chosen</td>" in html and "m2 not calibrated" in html
     assert min(len(re.findall(r"<path", s)) for s in svgs) > 10
 
 
@@ -108,6 +109,11 @@ def test_missing_matplotlib_is_one_line(monkeypatch):
 def test_write_is_atomic_and_refuses_a_missing_folder(tmp_path):
     p = write_text_atomic(tmp_path / "r.html", "<html></html>")
     assert p.read_text() == "<html></html>" and sorted(f.name for f in tmp_path.iterdir()) == ["r.html"]
+    umask = os.umask(0o022)
+    try:
+        assert write_text_atomic(tmp_path / "s.html", "x").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    finally:
+        os.umask(umask)
     with pytest.raises(LlavaqError, match="does not exist"):
         write_text_atomic(tmp_path / "nope" / "r.html", "x")
     with pytest.raises(LlavaqError, match="is a directory"):
@@ -225,7 +231,7 @@ def test_auto_report_has_the_candidate_scatter(tiny_model, calib_dir, eval_set, 
     html = page.read_text()
     svgs = _svgs(html)
     assert len(svgs) == 3 and f"chosen: {doc['chosen']}" in svgs[2]
-    assert f"{doc['chosen']} ◀ chosen" in html
+    assert f"{doc['chosen']} ◀ chosen</td>" in html
     code, _, err = _cli("quantize", "--model_path", tiny_model, "--calib_images", calib_dir, "--save_directory",
                         tmp_path / "o2", "--report", page)
     assert code != 0 and "--report applies to --recipe auto only" in err

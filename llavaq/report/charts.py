@@ -79,12 +79,14 @@ def layer_error_chart(layers: Sequence[dict[str, Any]], order: Sequence[str] | N
             ax.vlines([p[0] for p in pts], min(p[1] for p in pts) * 0.5, [p[1] for p in pts], color=colour,
                       linewidth=0.6, alpha=0.5)
     worst = sorted(range(len(rows)), key=lambda i: rows[i]["rel_mse"], reverse=True)[:label]
-    for rank, i in enumerate(worst):
-        ax.annotate(short_name(rows[i]["name"]), (i, rows[i]["rel_mse"]), xytext=(6, 4 + 9 * (rank % 3)),
+    for rank, i in enumerate(worst):  # labels fanned out in the headroom above the points
+        ax.annotate(short_name(rows[i]["name"]), (i, rows[i]["rel_mse"]), xytext=(8, 6 + 11 * rank),
                     textcoords="offset points", fontsize=8, color="#b00020",
                     arrowprops={"arrowstyle": "-", "color": "#b00020", "linewidth": 0.5})
-    if any(e["rel_mse"] > 0 for e in rows):
+    top = max((e["rel_mse"] for e in rows), default=0.0)
+    if top > 0:
         ax.set_yscale("log")
+        ax.set_ylim(top=top * 10 ** (0.35 * min(label, len(rows)) + 0.3))
     ax.set_xlabel(f"quantized Linear, in model order ({len(rows)})")
     ax.set_ylabel("relative output MSE (emulated int8 vs float)")
     ax.set_title("Per-Linear W8A8 error")
@@ -119,14 +121,20 @@ def range_chart(ranges: Sequence[dict[str, Any]], label: int = 5) -> str:
     return to_svg(fig)
 
 
+def scored_candidates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tuning document's candidates with both a text and an image top-1 (the scatter's points, in order)."""
+    return [r for r in doc.get("candidates", []) if (r.get("score") or {}).get("text_top1") is not None
+            and (r.get("score") or {}).get("image_top1") is not None]
+
+
 def candidate_scatter(doc: dict[str, Any]) -> str:
     """Every scored candidate of a tuning document: held-out text top-1 vs image-answer top-1, the target
-    region shaded, the choice starred. Screening scores (on a subset) are hollow."""
+    region shaded, the choice starred. Screening scores (on a subset) are hollow; each point is numbered by its
+    rank among the scored candidates (:func:`scored_candidates`), as in the page's table."""
     fig, ax = _figure(9, 6)
     target = doc.get("target") or {}
     t = target.get("min_top1")
-    rows = [r for r in doc.get("candidates", []) if (r.get("score") or {}).get("text_top1") is not None
-            and (r.get("score") or {}).get("image_top1") is not None]
+    rows = scored_candidates(doc)
     xs = [r["score"]["text_top1"] for r in rows] + ([t] if t is not None else [])
     ys = [r["score"]["image_top1"] for r in rows] + ([t] if t is not None else [])
     lo = min(xs + ys, default=0.0)
@@ -135,13 +143,13 @@ def candidate_scatter(doc: dict[str, Any]) -> str:
         ax.axvline(t, color="#b00020", linestyle="--", linewidth=1)
         ax.axhline(t, color="#b00020", linestyle="--", linewidth=1)
         ax.fill_between([t, 1.005], t, 1.005, color="#54a24b", alpha=0.12, label=f"target: top-1 ≥ {t:g} (each)")
-    for r in rows:
+    for n, r in enumerate(rows, 1):  # numbered as in the page's candidate table
         s, full = r["score"], r["stage"] != "screen"
         ok = r.get("meets") if r.get("meets") is not None else not r.get("failed")
         colour = "#54a24b" if ok else "#e45756"
         ax.scatter([s["text_top1"]], [s["image_top1"]], s=40, color=colour if full else "none", edgecolors=colour)
-        ax.annotate(r["candidate"] + ("" if full else " (screen)"), (s["text_top1"], s["image_top1"]),
-                    xytext=(4, -10), textcoords="offset points", fontsize=7, color="#444444")
+        ax.annotate(str(n), (s["text_top1"], s["image_top1"]), xytext=(4, 3 + 7 * (n % 2)),
+                    textcoords="offset points", fontsize=7, color="#444444")
     chosen = next((r for r in rows if r["candidate"] == doc.get("chosen") and r["stage"] != "screen"), None)
     if chosen is not None:
         s = chosen["score"]

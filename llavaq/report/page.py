@@ -99,12 +99,14 @@ def tuning_section(doc: dict[str, Any] | None) -> str:
         return ""
     tgt = doc.get("target") or {}
     rows, classes = [], []
+    number = {id(r): str(n) for n, r in enumerate(charts.scored_candidates(doc), 1)}
     for r in doc.get("candidates", []):
         s = r.get("score") or {}
         chosen = r["candidate"] == doc.get("chosen") and r["stage"] != "screen" and bool(s)
         verdict = escape(r.get("status", "")) if not s else \
             ('<span class="bad">misses</span>' if r.get("failed") else '<span class="ok">meets</span>')
-        rows.append([escape(r["candidate"]) + (" ◀ chosen" if chosen else ""), escape(r["stage"]),
+        rows.append([number.get(id(r), ""), escape(r["candidate"]) + (" ◀ chosen" if chosen else ""),
+                     escape(r["stage"]),
                      fmt(s.get("ppl_increase"), "+.2f"), fmt(s.get("text_top1")), fmt(s.get("text_kl")),
                      fmt(s.get("image_top1")), fmt(s.get("image_kl")),
                      str(len(r.get("float_linears") or [])) if s else "–", verdict])
@@ -115,8 +117,8 @@ def tuning_section(doc: dict[str, Any] | None) -> str:
             f" %, top-1 ≥ {fmt(tgt.get('min_top1'), 'g')} on held-out text and on image answers, each: {met}; "
             f"chosen: <b>{escape(str(doc.get('chosen')))}</b>; {fmt(doc.get('seconds'), '.0f')} s.</p>"
             + charts.candidate_scatter(doc)
-            + _table(["candidate", "stage", "Δppl %", "text top-1", "text KL", "image top-1", "image KL",
-                      "float Linears", "target"], rows, 2, classes)
+            + _table(["#", "candidate", "stage", "Δppl %", "text top-1", "text KL", "image top-1", "image KL",
+                      "float Linears", "target"], rows, 3, classes)
             + (f"<ul class=meta>{notes}</ul>" if notes else ""))
 
 

@@ -6,9 +6,11 @@ PIP := $(PY) -m pip
 DEMO_MODEL ?= demo/llava-smollm2-demo
 DEMO_OUT ?= demo/out-w8a8
 DEMO_CACHE ?= demo/cache
+DEMO_AUTO ?= demo/out-auto
+DEMO_REPORT ?= demo/report.html
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo-model demo test lint parity-env parity interop-env interop bench-fidelity bench-scale bench-streams bench-vs-msmodelslim llmc-env bench-vs-llmcompressor bench-tuning clean
+.PHONY: install install-dev demo-model demo report-screenshot test lint parity-env parity interop-env interop bench-fidelity bench-scale bench-streams bench-vs-msmodelslim llmc-env bench-vs-llmcompressor bench-tuning clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +34,13 @@ demo: demo-model
 	$(VENV)/bin/llavaq calibrate --model_path $(DEMO_MODEL) --calib_images calibImages --cache_dir $(DEMO_CACHE) --device_type cpu
 	$(VENV)/bin/llavaq quantize --model_path $(DEMO_MODEL) --calib_images calibImages --save_directory $(DEMO_OUT) --cache_dir $(DEMO_CACHE) --device_type cpu --overwrite
 	$(VENV)/bin/llavaq inspect $(DEMO_OUT)
-	$(VENV)/bin/llavaq verify --model_path $(DEMO_MODEL) --quantized $(DEMO_OUT)
+	$(VENV)/bin/llavaq quantize --model_path $(DEMO_MODEL) --calib_images calibImages --save_directory $(DEMO_AUTO) --cache_dir $(DEMO_CACHE) --device_type cpu --overwrite --recipe auto
+	$(PY) -m llavaq.report.compare --model_path $(DEMO_MODEL) --report $(DEMO_REPORT) -- "msModelSlim's recipe=$(DEMO_OUT)" "--recipe auto=$(DEMO_AUTO)"
+
+# docs/report-demo.png: the demo's report page as Debian's chromium draws it (run `make demo` first).
+report-screenshot:
+	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking --disable-component-update --disable-sync --user-data-dir=$(CURDIR)/demo/.chromium --hide-scrollbars --window-size=1280,2600 --screenshot=$(CURDIR)/demo/report.png file://$(abspath $(DEMO_REPORT))
+	$(PY) -c "from PIL import Image; im = Image.open('demo/report.png').convert('RGB'); im.resize((im.width * 3 // 4, im.height * 3 // 4), Image.LANCZOS).quantize(256).save('docs/report-demo.png', optimize=True)"
 
 # The parity tests (tests/parity) compare with msModelSlim itself when .venv-msms exists (`make parity-env`),
 # the interop tests (tests/interop) load every export in the newest transformers when .venv-interop exists

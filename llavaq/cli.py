@@ -239,12 +239,14 @@ def quantize(
                                       "dear calibrations (msModelSlim's m2) run when they fit, candidates and "
                                       "fallback steps that would not fit are skipped (default: no limit; the base "
                                       "and the rotation calibration only)."),
+    report: Path = typer.Option(None, "--report", help="--recipe auto: also verify the chosen model and write an "
+                                "HTML page with every candidate (needs llavaq[report])."),
 ) -> None:
     """Calibrate (reusing a matching session cache) and write the W8A8 model."""
     from llavaq import api
 
     auto = {"max_ppl_increase": max_ppl_increase, "min_top1": min_top1, "eval_prompts": eval_prompts,
-            "eval_images": eval_images, "eval_text": eval_text, "time_budget": time_budget}
+            "eval_images": eval_images, "eval_text": eval_text, "time_budget": time_budget, "report": report}
     if recipe_name == "auto":
         fixed = {"--anti_outlier": anti_outlier != "m2", "--alpha": alpha != "0.5", "--act_method": act_method != 2,
                  "--m2_search": m2_search != "full", "--keep_float": keep_float != 0, "--float_linears": float_linears,
@@ -293,6 +295,10 @@ def _quantize_auto(model_path: Path, save_directory: Path, calib_images: Path, w
     from llavaq.tuning import tuning_table
 
     QuantRecipe(w_bit=w_bit, a_bit=a_bit)  # one-line error for anything but W8A8
+    html = auto.pop("report")  # llavaq.report hook
+    if html is not None:
+        from llavaq.report import check_report_target
+        check_report_target(html)
     prompts = read_text_prompts(text_prompts) if text_prompts is not None else None
     _device_line(device_type)
     with _progress() as progress:
@@ -313,6 +319,9 @@ def _quantize_auto(model_path: Path, save_directory: Path, calib_images: Path, w
     err.print(f"{res.verify_calls} scoring(s) run{again}; table saved as {table}", soft_wrap=True, highlight=False)
     _print_export(res.export)
     _summary(res.seconds - res.export.seconds, res.export)
+    if html is not None:  # llavaq.report hook
+        from llavaq.report import write_auto_report
+        err.print(f"report: {escape(str(write_auto_report(html, model_path, res.save_directory, auto)))}")
     if not res.met:
         raise VerificationFailed(f"target missed; the best candidate ({res.chosen.candidate}) was written to "
                                  f"{res.save_directory}: " + "; ".join(res.missed))
@@ -441,6 +450,7 @@ def verify(
     mode: str = typer.Option("static", "--mode", help="static (as the kernels run the output); dynamic "
                              "(per-token activations) or weight_only (float activations): references that "
                              "separate what the static ranges and the int8 weights cost."),
+    report: Path = typer.Option(None, "--report", help="Also write an HTML page (charts; needs llavaq[report])."),
 ) -> None:
     """Measure W8A8 fidelity against the float model with integer-exact kernel emulation."""
     from llavaq.verify import run_verify
@@ -449,7 +459,7 @@ def verify(
     min_top1 = min_top1 if min_top1 is not None else min_top1_alias
     raise typer.Exit(run_verify(model_path, quantized, images=images, prompts=prompts, text=text,
                                 json_out=json_out, max_ppl_increase=max_ppl_increase, min_top1=min_top1,
-                                mode=mode, console=out))
+                                mode=mode, console=out, html_report=report))
 
 
 _INTERRUPTED = ("[yellow]interrupted:[/] no output was written; the session cache keeps every finished layer "

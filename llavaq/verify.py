@@ -780,13 +780,22 @@ def run_verify(
     min_top1: float | None = None,
     mode: str = "static",
     console=None,
+    html_report: str | Path | None = None,
 ) -> int:
     from rich.console import Console
 
     console = console or Console()
     if mode not in EMULATION_MODES:
         raise LlavaqError(f"--mode must be one of {', '.join(EMULATION_MODES)}, not {mode!r}")
-    report = verify(model_path, quantized, images=images, prompts=prompts, text=text, mode=mode)
+    if html_report is not None:  # llavaq.report hook: every Linear's error on the page, the worst 10 printed
+        from llavaq.report import check_report_target
+        check_report_target(html_report)
+    report = verify(model_path, quantized, images=images, prompts=prompts, text=text, mode=mode,
+                    worst=1 << 30 if html_report is not None else 10)
+    if html_report is not None:
+        from llavaq.report import write_report
+        write_report(html_report, report.to_dict())
+        report.worst_layers = report.worst_layers[:10]
     if json_out:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -103,7 +103,8 @@ def gptq_codes_shared(weights: Sequence[Tensor], scales: Sequence[Tensor], prepa
     """
     hinv = prepared.hinv_chol
     dtype, dev = hinv.dtype, hinv.device
-    wt = torch.cat([w.detach().to(dev, dtype).T for w in weights], dim=1)  # [in, Σout]
+    # [in, Σout]: stacked row-major, then one whole transpose (a strided copy into a slice is far slower)
+    wt = torch.cat([w.detach().to(dev, dtype) for w in weights]).T.contiguous()
     ws = torch.cat([s.detach().to(dev, dtype).reshape(-1) for s in scales])
     wt[prepared.dead] = 0
     if prepared.perm is not None:
@@ -126,9 +127,10 @@ def gptq_codes_shared(weights: Sequence[Tensor], scales: Sequence[Tensor], prepa
             wt[i2:].addmm_(hinv[i1:i2, i2:].T, err, alpha=-1)
     if prepared.perm is not None:
         codes = codes[torch.argsort(prepared.perm)]
+    codes = codes.T.contiguous()  # [Σout, in]
     out, row = [], 0
     for w in weights:
-        out.append(codes[:, row:row + w.shape[0]].T.contiguous().to(w.device))
+        out.append(codes[row:row + w.shape[0]].to(w.device))
         row += w.shape[0]
     return out
 
@@ -141,6 +143,13 @@ class _Buffers:
         self.err = torch.empty(bs, n_rows, dtype=dtype, device=dev)
         self.col = torch.empty(chunk, dtype=dtype, device=dev)
         self.update = torch.empty(bs, chunk, dtype=dtype, device=dev)
+        self._hrows: tuple[Tensor, list[Tensor]] | None = None
+
+    def hrows(self, hblock: Tensor) -> list[Tensor]:
+        """``[H⁻¹]_{i, i+1:}`` of the block as columns, one view each, made once per block (not per chunk)."""
+        if self._hrows is None or self._hrows[0] is not hblock:
+            self._hrows = (hblock, [hblock[i, i + 1:].unsqueeze(1) for i in range(hblock.shape[0])])
+        return self._hrows[1]
 
 
 def _block_columns(block: Tensor, ws: Tensor, hblock: Tensor, q: Tensor, err: Tensor, buf: _Buffers) -> None:
@@ -151,18 +160,19 @@ def _block_columns(block: Tensor, ws: Tensor, hblock: Tensor, q: Tensor, err: Te
     update per column (a rounded product, then a rounded difference: no fused multiply-add).
     """
     b, rows = block.shape
-    tmp = buf.col[:rows]
-    for i in range(b):
-        col, qi, ei = block[i], q[i], err[i]
+    tmp, update = buf.col[:rows], buf.update[:, :rows]
+    hrows = buf.hrows(hblock)
+    for i, (col, qi, ei, d) in enumerate(zip(block.unbind(0), q.unbind(0), err.unbind(0), hblock.diagonal().unbind(0),
+                                             strict=True)):
         torch.div(col, ws, out=tmp)
         torch.round(tmp, out=qi)
         qi.clamp_(-QMAX, QMAX)
         torch.mul(qi, ws, out=tmp)
         torch.sub(col, tmp, out=ei)
-        ei.div_(hblock[i, i])
+        ei.div_(d)
         if i + 1 < b:
-            upd = buf.update[: b - i - 1, :rows]
-            torch.mul(hblock[i, i + 1:].unsqueeze(1), ei, out=upd)
+            upd = update[: b - i - 1]
+            torch.mul(hrows[i], ei, out=upd)
             block[i + 1:].sub_(upd)
 
 

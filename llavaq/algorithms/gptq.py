@@ -59,7 +59,8 @@ def prepare_hessian(hessian: Tensor, options: GPTQOptions = GPTQOptions(), dtype
     chol = _cholesky(h)
     hinv = torch.cholesky_inverse(chol)
     dev = torch.device(device) if device is not None else hessian.device
-    return PreparedHessian(_cholesky(hinv, upper=True).to(dev, dtype), None if perm is None else perm.to(dev),
+    # cast on the CPU, then move: an NPU need not support float64
+    return PreparedHessian(_cholesky(hinv, upper=True).to(dtype).to(dev), None if perm is None else perm.to(dev),
                            dead.to(dev))
 
 

@@ -206,7 +206,8 @@ def export(
                         extra_record=extra_record, planned_stream="quantized")
     with AtomicOutputDir(Path(save_directory), overwrite) as tmp:
         tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype,
-                                         gptq_report=gptq_report)
+                                         gptq_report=gptq_report, gptq_device=resolve_devices(device_type)[0]
+                                         if recipe.weight_method == "gptq" else None)
         info = fmt.write(tmp, tensors, ctx)
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False))

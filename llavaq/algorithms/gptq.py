@@ -19,6 +19,7 @@ columns are quantized first, while the most columns remain to absorb their error
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +44,10 @@ class PreparedHessian:
     dead: Tensor  # bool [in]: input channels that were never non-zero (their weights are irrelevant)
 
 
-def prepare_hessian(hessian: Tensor, options: GPTQOptions = GPTQOptions(), dtype: torch.dtype = torch.float32
-                    ) -> PreparedHessian:
-    """Dampen, order and invert H once (float64 factorisation, ``dtype`` result)."""
-    h = hessian.double().clone()
+def prepare_hessian(hessian: Tensor, options: GPTQOptions = GPTQOptions(), dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> PreparedHessian:
+    """Dampen, order and invert H once (float64 factorisation on the CPU, ``dtype`` result on ``device``)."""
+    h = hessian.detach().to("cpu", torch.float64).clone()
     diag = torch.diagonal(h)
     dead = diag == 0
     h[dead, dead] = 1.0
@@ -57,7 +58,10 @@ def prepare_hessian(hessian: Tensor, options: GPTQOptions = GPTQOptions(), dtype
     d += options.damp * float(d.mean())
     chol = _cholesky(h)
     hinv = torch.cholesky_inverse(chol)
-    return PreparedHessian(_cholesky(hinv, upper=True).to(dtype), perm, dead)
+    dev = torch.device(device) if device is not None else hessian.device
+    # cast on the CPU, then move: an NPU need not support float64
+    return PreparedHessian(_cholesky(hinv, upper=True).to(dtype).to(dev), None if perm is None else perm.to(dev),
+                           dead.to(dev))
 
 
 def _cholesky(h: Tensor, upper: bool = False) -> Tensor:
@@ -72,44 +76,105 @@ def _cholesky(h: Tensor, upper: bool = False) -> Tensor:
     raise ValueError("the Hessian is not positive definite even with extra damping")
 
 
-def _round_column(w: Tensor, scale: Tensor) -> Tensor:
-    """Codes of one column on the per-row grid: ``clamp(round(w/ws), −127, 127)`` (as float)."""
-    return torch.clamp(torch.round(w / scale), -QMAX, QMAX)
-
-
 @torch.no_grad()
 def gptq_codes(weight: Tensor, scale: Tensor, prepared: PreparedHessian, options: GPTQOptions = GPTQOptions()
                ) -> Tensor:
     """int8 codes [out, in] of ``weight`` on the grid ``scale`` ([out, 1]) with GPTQ error compensation.
 
-    Computed in the dtype of ``prepared.hinv_chol`` (float32 by default, float64 for references).
+    Computed in the dtype and on the device of ``prepared.hinv_chol`` (float32 by default, float64 for
+    references); the codes come back on ``weight``'s device.
     """
-    dtype = prepared.hinv_chol.dtype
-    w = weight.to(dtype).clone()
-    ws = scale.to(dtype).reshape(-1)
-    w[:, prepared.dead] = 0
-    if prepared.perm is not None:
-        w = w[:, prepared.perm]
+    return gptq_codes_shared([weight], [scale], prepared, options)[0]
+
+
+#: rows of the stacked weight processed together inside a block: [block, rows] float32 stays in a core's L2
+CACHE_BYTES = 1 << 20
+
+
+@torch.no_grad()
+def gptq_codes_shared(weights: Sequence[Tensor], scales: Sequence[Tensor], prepared: PreparedHessian,
+                      options: GPTQOptions = GPTQOptions()) -> list[Tensor]:
+    """GPTQ codes of several Linears that read the same input (q/k/v, gate/up), processed as one stack.
+
+    GPTQ's rows are independent given the shared inverse-Hessian factor, so the Linears are stacked into one
+    transposed matrix ``[in, Σout]``. Per block of columns, the column loop (rounding, error, rank-one
+    updates inside the block: elementwise, in the order of the textbook loop) runs over row chunks that stay
+    in cache, and the lazy update of the later columns is one in-place matrix product for the whole stack.
+    The codes equal :func:`gptq_codes` of each Linear alone, bit for bit (tests/test_gptq_speedpath.py).
+    """
     hinv = prepared.hinv_chol
-    n_out, n_in = w.shape
-    codes = torch.zeros_like(w)
+    dtype, dev = hinv.dtype, hinv.device
+    # [in, Σout]: stacked row-major, then one whole transpose (a strided copy into a slice is far slower)
+    wt = torch.cat([w.detach().to(dev, dtype) for w in weights]).T.contiguous()
+    ws = torch.cat([s.detach().to(dev, dtype).reshape(-1) for s in scales])
+    wt[prepared.dead] = 0
+    if prepared.perm is not None:
+        wt = wt[prepared.perm]
+    wt = wt.contiguous()
+    n_in, n_rows = wt.shape
+    codes = torch.empty(n_in, n_rows, dtype=torch.int8, device=dev)
     bs = max(1, options.block_size)
+    chunk = max(256, CACHE_BYTES // (wt.element_size() * bs)) if dev.type == "cpu" else n_rows
+    buf = _Buffers(min(bs, n_in), n_rows, min(chunk, n_rows), dtype, dev)
     for i1 in range(0, n_in, bs):
         i2 = min(i1 + bs, n_in)
-        block = w[:, i1:i2].clone()
-        err = torch.zeros_like(block)
-        hblock = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = block[:, i]
-            q = _round_column(col, ws)
-            codes[:, i1 + i] = q
-            e = (col - q * ws) / hblock[i, i]
-            block[:, i:] -= e.unsqueeze(1) * hblock[i, i:].unsqueeze(0)
-            err[:, i] = e
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+        block, hblock = wt[i1:i2], hinv[i1:i2, i1:i2]
+        err = buf.err[: i2 - i1]
+        for r0 in range(0, n_rows, chunk):
+            r1 = min(r0 + chunk, n_rows)
+            _block_columns(block[:, r0:r1], ws[r0:r1], hblock, buf.q[: i2 - i1, r0:r1], err[:, r0:r1], buf)
+        codes[i1:i2] = buf.q[: i2 - i1]
+        if i2 < n_in:  # lazy BLAS-3 update of the later columns: W[:, i2:] −= E·H⁻¹[i1:i2, i2:]
+            wt[i2:].addmm_(hinv[i1:i2, i2:].T, err, alpha=-1)
     if prepared.perm is not None:
-        codes = codes[:, torch.argsort(prepared.perm)]
-    return codes.to(torch.int8)
+        codes = codes[torch.argsort(prepared.perm)]
+    codes = codes.T.contiguous()  # [Σout, in]
+    out, row = [], 0
+    for w in weights:
+        out.append(codes[row:row + w.shape[0]].to(w.device))
+        row += w.shape[0]
+    return out
+
+
+class _Buffers:
+    """Scratch tensors reused by every block: float codes, errors, one column, the rank-one update."""
+
+    def __init__(self, bs: int, n_rows: int, chunk: int, dtype: torch.dtype, dev: torch.device) -> None:
+        self.q = torch.empty(bs, n_rows, dtype=dtype, device=dev)
+        self.err = torch.empty(bs, n_rows, dtype=dtype, device=dev)
+        self.col = torch.empty(chunk, dtype=dtype, device=dev)
+        self.update = torch.empty(bs, chunk, dtype=dtype, device=dev)
+        self._hrows: tuple[Tensor, list[Tensor]] | None = None
+
+    def hrows(self, hblock: Tensor) -> list[Tensor]:
+        """``[H⁻¹]_{i, i+1:}`` of the block as columns, one view each, made once per block (not per chunk)."""
+        if self._hrows is None or self._hrows[0] is not hblock:
+            self._hrows = (hblock, [hblock[i, i + 1:].unsqueeze(1) for i in range(hblock.shape[0])])
+        return self._hrows[1]
+
+
+def _block_columns(block: Tensor, ws: Tensor, hblock: Tensor, q: Tensor, err: Tensor, buf: _Buffers) -> None:
+    """The column loop of one block on a chunk of rows (``block`` [b, rows], transposed, updated in place).
+
+    Per element exactly the textbook loop's float operations: ``q = clamp(round(w/ws), −127, 127)``,
+    ``e = (w − q·ws)/[H⁻¹]_ii``, then ``w_k −= e·[H⁻¹]_ik`` for the block's later columns k, one rank-one
+    update per column (a rounded product, then a rounded difference: no fused multiply-add).
+    """
+    b, rows = block.shape
+    tmp, update = buf.col[:rows], buf.update[:, :rows]
+    hrows = buf.hrows(hblock)
+    for i, (col, qi, ei, d) in enumerate(zip(block.unbind(0), q.unbind(0), err.unbind(0), hblock.diagonal().unbind(0),
+                                             strict=True)):
+        torch.div(col, ws, out=tmp)
+        torch.round(tmp, out=qi)
+        qi.clamp_(-QMAX, QMAX)
+        torch.mul(qi, ws, out=tmp)
+        torch.sub(col, tmp, out=ei)
+        ei.div_(d)
+        if i + 1 < b:
+            upd = update[: b - i - 1]
+            torch.mul(hrows[i], ei, out=upd)
+            block[i + 1:].sub_(upd)
 
 
 def weighted_error(weight: Tensor, dequantized: Tensor, hessian: Tensor) -> float:
@@ -121,4 +186,5 @@ def weighted_error(weight: Tensor, dequantized: Tensor, hessian: Tensor) -> floa
     return float(((dw @ h) * dw).sum()) / max(power, 1e-300)
 
 
-__all__ = ["GPTQOptions", "PreparedHessian", "prepare_hessian", "gptq_codes", "weighted_error", "QMAX"]
+__all__ = ["GPTQOptions", "PreparedHessian", "prepare_hessian", "gptq_codes", "gptq_codes_shared", "weighted_error",
+           "QMAX"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from llavaq.algorithms.gptq import GPTQOptions, gptq_codes, prepare_hessian, weighted_error
+from llavaq.algorithms.gptq import GPTQOptions, gptq_codes_shared, prepare_hessian, weighted_error
 from llavaq.algorithms.hessian import InputMoments, smoothed_hessian
 from llavaq.algorithms.sensitivity import most_sensitive, w8a8_relative_error
 from llavaq.algorithms.smoothing import expand_heads, fold_pair, fold_scale, fold_shift
@@ -156,37 +156,38 @@ def input_smoothing(plan: StagePlan) -> dict[str, tuple[torch.Tensor, torch.Tens
 def gptq_stage(
     arch: LlavaArch, stage: Stage, record: dict[str, torch.Tensor], plan: StagePlan,
     weights: dict[str, torch.Tensor], names: list[str], recipe: QuantRecipe, scale_dtype: torch.dtype,
-    report: dict[str, dict[str, float]] | None = None,
+    report: dict[str, dict[str, float]] | None = None, device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """GPTQ int8 codes of a stage's quantized Linears (smoothing already folded into ``weights``).
 
     Each input's Hessian is derived from the cached moments under the plan's smoothing and factorised once
-    for the Linears that share it. ``report`` gets each Linear's relative output error on the calibration
-    inputs with round-to-nearest and with GPTQ (``tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ)``).
+    for the Linears that share it, which GPTQ then processes as one stacked matrix, on ``device`` (default
+    the CPU). ``report`` gets each Linear's relative output error on the calibration inputs with
+    round-to-nearest and with GPTQ (``tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ)``).
     """
     options = GPTQOptions(recipe.gptq_damp, recipe.gptq_block_size, recipe.gptq_act_order)
     shared = arch.shared_inputs(stage)
     smoothing = input_smoothing(plan)
-    prepared: dict[str, tuple[torch.Tensor, object]] = {}
-    codes = {}
+    groups: dict[str, list[str]] = {}
     for name in names:
-        key = shared[name]
-        if key not in prepared:
-            parts = [record.get(f"hess.{key}.{k}") for k in ("n", "mean", "cov")]
-            if any(t is None for t in parts):
-                raise CacheError(f"the session cache has no input moments for {key}; calibrate with "
-                                 "--weight_method gptq to record them")
-            scale, shift = smoothing.get(name, (None, None))
-            h = smoothed_hessian(InputMoments.from_tensors(*parts), scale, shift)
-            prepared[key] = (h, prepare_hessian(h, options))
-        h, prep = prepared[key]
-        w = weights[name + ".weight"]
-        ws = weight_qparams(w).to(scale_dtype).float()
-        codes[name] = gptq_codes(w, ws, prep, options)
-        if report is not None:
-            report[name] = {"rtn": weighted_error(w, quantize_weight(w, ws).float() * ws, h),
-                            "gptq": weighted_error(w, codes[name].float() * ws, h)}
-    return codes
+        groups.setdefault(shared[name], []).append(name)
+    hessians, codes, scales = {}, {}, {}
+    for key, group in groups.items():
+        parts = [record.get(f"hess.{key}.{k}") for k in ("n", "mean", "cov")]
+        if any(t is None for t in parts):
+            raise CacheError(f"the session cache has no input moments for {key}; calibrate with "
+                             "--weight_method gptq to record them")
+        scale, shift = smoothing.get(group[0], (None, None))
+        hessians[key] = h = smoothed_hessian(InputMoments.from_tensors(*parts), scale, shift)
+        ws = [weights[n + ".weight"] for n in group]
+        scales.update({n: weight_qparams(w).to(scale_dtype).float() for n, w in zip(group, ws, strict=True)})
+        got = gptq_codes_shared(ws, [scales[n] for n in group], prepare_hessian(h, options, device=device), options)
+        codes.update(zip(group, got, strict=True))
+    for name in names if report is not None else ():
+        w, ws, h = weights[name + ".weight"], scales[name], hessians[shared[name]]
+        report[name] = {"rtn": weighted_error(w, quantize_weight(w, ws).float() * ws, h),
+                        "gptq": weighted_error(w, codes[name].float() * ws, h)}
+    return {n: codes[n] for n in names}
 
 
 def apply_smoothing(weights: dict[str, torch.Tensor], plan: StagePlan) -> None:
@@ -229,6 +230,7 @@ def _handed_out(t: torch.Tensor, dtype: torch.dtype, fresh: bool) -> torch.Tenso
 def iter_modules(
     arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False,
     scale_dtype: torch.dtype | None = None, gptq_report: dict[str, dict[str, float]] | None = None,
+    gptq_device: torch.device | None = None,
 ) -> Iterator[ModuleTensors]:
     """Walk modules in ``named_modules`` order, re-reading each layer once and folding its smoothing.
 
@@ -251,7 +253,7 @@ def iter_modules(
             apply_smoothing(weights, plan)
             names = [n for n in arch.linear_names if n in quantized and st.owns(n)]
             codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or ckpt.torch_dtype,
-                               gptq_report) if recipe.weight_method == "gptq" and names else {}
+                               gptq_report, gptq_device) if recipe.weight_method == "gptq" and names else {}
             cur_stage = st
         tensors = {}
         for p in params:
@@ -274,10 +276,13 @@ def iter_quantized_tensors(
     derive: bool = False,
     float_dtype: torch.dtype | None = None,
     gptq_report: dict[str, dict[str, float]] | None = None,
+    gptq_device: torch.device | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Yield ``(name, tensor, "W8A8"|"FLOAT")`` in msModelSlim's save order (``named_modules`` order)."""
+    """Yield ``(name, tensor, "W8A8"|"FLOAT")`` in msModelSlim's save order (``named_modules`` order); GPTQ
+    runs on ``gptq_device`` (default the CPU)."""
     out_dtype = float_dtype or arch.ckpt.torch_dtype
-    for m in iter_modules(arch, cache, recipe, derive=derive, scale_dtype=out_dtype, gptq_report=gptq_report):
+    for m in iter_modules(arch, cache, recipe, derive=derive, scale_dtype=out_dtype, gptq_report=gptq_report,
+                          gptq_device=gptq_device):
         if m.act is not None:
             w, b = m.tensors[m.module + ".weight"], m.tensors.get(m.module + ".bias")
             lq = quantize_linear(w, b, m.act.input_scale, m.act.input_offset, out_dtype, m.codes)

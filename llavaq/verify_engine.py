@@ -49,7 +49,7 @@ def run_vllm_jobs(jobs: list[dict], work: str | Path, *, python: str | Path | No
 
     A job that vLLM could not load or run comes back with an ``error`` key.
     """
-    py = find_vllm_python(python)
+    py = Path(os.path.abspath(find_vllm_python(python)))  # not resolve(): a venv's python is a symlink
     work = Path(work)
     jobs = [{**j, "out": j.get("out") or str(work / f"job{i}.json")} for i, j in enumerate(jobs)]
     (work / "jobs.json").write_text(json.dumps(jobs))

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 job = {"name": label, "model": str(path.resolve()), "dtype": dtype, "bench": cfg,
                        "max_model_len": max(512, a.prompt_tokens + a.decode_tokens + 8)}
                 res = run_vllm_jobs([job], tmp, python=a.vllm_python, timeout=3000)[0]
-            res.update(label=label, dtype=dtype)
+            res.update(label=label, dtype=dtype, disk_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")))
             print(res)
             rows.append(res)
     md = markdown(rows, a, cfg)
@@ -97,14 +97,14 @@ def markdown(rows: list[dict], a, cfg: dict) -> str:
         f"--batch {cfg['batch']} --decode_tokens {cfg['decode_tokens']} --anti_outlier {a.anti_outlier}`.",
         f"CPU: {cpu_features()}.",
         "",
-        "| model | dtype | prefill tok/s | decode tok/s | weights in vLLM | peak RSS |",
+        "| model | dtype | prefill tok/s | decode tok/s | weights (safetensors) | peak RSS |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | {r['dtype']} | failed: {r['error'].splitlines()[0][:80]} | | | |")
             continue
-        w = f"{r['weight_bytes'] / GIB:.3f} GiB" if r.get("weight_bytes") else "?"
+        w = f"{r['disk_bytes'] / GIB:.3f} GiB"
         lines.append(f"| {r['label']} | {r['dtype']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {w} | "
                      f"{r['peak_rss_bytes'] / GIB:.2f} GiB |")
     return "\n".join(lines) + "\n"

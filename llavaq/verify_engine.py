@@ -26,7 +26,9 @@ from llavaq.errors import LlavaqError
 ENGINES = ("emulation", "vllm")
 RUNNER = Path(__file__).parent / "runners" / "vllm_runner.py"
 #: environment for the runner: one process (no engine subprocess), a small KV cache, no hub access
+#: (a max_model_len a job names may pass the config's by one: the scored window's extra generated token)
 RUNNER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+              "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
               "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "PYTHONWARNINGS": "ignore"}
 
 
@@ -119,7 +121,9 @@ def verify_vllm(model_path: str | Path, quantized_dir: str | Path, *, text: str 
     if not windows:
         raise LlavaqError("held-out text is too short for perplexity (needs at least 2 tokens)")
     with tempfile.TemporaryDirectory(prefix="llavaq-vllm-") as tmp:
+        # prompt_logprobs needs one generated token after the window: room for it past a full-length window
         job = {"name": "verify", "model": str(Path(quantized_dir).resolve()),
+               "max_model_len": max(w.numel() for w in windows) + 1,
                "windows": str(save_windows(windows, Path(tmp) / "windows.safetensors"))}
         result = run_vllm_jobs([job], tmp, python=py)[0]
     fp = float_model if float_model is not None else load_float_model(model_path)

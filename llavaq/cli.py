@@ -451,12 +451,22 @@ def verify(
                              "(per-token activations) or weight_only (float activations): references that "
                              "separate what the static ranges and the int8 weights cost."),
     report: Path = typer.Option(None, "--report", help="Also write an HTML page (charts; needs llavaq[report])."),
+    engine: str = typer.Option("emulation", "--engine", help="emulation, or vllm: the held-out text's perplexity "
+                               "and top-1 measured by vLLM running the compressed-tensors output (`make vllm-env`)."),
+    vllm_python: Path = typer.Option(None, "--vllm_python", help="--engine vllm: the vLLM venv's python "
+                                     "(default: $LLAVAQ_VLLM_PYTHON, else .venv-vllm/bin/python)."),
 ) -> None:
     """Measure W8A8 fidelity against the float model with integer-exact kernel emulation."""
     from llavaq.verify import run_verify
 
     max_ppl_increase = max_ppl_increase if max_ppl_increase is not None else max_ppl_increase_alias
     min_top1 = min_top1 if min_top1 is not None else min_top1_alias
+    if engine != "emulation":  # hook (vllm helper): llavaq/verify_engine.py
+        from llavaq.verify_engine import run_verify_engine
+
+        raise typer.Exit(run_verify_engine(model_path, quantized, engine=engine, text=text, vllm_python=vllm_python,
+                                           json_out=json_out, max_ppl_increase=max_ppl_increase,
+                                           min_top1=min_top1, console=out))
     raise typer.Exit(run_verify(model_path, quantized, images=images, prompts=prompts, text=text,
                                 json_out=json_out, max_ppl_increase=max_ppl_increase, min_top1=min_top1,
                                 mode=mode, console=out, html_report=report))

@@ -732,7 +732,7 @@ class _Tuner:
                               recipe=self.recipes[id(chosen)], part_file_size=self.part_file_size,
                               overwrite=overwrite, device_type=self.device_type, trust_remote_code=self.trust,
                               extra_record=record, extra_json={TUNING_FILE: doc})
-        with AtomicOutputDir(Path(save_directory), overwrite) as tmp:
+        with AtomicOutputDir(Path(save_directory), overwrite, [("model directory", self.model_path)]) as tmp:
             for f in sorted(exp.path.iterdir()):
                 shutil.move(str(f), str(tmp / f.name))
             rec_file = tmp / "llavaq_record.json"
@@ -803,6 +803,7 @@ def tune(
     either way.
     """
     from llavaq import api
+    from llavaq.calib.cache import default_cache_dir
     from llavaq.formats import get_format
     from llavaq.formats.base import AtomicOutputDir
     from llavaq.progress import NullProgress
@@ -823,7 +824,10 @@ def tune(
     candidates = CANDIDATES if candidates is None else tuple(candidates)
     calibrations = CALIBRATIONS if calibrations is None else tuple(calibrations)
     get_format(format)
-    AtomicOutputDir.check(Path(save_directory), overwrite)
+    AtomicOutputDir.check(Path(save_directory), overwrite, [  # (hostile: inputs are sacred)
+        ("model directory", model_path), ("calibration photo directory", calib_images),
+        ("evaluation prompts", eval_prompts), ("evaluation photos", eval_images), ("evaluation text", eval_text),
+        ("session cache directory", cache_dir if cache_dir is not None else default_cache_dir())])
     arch = api.open_model(model_path, trust_remote_code=trust_remote_code)
     tp = tuple(text_prompts) if text_prompts is not None else shipped_text_prompts()
     base = QuantRecipe(modules=modules, float_dtype=float_dtype, text_prompts=tp)

@@ -78,6 +78,7 @@ class Checkpoint:
         self._index = self._build_index()
         self._fds: dict[Path, int] = {}
         self._finite: set[str] = set()  # float tensors already checked for NaN/Inf
+        self._sha256: dict[str, str] = {}  # tensor -> sha256 of its bytes, hashed as first read
 
     # ---------------------------------------------------------------- validation
     def _validate_dir(self) -> None:
@@ -163,6 +164,8 @@ class Checkpoint:
                     pos += n
             except OSError as e:
                 raise ModelError(f"{file}: cannot read tensor {name!r} ({e.strerror})") from None
+        if name not in self._sha256:  # every byte is hashed as it is first read (see weights_sha256)
+            self._sha256[name] = hashlib.sha256(buf.numpy()).hexdigest()
         return buf.view(dtype).reshape(info["shape"])
 
     def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
@@ -240,6 +243,20 @@ class Checkpoint:
             "layout": layout.hexdigest()[:16],
             "weights": digest.hexdigest()[:16],
         }
+
+
+    def weights_sha256(self) -> str:
+        """The full identity of the weights: sha256 over every tensor's name and the sha256 of its bytes.
+
+        The bytes were hashed as calibration / export read them (they read every tensor), so this costs one
+        hash pass over the model and no extra read; tensors not read yet are read (and hashed) now.
+        """
+        h = hashlib.sha256()
+        for name in sorted(self._index):
+            if name not in self._sha256:
+                type(self)._load(self, name)
+            h.update(f"{name}:{self._sha256[name]};".encode())
+        return h.hexdigest()
 
 
 class InMemoryCheckpoint(Checkpoint):

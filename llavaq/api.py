@@ -18,7 +18,7 @@ from llavaq.calib.engine import CalibrationEngine
 from llavaq.calib.images import load_images
 from llavaq.calib.samples import image_sample, load_processor, samples_digest, text_samples
 from llavaq.device import resolve_devices
-from llavaq.errors import CacheError, LlavaqError
+from llavaq.errors import CacheError
 from llavaq.formats import ExportContext, get_format
 from llavaq.formats.base import AtomicOutputDir
 from llavaq.formats.sharding import GB
@@ -26,7 +26,7 @@ from llavaq.model.checkpoint import Checkpoint
 from llavaq.model.llava import LlavaArch
 from llavaq.progress import NullProgress, Progress
 from llavaq.quant.state import check_float_linears, iter_quantized_tensors, resolve_float_linears
-from llavaq.recipe import QuantRecipe
+from llavaq.recipe import QuantRecipe, check_part_file_size, check_stream_memory_gb
 from llavaq.safety import check_not_input
 
 
@@ -130,11 +130,8 @@ def calibrate(
 
 
 def _stream_budget(stream_memory_gb: float | None) -> int | None:
-    if stream_memory_gb is None:
-        return None
-    if not stream_memory_gb >= 0:  # also NaN
-        raise LlavaqError(f"--stream_memory_gb must be a number of GB >= 0, not {stream_memory_gb}")
-    return int(stream_memory_gb * GB)
+    check_stream_memory_gb(stream_memory_gb)
+    return None if stream_memory_gb is None else int(stream_memory_gb * GB)
 
 
 def _float_dtype(name: str, fmt, checkpoint_dtype: torch.dtype, device_type: str) -> torch.dtype:
@@ -168,8 +165,7 @@ def export(
     """
     t0 = time.perf_counter()
     fmt = get_format(format)
-    if part_file_size is not None and part_file_size <= 0:
-        raise LlavaqError(f"--part_file_size must be a positive number of GB, not {part_file_size}")
+    check_part_file_size(part_file_size)
     cache = cache if isinstance(cache, SessionCache) else SessionCache.load(cache)
     inputs = [("model directory", model_path), ("session cache", cache.path)]
     AtomicOutputDir.check(Path(save_directory), overwrite, inputs)
@@ -197,6 +193,7 @@ def export(
             )
     float_dtype = _float_dtype(recipe.float_dtype, fmt, arch.ckpt.torch_dtype, device_type)
     arch = model_for_recipe(arch, recipe)
+    recipe.check_quantizes(len(arch.quantized_linears(recipe.modules, recipe.float_linears)))
     recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=float_dtype)
     extra_record = {"cache": str(cache.path), **(extra_record or {})}
     if recipe.rotation != "none":
@@ -249,15 +246,17 @@ def quantize(
     stream_memory_gb: float | None = None,
 ) -> tuple[CalibrationResult, ExportResult]:
     """calibrate (reusing a matching cache) + export."""
-    if part_file_size is not None and part_file_size <= 0:
-        raise LlavaqError(f"--part_file_size must be a positive number of GB, not {part_file_size}")
+    check_part_file_size(part_file_size)
     _stream_budget(stream_memory_gb)
     get_format(format)
     AtomicOutputDir.check(Path(save_directory), overwrite, [
         ("model directory", model_path), ("calibration photo directory", calib_images),
         ("session cache directory", Path(cache_dir) if cache_dir else default_cache_dir())])
-    if recipe is not None and recipe.float_linears:  # fail before the calibration, not after it
-        check_float_linears(open_model(model_path, trust_remote_code=trust_remote_code), recipe.float_linears)
+    if recipe is not None and (recipe.float_linears or recipe.keep_float):  # fail before the calibration
+        arch = open_model(model_path, trust_remote_code=trust_remote_code)
+        check_float_linears(arch, recipe.float_linears)
+        recipe.check_quantizes(len(model_for_recipe(arch, recipe).quantized_linears(recipe.modules,
+                                                                                    recipe.float_linears)))
     cal = calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
                     trust_remote_code=trust_remote_code, progress=progress, stream_memory_gb=stream_memory_gb)
     exp = export(model_path, cal.cache, save_directory, format=format, recipe=recipe,

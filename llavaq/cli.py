@@ -18,6 +18,7 @@ from rich.table import Table
 
 from llavaq.errors import Interrupted, LlavaqError
 from llavaq.recipe import DEFAULT_PROMPT, QuantRecipe
+from llavaq.safety import exit_code, handle_termination, harden_streams
 
 app = typer.Typer(
     add_completion=False,
@@ -460,13 +461,15 @@ def main() -> None:
     """Entry point: one-line errors, exit 130 on Ctrl-C, never a traceback (LLAVAQ_DEBUG=1 shows it)."""
     debug = os.environ.get("LLAVAQ_DEBUG") == "1"
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    handle_termination()  # (hostile) SIGTERM/SIGHUP like Ctrl-C, exit 128+n
+    harden_streams()  # (hostile) a non-UTF-8 stdout degrades symbols, never crashes
     try:
         # Non-standalone Typer turns KeyboardInterrupt into a *returned* 130 and ``typer.Exit(n)`` into a
         # returned n, so the return value is the exit status.
         rv = app(standalone_mode=False)
         if rv == 130:
             err.print(_INTERRUPTED, soft_wrap=True)
-            sys.exit(130)
+            sys.exit(exit_code(130))
         if isinstance(rv, int) and rv:
             sys.exit(rv)
     except LlavaqError as e:
@@ -474,11 +477,11 @@ def main() -> None:
             raise
         err.print(f"[red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
         if isinstance(e, Interrupted):
-            sys.exit(130)
+            sys.exit(exit_code(130))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print(_INTERRUPTED, soft_wrap=True)
-        sys.exit(130)
+        sys.exit(exit_code(130))
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except SystemExit:
@@ -489,7 +492,7 @@ def main() -> None:
             sys.exit(e.exit_code)
         if isinstance(e, _click_exceptions("Abort")):  # click's wrapper of KeyboardInterrupt / EOF
             err.print(_INTERRUPTED, soft_wrap=True)
-            sys.exit(130)
+            sys.exit(exit_code(130))
         if debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else ""

@@ -107,3 +107,38 @@ def move_new(src: Path, dst: Path) -> None:
 def exchange(src: Path, dst: Path) -> bool:
     """Atomically swap ``src`` and ``dst`` (both exist); False where the system cannot."""
     return _renameat2(src, dst, RENAME_EXCHANGE)
+
+
+# ------------------------------------------------------------------------------------------ the CLI's process
+_SIGNAL: list[int] = []
+
+
+def _terminate(signum: int, frame: object) -> None:
+    _SIGNAL.append(signum)
+    raise KeyboardInterrupt  # unwinds exactly like Ctrl-C: temp files and locks are released on the way out
+
+
+def handle_termination() -> None:
+    """SIGTERM and SIGHUP handled like Ctrl-C (the CLI calls this at start; exit with :func:`exit_code`)."""
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, _terminate)
+
+
+def exit_code(default: int = 130) -> int:
+    """128 + the number of the signal that stopped the run (``default`` = Ctrl-C's 130)."""
+    return 128 + _SIGNAL[-1] if _SIGNAL else default
+
+
+def harden_streams() -> None:
+    """Output to an ASCII or other non-UTF-8 stream degrades symbols (``?``) and never raises."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (captured, redirected by a host)
+            pass

@@ -807,7 +807,7 @@ def tune(
     from llavaq.formats import get_format
     from llavaq.formats.base import AtomicOutputDir
     from llavaq.progress import NullProgress
-    from llavaq.recipe import QuantRecipe
+    from llavaq.recipe import QuantRecipe, check_part_file_size
 
     P = DEFAULT_MAX_PPL_INCREASE if max_ppl_increase is None else float(max_ppl_increase)
     T = DEFAULT_MIN_TOP1 if min_top1 is None else float(min_top1)
@@ -817,8 +817,7 @@ def tune(
         raise LlavaqError(f"--min_top1 must be in [0, 1], not {min_top1}")
     if time_budget is not None and not time_budget > 0:
         raise LlavaqError(f"--time_budget must be a positive number of minutes, not {time_budget}")
-    if part_file_size is not None and part_file_size <= 0:
-        raise LlavaqError(f"--part_file_size must be a positive number of GB, not {part_file_size}")
+    check_part_file_size(part_file_size)  # (hostile: finite, in range)
     if not 0.0 < max_float_fraction <= 1.0:
         raise LlavaqError(f"max_float_fraction must be in (0, 1], not {max_float_fraction}")
     candidates = CANDIDATES if candidates is None else tuple(candidates)

@@ -225,3 +225,88 @@ def test_busy_is_a_user_error():
     from llavaq.locks import Busy
 
     assert issubclass(Busy, LlavaqError)
+
+
+# ------------------------------------------------------------------------------------------- flag values
+FLAG_CASES = {
+    "part_nan": (["--part_file_size", "nan"], "--part_file_size must be a finite number"),
+    "part_inf": (["--part_file_size", "inf"], "--part_file_size must be a finite number"),
+    "part_tiny": (["--part_file_size", "1e-300"], "--part_file_size must be a finite number"),
+    "stream_inf": (["--stream_memory_gb", "inf"], "--stream_memory_gb must be a finite number"),
+    "stream_nan": (["--stream_memory_gb", "nan"], "--stream_memory_gb must be a finite number"),
+    "keep_float_all": (["--keep_float", "1000000000"], "nothing would be quantized"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_flag_values_validated_before_calibration(case, model, photos, tmp_path, guard, capsys):  # noqa: F811
+    flags, needle = FLAG_CASES[case]
+    guard.watch(model, photos)
+    res = cli(capsys, *_quantize(model, photos, tmp_path / "out", tmp_path / "cache", *flags))
+    one_error(res, needle)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_keep_float_everything_refused_by_export(model, full_cache, tmp_path, capsys):
+    res = cli(capsys, "export", "--model_path", model, "--cache", full_cache, "--save_directory", tmp_path / "o",
+              "--keep_float", "26")
+    one_error(res, "--keep_float 26 keeps every one of the 26 quantizable Linears")
+    res = cli(capsys, "export", "--model_path", model, "--cache", full_cache, "--save_directory", tmp_path / "o",
+              "--keep_float", "25")
+    assert res.code == 0, res.err
+
+
+def test_recipe_and_api_validate_without_the_cli():
+    from llavaq.recipe import QuantRecipe, check_part_file_size, check_stream_memory_gb
+
+    for bad in (float("nan"), float("inf"), 1e-300, -1.0, 0.0):
+        with pytest.raises(LlavaqError):
+            check_part_file_size(bad)
+    check_part_file_size(0.5)
+    for bad in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(LlavaqError):
+            check_stream_memory_gb(bad)
+    check_stream_memory_gb(0.0)
+    with pytest.raises(LlavaqError, match="integer"):
+        QuantRecipe(keep_float=1e9)
+
+
+# ------------------------------------------------------------------------------------- names and encodings
+def test_non_utf8_photo_name_and_ascii_stdout(model, photos, tmp_path, guard):  # noqa: F811
+    first = sorted(photos.iterdir())[0]
+    os.rename(first, os.path.join(os.fsencode(photos), b"caf\xe9-\xff" + os.fsencode(first.suffix)))
+    guard.watch(model, photos)
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "llavaq", *_quantize(model, photos, tmp_path / "out", tmp_path / "c")],
+                       capture_output=True, env=env, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr.decode(errors="replace")
+    assert b"Traceback" not in p.stderr
+    p.stdout.decode("ascii")  # nothing but ASCII reached the ASCII stream
+    assert (tmp_path / "out" / "quant_model_weight_w8a8.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ signals
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_like_ctrl_c(sig, tmp_path):
+    import signal
+    import time
+
+    from llavaq.testing import build_tiny_llava, write_test_images
+
+    model = build_tiny_llava(tmp_path / "deep", kv_heads=2, text_layers=12, vision_layers=6)
+    photos = write_test_images(tmp_path / "imgs", sizes=[(64, 48), (40, 56), (50, 50), (60, 40)])
+    save, cache = tmp_path / "saves" / "out", tmp_path / "cache"
+    save.parent.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "llavaq", *_quantize(model, photos, save, cache)], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None and not list(cache.glob("*/stage-*.safetensors")):
+        time.sleep(0.02)
+    assert p.poll() is None, "finished before the signal"
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + getattr(signal, sig), err
+    assert "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.strip()][-1].startswith("interrupted:")
+    assert not save.exists() and os.listdir(save.parent) == []
+    assert not [f for f in tmp_path.rglob("*") if ".tmp" in f.name or ".llavaq-" in f.name]

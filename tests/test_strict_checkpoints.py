@@ -207,7 +207,7 @@ CONFIG_CASES = {
     "eps_0": (_cfg("rms_norm_eps", 0), "rms_norm_eps is 0"),
     "eps_nan": (_cfg("rms_norm_eps", float("nan")), "rms_norm_eps is nan"),
     "no_text_config": (lambda cfg: cfg.pop("text_config"), "no text_config"),
-    "feature_layer": (_cfg("vision_feature_layer", 99, None), "vision_feature_layer 99"),
+    "feature_layer": (_cfg("vision_feature_layer", 99, None), "vision_feature_layer 99 is outside"),
     "fewer_layers_than_weights": (_cfg("num_hidden_layers", 1), "the weights have text layer 1"),
 }
 

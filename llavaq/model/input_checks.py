@@ -124,10 +124,6 @@ def check_config(cfg_path: Path, cfg: dict[str, Any]) -> None:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
                                   or not 0 < v < 1):
                 raise ModelError(f"{cfg_path}: {where}{key} is {v!r}; it must be a number in (0, 1)")
-    layer = cfg.get("vision_feature_layer")
-    n = cfg["vision_config"].get("num_hidden_layers")
-    if isinstance(layer, int) and not isinstance(layer, bool) and isinstance(n, int) and not -n - 1 <= layer <= n:
-        raise ModelError(f"{cfg_path}: vision_feature_layer {layer} is outside the vision tower's {n} layers")
 
 
 def check_layers(cfg_path: Path, cfg: dict[str, Any], names: list[str]) -> None:

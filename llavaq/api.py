@@ -195,7 +195,8 @@ def export(
     arch = model_for_recipe(arch, recipe)
     recipe.check_quantizes(len(arch.quantized_linears(recipe.modules, recipe.float_linears)))
     recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=float_dtype)
-    extra_record = {"cache": str(cache.path), **(extra_record or {})}
+    extra_record = {"cache": str(cache.path), "model_fingerprint": {**ckpt.fingerprint(), "weights_sha256": str(
+        cache.manifest.get("weights_sha256"))}, **(extra_record or {})}
     if recipe.rotation != "none":
         extra_record["rotation"] = arch.ckpt.describe()
     if errors:

@@ -442,6 +442,7 @@ def verify(
     mode: str = typer.Option("static", "--mode", help="static (as the kernels run the output); dynamic "
                              "(per-token activations) or weight_only (float activations): references that "
                              "separate what the static ranges and the int8 weights cost."),
+    force: bool = typer.Option(False, "--force", help="Compare even an output made from another model."),
 ) -> None:
     """Measure W8A8 fidelity against the float model with integer-exact kernel emulation."""
     from llavaq.verify import run_verify
@@ -450,7 +451,7 @@ def verify(
     min_top1 = min_top1 if min_top1 is not None else min_top1_alias
     raise typer.Exit(run_verify(model_path, quantized, images=images, prompts=prompts, text=text,
                                 json_out=json_out, max_ppl_increase=max_ppl_increase, min_top1=min_top1,
-                                mode=mode, console=out))
+                                mode=mode, console=out, force=force))
 
 
 _INTERRUPTED = ("[yellow]interrupted:[/] no output was written; the session cache keeps every finished layer "

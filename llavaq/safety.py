@@ -142,3 +142,27 @@ def harden_streams() -> None:
             stream.reconfigure(errors="replace")
         except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (captured, redirected by a host)
             pass
+
+
+# ------------------------------------------------------------------------------------------ verify's inputs
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_output_of_model(model_path: str | Path, fingerprint: dict[str, str], quantized_dir: str | Path,
+                          record: dict | None, force: bool = False) -> None:
+    """``verify``: refuse (one line, before any forward pass) an output made from another model (the
+    fingerprint ``llavaq_record.json`` carries; ``force`` skips this) or one whose tokenizer differs."""
+    from llavaq.errors import LlavaqError
+
+    theirs = (record or {}).get("model_fingerprint")
+    if isinstance(theirs, dict) and not force:
+        differ = [k for k in ("layout", "config", "weights") if k in theirs and theirs[k] != fingerprint.get(k)]
+        if differ:
+            raise LlavaqError(f"{quantized_dir} was made from another model than {model_path} ({', '.join(differ)} "
+                              f"differ; made from {(record or {}).get('model_path')}); give its float model, or "
+                              "pass --force to compare anyway")
+    for name in TOKENIZER_FILES:
+        a, b = Path(model_path) / name, Path(quantized_dir) / name
+        if a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
+            raise LlavaqError(f"{b} differs from {a}: the quantized model's tokenizer is not the float model's, so "
+                              "their tokens cannot be compared; give the float model it was made from")

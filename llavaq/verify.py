@@ -618,6 +618,7 @@ def verify(
     float_model: nn.Module | None = None,
     float_reference: dict | None = None,
     layer_errors: bool = True,
+    force: bool = False,
 ) -> FidelityReport:
     """Compare the float model with the quantized output as int8 kernels run it (see module docstring).
 
@@ -631,10 +632,12 @@ def verify(
     """
     from llavaq.api import open_model
     from llavaq.calib.samples import load_processor
+    from llavaq.safety import check_output_of_model
 
     t0 = time.perf_counter()
     arch = open_model(model_path)
     q = read_quantized_output(quantized_dir)
+    check_output_of_model(model_path, arch.ckpt.fingerprint(), quantized_dir, q.record, force)  # (hostile)
     eval_prompts = load_eval_prompts(prompts, images)
     heldout = load_heldout_text(text)
     if not eval_prompts and heldout is None:
@@ -780,13 +783,14 @@ def run_verify(
     min_top1: float | None = None,
     mode: str = "static",
     console=None,
+    force: bool = False,
 ) -> int:
     from rich.console import Console
 
     console = console or Console()
     if mode not in EMULATION_MODES:
         raise LlavaqError(f"--mode must be one of {', '.join(EMULATION_MODES)}, not {mode!r}")
-    report = verify(model_path, quantized, images=images, prompts=prompts, text=text, mode=mode)
+    report = verify(model_path, quantized, images=images, prompts=prompts, text=text, mode=mode, force=force)
     if json_out:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -139,3 +139,41 @@ def test_quantize_reusing_a_cache_of_other_weights_refused(model, calib_dir, qua
     with pytest.raises(CacheError, match="weights of .* differ"):
         api.quantize(model, calib_dir, tmp_path / "out", cache_dir=cache_dir, device_type="cpu")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- verify's inputs
+def test_verify_refuses_an_output_of_another_model_before_any_forward(quantized, tiny_model_mha, monkeypatch,
+                                                                      capsys):
+    import llavaq.verify as v
+
+    _, exp = quantized
+    rec = json.loads((exp.save_directory / "llavaq_record.json").read_text())
+    assert len(rec["model_fingerprint"]["weights_sha256"]) == 64
+    monkeypatch.setattr(v, "load_float_model", lambda *a: pytest.fail("forward pass before the check"))
+    res = cli(capsys, "verify", "--model_path", tiny_model_mha, "--quantized", exp.save_directory)
+    one_error(res, "made from another model", str(tiny_model_mha), "--force")
+
+
+def test_verify_force_skips_the_model_check_only(quantized, tiny_model_mha, monkeypatch):
+    import llavaq.verify as v
+
+    _, exp = quantized
+    monkeypatch.setattr(v, "load_float_model", lambda *a: (_ for _ in ()).throw(RuntimeError("reached")))
+    with pytest.raises(RuntimeError, match="reached"):
+        v.verify(tiny_model_mha, exp.save_directory, force=True)
+
+
+def test_verify_tokenizer_mismatch_is_one_line_before_any_forward(quantized, tmp_path, monkeypatch, capsys):
+    import llavaq.verify as v
+
+    cal, exp = quantized
+    out = Path(shutil.copytree(exp.save_directory, tmp_path / "q"))
+    name = next(n for n in ("tokenizer.json", "tokenizer_config.json") if (out / n).is_file())
+    f = out / name
+    f.chmod(0o644)
+    data = json.loads(f.read_text())
+    data["model_max_length"] = 7
+    f.write_text(json.dumps(data))
+    monkeypatch.setattr(v, "load_float_model", lambda *a: pytest.fail("forward pass before the check"))
+    res = cli(capsys, "verify", "--model_path", cal.cache.manifest["model_path"], "--quantized", out)
+    one_error(res, str(f), "tokenizer")

@@ -221,3 +221,24 @@ def test_insane_config_refused_before_any_model(case, model, calib_dir, tmp_path
     guard.watch(model)
     one_error(_run(capsys, model, tmp_path, calib_dir), "config.json", needle)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+def test_inspect_refuses_a_weight_map_outside_the_directory(outputs, tmp_path, guard, capsys):  # noqa: F811
+    d = Path(shutil.copytree(outputs["msmodelslim"], tmp_path / "q"))
+    single = d / "quant_model_weight_w8a8.safetensors"
+    outside = tmp_path / "quant_model_weight_w8a8-00001-of-00001.safetensors"
+    single.rename(outside)
+    names = [k for k in load_file(str(outside))]
+    (d / "quant_model_weight_w8a8.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: f"../{outside.name}" for n in names}}))
+    guard.watch(d, outside)
+    one_error(cli(capsys, "inspect", d), "weight_map names a file outside")
+
+
+def test_inspect_refuses_a_config_that_is_not_an_object(outputs, tmp_path, guard, capsys):  # noqa: F811
+    d = Path(shutil.copytree(outputs["compressed-tensors"], tmp_path / "q"))
+    (d / "config.json").chmod(0o644)
+    (d / "config.json").write_text("[]")
+    guard.watch(d)
+    one_error(cli(capsys, "inspect", d), "config.json")

@@ -211,8 +211,8 @@ class QuantRecipe:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-#: smallest shard (--part_file_size, GB): 1 MiB; anything smaller is a typo and would write a file per tensor
-MIN_PART_FILE_SIZE_GB = 1 / 1024
+#: smallest shard (--part_file_size, GB): 1 KiB; anything smaller is a typo (1e-300 would be 0 bytes)
+MIN_PART_FILE_SIZE_GB = 1 / 2**20
 #: largest in-memory stream budget accepted (--stream_memory_gb): 1 PiB, i.e. "all of it"
 MAX_STREAM_MEMORY_GB = float(1 << 20)
 
@@ -223,8 +223,8 @@ def check_part_file_size(gb: float | None) -> None:
         return
     if isinstance(gb, bool) or not isinstance(gb, int | float) or not math.isfinite(gb) or \
             not MIN_PART_FILE_SIZE_GB <= gb <= MAX_STREAM_MEMORY_GB:
-        raise LlavaqError(f"--part_file_size must be a finite number of GB between {MIN_PART_FILE_SIZE_GB:.6g} "
-                          f"(1 MiB) and {MAX_STREAM_MEMORY_GB:.0f}, not {gb}")
+        raise LlavaqError(f"--part_file_size must be a positive, finite number of GB between "
+                          f"{MIN_PART_FILE_SIZE_GB:.6g} (1 KiB) and {MAX_STREAM_MEMORY_GB:.0f}, not {gb}")
 
 
 def check_stream_memory_gb(gb: float | None) -> None:
@@ -233,5 +233,7 @@ def check_stream_memory_gb(gb: float | None) -> None:
         return
     if isinstance(gb, bool) or not isinstance(gb, int | float) or not math.isfinite(gb) or \
             not 0 <= gb <= MAX_STREAM_MEMORY_GB:
+        if isinstance(gb, int | float) and gb < 0:
+            raise LlavaqError(f"--stream_memory_gb must be a number of GB >= 0, not {gb}")
         raise LlavaqError(f"--stream_memory_gb must be a finite number of GB between 0 and "
                           f"{MAX_STREAM_MEMORY_GB:.0f}, not {gb}")

@@ -229,9 +229,9 @@ def test_busy_is_a_user_error():
 
 # ------------------------------------------------------------------------------------------- flag values
 FLAG_CASES = {
-    "part_nan": (["--part_file_size", "nan"], "--part_file_size must be a finite number"),
-    "part_inf": (["--part_file_size", "inf"], "--part_file_size must be a finite number"),
-    "part_tiny": (["--part_file_size", "1e-300"], "--part_file_size must be a finite number"),
+    "part_nan": (["--part_file_size", "nan"], "--part_file_size must be a positive, finite number"),
+    "part_inf": (["--part_file_size", "inf"], "--part_file_size must be a positive, finite number"),
+    "part_tiny": (["--part_file_size", "1e-300"], "--part_file_size must be a positive, finite number"),
     "stream_inf": (["--stream_memory_gb", "inf"], "--stream_memory_gb must be a finite number"),
     "stream_nan": (["--stream_memory_gb", "nan"], "--stream_memory_gb must be a finite number"),
     "keep_float_all": (["--keep_float", "1000000000"], "nothing would be quantized"),

@@ -18,7 +18,7 @@ from llavaq.calib.engine import CalibrationEngine
 from llavaq.calib.images import load_images
 from llavaq.calib.samples import image_sample, load_processor, samples_digest, text_samples
 from llavaq.device import resolve_devices
-from llavaq.errors import CacheError, LlavaqError
+from llavaq.errors import CacheError
 from llavaq.formats import ExportContext, get_format
 from llavaq.formats.base import AtomicOutputDir
 from llavaq.formats.sharding import GB
@@ -26,7 +26,8 @@ from llavaq.model.checkpoint import Checkpoint
 from llavaq.model.llava import LlavaArch
 from llavaq.progress import NullProgress, Progress
 from llavaq.quant.state import check_float_linears, iter_quantized_tensors, resolve_float_linears
-from llavaq.recipe import QuantRecipe
+from llavaq.recipe import QuantRecipe, check_part_file_size, check_stream_memory_gb
+from llavaq.safety import check_not_input
 
 
 def open_model(model_path: str | Path, *, trust_remote_code: bool = False) -> LlavaArch:
@@ -91,6 +92,9 @@ def calibrate(
     budget = _stream_budget(stream_memory_gb)
     recipe = recipe or QuantRecipe()
     progress = progress or NullProgress()
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    check_not_input(root, "cache directory", [("model directory", model_path),
+                                              ("calibration photo directory", calib_images)], flag="--cache_dir")
     arch = open_model(model_path, trust_remote_code=trust_remote_code)
     device = resolve_devices(device_type)
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
@@ -112,24 +116,22 @@ def calibrate(
         "recipe": recipe.to_dict(),
         "recipe_calibration": recipe.calibration_dict(),
     }
-    cache = SessionCache.create_or_resume(Path(cache_dir) if cache_dir else default_cache_dir(), identity)
-    reused = cache.complete
-    if not reused:
-        if cache.manifest["stages_done"]:
-            progress.log(f"resuming calibration at layer {len(cache.manifest['stages_done']) + 1} "
-                         f"from {cache.path}")
-        CalibrationEngine(model_for_recipe(arch, recipe), samples, recipe, cache, progress=progress, device=device,
-                          stream_budget=budget, release_images=True).run()
+    with SessionCache.create_or_resume(root, identity) as cache:  # holds the session's writer lock
+        reused = cache.complete
+        if not reused:
+            if cache.manifest["stages_done"]:
+                progress.log(f"resuming calibration at layer {len(cache.manifest['stages_done']) + 1} "
+                             f"from {cache.path}")
+            cache.weights_digest = arch.ckpt.weights_sha256
+            CalibrationEngine(model_for_recipe(arch, recipe), samples, recipe, cache, progress=progress,
+                              device=device, stream_budget=budget, release_images=True).run()
     return CalibrationResult(cache, len(samples), loaded.summary(), reused, time.perf_counter() - t0,
                              int(cache.manifest.get("forward_passes", 0)))
 
 
 def _stream_budget(stream_memory_gb: float | None) -> int | None:
-    if stream_memory_gb is None:
-        return None
-    if not stream_memory_gb >= 0:  # also NaN
-        raise LlavaqError(f"--stream_memory_gb must be a number of GB >= 0, not {stream_memory_gb}")
-    return int(stream_memory_gb * GB)
+    check_stream_memory_gb(stream_memory_gb)
+    return None if stream_memory_gb is None else int(stream_memory_gb * GB)
 
 
 def _float_dtype(name: str, fmt, checkpoint_dtype: torch.dtype, device_type: str) -> torch.dtype:
@@ -163,12 +165,13 @@ def export(
     """
     t0 = time.perf_counter()
     fmt = get_format(format)
-    if part_file_size is not None and part_file_size <= 0:
-        raise LlavaqError(f"--part_file_size must be a positive number of GB, not {part_file_size}")
-    AtomicOutputDir.check(Path(save_directory), overwrite)
-    arch = open_model(model_path, trust_remote_code=trust_remote_code)
+    check_part_file_size(part_file_size)
     cache = cache if isinstance(cache, SessionCache) else SessionCache.load(cache)
-    cache.check_model(arch.ckpt.fingerprint(), Path(model_path))
+    inputs = [("model directory", model_path), ("session cache", cache.path)]
+    AtomicOutputDir.check(Path(save_directory), overwrite, inputs)
+    arch = open_model(model_path, trust_remote_code=trust_remote_code)
+    ckpt = arch.ckpt
+    cache.check_model(ckpt.fingerprint(), Path(model_path))  # the cheap first screen (sampled weights)
     if not cache.complete:
         raise CacheError(f"cache {cache.path} is incomplete (calibration was interrupted); run calibrate to resume")
     cached_recipe = QuantRecipe.from_dict(cache.manifest["recipe"])
@@ -190,8 +193,10 @@ def export(
             )
     float_dtype = _float_dtype(recipe.float_dtype, fmt, arch.ckpt.torch_dtype, device_type)
     arch = model_for_recipe(arch, recipe)
+    recipe.check_quantizes(len(arch.quantized_linears(recipe.modules, recipe.float_linears)))
     recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=float_dtype)
-    extra_record = {"cache": str(cache.path), **(extra_record or {})}
+    extra_record = {"cache": str(cache.path), "model_fingerprint": {**ckpt.fingerprint(), "weights_sha256": str(
+        cache.manifest.get("weights_sha256"))}, **(extra_record or {})}
     if recipe.rotation != "none":
         extra_record["rotation"] = arch.ckpt.describe()
     if errors:
@@ -204,11 +209,12 @@ def export(
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,
                         device_type=device_type, derived=derived, float_dtype=float_dtype,
                         extra_record=extra_record, planned_stream="quantized")
-    with AtomicOutputDir(Path(save_directory), overwrite) as tmp:
+    with AtomicOutputDir(Path(save_directory), overwrite, inputs) as tmp:
         tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype,
                                          gptq_report=gptq_report, gptq_device=resolve_devices(device_type)[0]
                                          if recipe.weight_method == "gptq" else None)
         info = fmt.write(tmp, tensors, ctx)
+        cache.check_weights(ckpt.weights_sha256(), Path(model_path))  # every byte, hashed as it was read
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False))
     out = Path(save_directory)
@@ -242,13 +248,17 @@ def quantize(
     stream_memory_gb: float | None = None,
 ) -> tuple[CalibrationResult, ExportResult]:
     """calibrate (reusing a matching cache) + export."""
-    if part_file_size is not None and part_file_size <= 0:
-        raise LlavaqError(f"--part_file_size must be a positive number of GB, not {part_file_size}")
+    check_part_file_size(part_file_size)
     _stream_budget(stream_memory_gb)
     get_format(format)
-    AtomicOutputDir.check(Path(save_directory), overwrite)
-    if recipe is not None and recipe.float_linears:  # fail before the calibration, not after it
-        check_float_linears(open_model(model_path, trust_remote_code=trust_remote_code), recipe.float_linears)
+    AtomicOutputDir.check(Path(save_directory), overwrite, [
+        ("model directory", model_path), ("calibration photo directory", calib_images),
+        ("session cache directory", Path(cache_dir) if cache_dir else default_cache_dir())])
+    if recipe is not None and (recipe.float_linears or recipe.keep_float):  # fail before the calibration
+        arch = open_model(model_path, trust_remote_code=trust_remote_code)
+        check_float_linears(arch, recipe.float_linears)
+        recipe.check_quantizes(len(model_for_recipe(arch, recipe).quantized_linears(recipe.modules,
+                                                                                    recipe.float_linears)))
     cal = calibrate(model_path, calib_images, recipe, cache_dir=cache_dir, device_type=device_type,
                     trust_remote_code=trust_remote_code, progress=progress, stream_memory_gb=stream_memory_gb)
     exp = export(model_path, cal.cache, save_directory, format=format, recipe=recipe,

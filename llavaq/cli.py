@@ -18,6 +18,7 @@ from rich.table import Table
 
 from llavaq.errors import Interrupted, LlavaqError
 from llavaq.recipe import DEFAULT_PROMPT, QuantRecipe
+from llavaq.safety import exit_code, handle_termination, harden_streams
 
 app = typer.Typer(
     add_completion=False,
@@ -455,6 +456,7 @@ def verify(
                                "and top-1 measured by vLLM running the compressed-tensors output (`make vllm-env`)."),
     vllm_python: Path = typer.Option(None, "--vllm_python", help="--engine vllm: the vLLM venv's python "
                                      "(default: $LLAVAQ_VLLM_PYTHON, else .venv-vllm/bin/python)."),
+    force: bool = typer.Option(False, "--force", help="Compare even an output made from another model."),
 ) -> None:
     """Measure W8A8 fidelity against the float model with integer-exact kernel emulation."""
     from llavaq.verify import run_verify
@@ -469,7 +471,7 @@ def verify(
                                            min_top1=min_top1, console=out))
     raise typer.Exit(run_verify(model_path, quantized, images=images, prompts=prompts, text=text,
                                 json_out=json_out, max_ppl_increase=max_ppl_increase, min_top1=min_top1,
-                                mode=mode, console=out, html_report=report))
+                                mode=mode, console=out, html_report=report, force=force))
 
 
 _INTERRUPTED = ("[yellow]interrupted:[/] no output was written; the session cache keeps every finished layer "
@@ -480,13 +482,15 @@ def main() -> None:
     """Entry point: one-line errors, exit 130 on Ctrl-C, never a traceback (LLAVAQ_DEBUG=1 shows it)."""
     debug = os.environ.get("LLAVAQ_DEBUG") == "1"
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    handle_termination()  # (hostile) SIGTERM/SIGHUP like Ctrl-C, exit 128+n
+    harden_streams()  # (hostile) a non-UTF-8 stdout degrades symbols, never crashes
     try:
         # Non-standalone Typer turns KeyboardInterrupt into a *returned* 130 and ``typer.Exit(n)`` into a
         # returned n, so the return value is the exit status.
         rv = app(standalone_mode=False)
         if rv == 130:
             err.print(_INTERRUPTED, soft_wrap=True)
-            sys.exit(130)
+            sys.exit(exit_code(130))
         if isinstance(rv, int) and rv:
             sys.exit(rv)
     except LlavaqError as e:
@@ -494,11 +498,11 @@ def main() -> None:
             raise
         err.print(f"[red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
         if isinstance(e, Interrupted):
-            sys.exit(130)
+            sys.exit(exit_code(130))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print(_INTERRUPTED, soft_wrap=True)
-        sys.exit(130)
+        sys.exit(exit_code(130))
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except SystemExit:
@@ -509,7 +513,7 @@ def main() -> None:
             sys.exit(e.exit_code)
         if isinstance(e, _click_exceptions("Abort")):  # click's wrapper of KeyboardInterrupt / EOF
             err.print(_INTERRUPTED, soft_wrap=True)
-            sys.exit(130)
+            sys.exit(exit_code(130))
         if debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else ""

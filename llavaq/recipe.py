@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -132,8 +133,8 @@ class QuantRecipe:
         if self.image_loading not in IMAGE_LOADING:
             raise LlavaqError(f"--image_loading must be one of {', '.join(IMAGE_LOADING)}, "
                               f"not {self.image_loading!r}")
-        if self.keep_float < 0:
-            raise LlavaqError(f"--keep_float must be >= 0, not {self.keep_float}")
+        if isinstance(self.keep_float, bool) or not isinstance(self.keep_float, int) or self.keep_float < 0:
+            raise LlavaqError(f"--keep_float must be an integer >= 0, not {self.keep_float!r}")
         object.__setattr__(self, "float_linears", tuple(self.float_linears))
         if self.rotation not in ROTATIONS:
             raise LlavaqError(f"--rotation must be one of {', '.join(ROTATIONS)}, not {self.rotation!r}")
@@ -149,6 +150,13 @@ class QuantRecipe:
         if self.activation_sample_tokens < 0:
             raise LlavaqError("--activation_sample_tokens must be >= 0")
         object.__setattr__(self, "text_prompts", tuple(self.text_prompts))
+
+    def check_quantizes(self, n_candidates: int) -> None:
+        """Refuse a recipe that would keep every Linear of its module set in float (a "W8A8" model with no
+        quantized Linear): ``n_candidates`` = the Linears the module set quantizes, less ``float_linears``."""
+        if n_candidates <= self.keep_float:
+            raise LlavaqError(f"--keep_float {self.keep_float} keeps every one of the {n_candidates} quantizable "
+                              "Linears in float: nothing would be quantized; give a smaller --keep_float")
 
     @property
     def observer(self) -> str:
@@ -201,3 +209,31 @@ class QuantRecipe:
     def calibration_key(self) -> str:
         blob = json.dumps(self.calibration_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+#: smallest shard (--part_file_size, GB): 1 KiB; anything smaller is a typo (1e-300 would be 0 bytes)
+MIN_PART_FILE_SIZE_GB = 1 / 2**20
+#: largest in-memory stream budget accepted (--stream_memory_gb): 1 PiB, i.e. "all of it"
+MAX_STREAM_MEMORY_GB = float(1 << 20)
+
+
+def check_part_file_size(gb: float | None) -> None:
+    """``--part_file_size``: None (one file) or a finite number of GB >= 1 MiB."""
+    if gb is None:
+        return
+    if isinstance(gb, bool) or not isinstance(gb, int | float) or not math.isfinite(gb) or \
+            not MIN_PART_FILE_SIZE_GB <= gb <= MAX_STREAM_MEMORY_GB:
+        raise LlavaqError(f"--part_file_size must be a positive, finite number of GB between "
+                          f"{MIN_PART_FILE_SIZE_GB:.6g} (1 KiB) and {MAX_STREAM_MEMORY_GB:.0f}, not {gb}")
+
+
+def check_stream_memory_gb(gb: float | None) -> None:
+    """``--stream_memory_gb``: None (a quarter of the available memory) or a finite number of GB >= 0."""
+    if gb is None:
+        return
+    if isinstance(gb, bool) or not isinstance(gb, int | float) or not math.isfinite(gb) or \
+            not 0 <= gb <= MAX_STREAM_MEMORY_GB:
+        if isinstance(gb, int | float) and gb < 0:
+            raise LlavaqError(f"--stream_memory_gb must be a number of GB >= 0, not {gb}")
+        raise LlavaqError(f"--stream_memory_gb must be a finite number of GB between 0 and "
+                          f"{MAX_STREAM_MEMORY_GB:.0f}, not {gb}")

@@ -732,7 +732,7 @@ class _Tuner:
                               recipe=self.recipes[id(chosen)], part_file_size=self.part_file_size,
                               overwrite=overwrite, device_type=self.device_type, trust_remote_code=self.trust,
                               extra_record=record, extra_json={TUNING_FILE: doc})
-        with AtomicOutputDir(Path(save_directory), overwrite) as tmp:
+        with AtomicOutputDir(Path(save_directory), overwrite, [("model directory", self.model_path)]) as tmp:
             for f in sorted(exp.path.iterdir()):
                 shutil.move(str(f), str(tmp / f.name))
             rec_file = tmp / "llavaq_record.json"
@@ -803,10 +803,11 @@ def tune(
     either way.
     """
     from llavaq import api
+    from llavaq.calib.cache import default_cache_dir
     from llavaq.formats import get_format
     from llavaq.formats.base import AtomicOutputDir
     from llavaq.progress import NullProgress
-    from llavaq.recipe import QuantRecipe
+    from llavaq.recipe import QuantRecipe, check_part_file_size
 
     P = DEFAULT_MAX_PPL_INCREASE if max_ppl_increase is None else float(max_ppl_increase)
     T = DEFAULT_MIN_TOP1 if min_top1 is None else float(min_top1)
@@ -816,14 +817,16 @@ def tune(
         raise LlavaqError(f"--min_top1 must be in [0, 1], not {min_top1}")
     if time_budget is not None and not time_budget > 0:
         raise LlavaqError(f"--time_budget must be a positive number of minutes, not {time_budget}")
-    if part_file_size is not None and part_file_size <= 0:
-        raise LlavaqError(f"--part_file_size must be a positive number of GB, not {part_file_size}")
+    check_part_file_size(part_file_size)  # (hostile: finite, in range)
     if not 0.0 < max_float_fraction <= 1.0:
         raise LlavaqError(f"max_float_fraction must be in (0, 1], not {max_float_fraction}")
     candidates = CANDIDATES if candidates is None else tuple(candidates)
     calibrations = CALIBRATIONS if calibrations is None else tuple(calibrations)
     get_format(format)
-    AtomicOutputDir.check(Path(save_directory), overwrite)
+    AtomicOutputDir.check(Path(save_directory), overwrite, [  # (hostile: inputs are sacred)
+        ("model directory", model_path), ("calibration photo directory", calib_images),
+        ("evaluation prompts", eval_prompts), ("evaluation photos", eval_images), ("evaluation text", eval_text),
+        ("session cache directory", cache_dir if cache_dir is not None else default_cache_dir())])
     arch = api.open_model(model_path, trust_remote_code=trust_remote_code)
     tp = tuple(text_prompts) if text_prompts is not None else shipped_text_prompts()
     base = QuantRecipe(modules=modules, float_dtype=float_dtype, text_prompts=tp)

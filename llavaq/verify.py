@@ -618,6 +618,7 @@ def verify(
     float_model: nn.Module | None = None,
     float_reference: dict | None = None,
     layer_errors: bool = True,
+    force: bool = False,
 ) -> FidelityReport:
     """Compare the float model with the quantized output as int8 kernels run it (see module docstring).
 
@@ -631,10 +632,12 @@ def verify(
     """
     from llavaq.api import open_model
     from llavaq.calib.samples import load_processor
+    from llavaq.safety import check_output_of_model
 
     t0 = time.perf_counter()
     arch = open_model(model_path)
     q = read_quantized_output(quantized_dir)
+    check_output_of_model(model_path, arch.ckpt.fingerprint(), quantized_dir, q.record, force)  # (hostile)
     eval_prompts = load_eval_prompts(prompts, images)
     heldout = load_heldout_text(text)
     if not eval_prompts and heldout is None:
@@ -781,6 +784,7 @@ def run_verify(
     mode: str = "static",
     console=None,
     html_report: str | Path | None = None,
+    force: bool = False,
 ) -> int:
     from rich.console import Console
 
@@ -790,7 +794,7 @@ def run_verify(
     if html_report is not None:  # llavaq.report hook: every Linear's error on the page, the worst 10 printed
         from llavaq.report import check_report_target
         check_report_target(html_report)
-    report = verify(model_path, quantized, images=images, prompts=prompts, text=text, mode=mode,
+    report = verify(model_path, quantized, images=images, prompts=prompts, text=text, mode=mode, force=force,
                     worst=1 << 30 if html_report is not None else 10)
     if html_report is not None:
         from llavaq.report import write_report

@@ -178,7 +178,7 @@ def load_images(folder: str | Path, convert: Callable[[Image.Image, Path], Any] 
             reason = e.message.split(": ", 1)[-1]
             skipped.append((f, reason))
             continue
-        h.update(f.name.encode())
+        h.update(os.fsencode(f.name))  # the name's bytes (any encoding; = UTF-8 for UTF-8 names)
         h.update(im.tobytes())
         images.append(im if convert is None else convert(im, f))
         paths.append(f)

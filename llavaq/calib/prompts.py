@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from llavaq.errors import LlavaqError
+from llavaq.safety import note_input
 
 
 def read_user_text(path: str | Path, what: str) -> str:
@@ -13,6 +14,7 @@ def read_user_text(path: str | Path, what: str) -> str:
     path = Path(path)
     if not path.is_file():
         raise LlavaqError(f"{what} {path} does not exist")
+    note_input(path, what)  # (hostile: never an output)
     try:
         return path.read_text()
     except (OSError, UnicodeDecodeError) as e:

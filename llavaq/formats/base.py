@@ -7,16 +7,19 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from llavaq import locks
 from llavaq.errors import OutputError
 from llavaq.model.llava import LlavaArch
 from llavaq.recipe import QuantRecipe
+from llavaq.safety import check_not_input, exchange, move_new
 
 TensorStream = Iterator[tuple[str, torch.Tensor, str]]
 
@@ -99,16 +102,29 @@ def copy_model_files(model_path: Path, out_dir: Path) -> list[str]:
 
 
 class AtomicOutputDir:
-    """Write into a hidden sibling directory; move it into place only when everything succeeded."""
+    """Write into a hidden sibling directory; move it into place only when everything succeeded.
 
-    def __init__(self, target: Path, overwrite: bool = False) -> None:
+    Inputs are sacred: a target that is, contains or lies inside one of ``inputs`` (label, path) is refused,
+    ``--overwrite`` or not. One writer at a time: the target's advisory lock is held from ``__enter__`` to
+    the end of the move (:mod:`llavaq.locks`), and leftovers of killed runs on the same target are removed.
+    The move never deletes what it was not asked to replace: the target's state (absent, or the inode of
+    the directory found empty / to overwrite) is recorded at the start and re-checked at the swap, which is
+    an atomic ``renameat2`` exchange / no-replace rename where the system has one.
+    """
+
+    def __init__(self, target: Path, overwrite: bool = False,
+                 inputs: Iterable[tuple[str, str | Path | None]] = ()) -> None:
         self.target = Path(target)
         self.overwrite = overwrite
-        self.tmp = self.target.parent / f".{self.target.name}.llavaq-tmp-{uuid.uuid4().hex[:8]}"
+        self.inputs = list(inputs)
+        self.tmp = self.target.parent / f".{self.target.name}.llavaq-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._state: tuple[int, int] | None = None
+        self._stack = ExitStack()
 
     @staticmethod
-    def check(target: Path, overwrite: bool) -> None:
+    def check(target: Path, overwrite: bool, inputs: Iterable[tuple[str, str | Path | None]] = ()) -> None:
         target = Path(target)
+        check_not_input(target, "save directory", inputs)
         if target.exists() and not target.is_dir():
             raise OutputError(f"save directory {target} exists and is a file")
         if target.is_dir() and any(target.iterdir()) and not overwrite:
@@ -123,32 +139,82 @@ class AtomicOutputDir:
             raise OutputError(f"save directory {target}: {probe} is not writable")
 
     def __enter__(self) -> Path:
-        self.check(self.target, self.overwrite)
+        self.check(self.target, self.overwrite, self.inputs)
         try:
-            self.tmp.mkdir(parents=True)
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._stack.enter_context(locks.exclusive(self.target, f"save directory {self.target}"))
+            self.check(self.target, self.overwrite, self.inputs)  # again, now that no other llavaq run can act
+            locks.remove_stale(self.target)
+            if self.target.is_dir():
+                st = self.target.lstat()
+                self._state = (st.st_dev, st.st_ino)
+            self.tmp.mkdir()
         except OSError as e:
+            self._stack.close()
             raise OutputError(f"cannot create {self.tmp} ({e.strerror})") from None
+        except BaseException:
+            self._stack.close()
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OutputError | OSError):
-                raise self._user_error(exc) from None
-            return  # KeyboardInterrupt and others propagate unchanged, the temp dir is gone
-        backup = None
+        with self._stack:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                if isinstance(exc, OutputError | OSError):
+                    raise self._user_error(exc) from None
+                return  # KeyboardInterrupt and others propagate unchanged, the temp dir is gone
+            try:
+                self._move_into_place()
+            except OSError as e:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise OutputError(f"cannot move the finished output into {self.target} ({e.strerror})") from None
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+
+    def _changed(self, path: Path) -> bool:
+        """Whether ``path`` is no longer the directory recorded at the start (or no longer empty)."""
         try:
-            if self.target.exists():
-                backup = self.target.parent / f".{self.target.name}.llavaq-old-{uuid.uuid4().hex[:8]}"
-                os.replace(self.target, backup)
-            os.replace(self.tmp, self.target)
-        except OSError as e:
-            if backup is not None and not self.target.exists():
-                os.replace(backup, self.target)  # put the previous output back
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise OutputError(f"cannot move the finished output into {self.target} ({e.strerror})") from None
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+            st = path.lstat()
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self._state or (not self.overwrite and any(path.iterdir()))
+
+    def _refuse_changed(self) -> OutputError:
+        return OutputError(f"save directory {self.target} was created or changed by someone else while llavaq was "
+                           f"writing; it was left as it is and the new output was discarded: run again")
+
+    def _move_into_place(self) -> None:
+        if self._state is None:
+            try:
+                move_new(self.tmp, self.target)
+            except FileExistsError:
+                raise self._refuse_changed() from None
+            return
+        if self._changed(self.target):
+            raise self._refuse_changed()
+        if exchange(self.tmp, self.target):  # self.tmp now holds the previous directory
+            if self._changed(self.tmp):  # swapped in just before the exchange: put it back
+                exchange(self.tmp, self.target)
+                raise self._refuse_changed()
+            old = self.tmp
+        else:
+            old = self.target.parent / f".{self.target.name}.llavaq-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.target, old)
+            if self._changed(old):
+                os.rename(old, self.target)
+                raise self._refuse_changed()
+            try:
+                move_new(self.tmp, self.target)
+            except OSError:
+                if not os.path.lexists(self.target):
+                    os.rename(old, self.target)  # put the previous output back
+                raise
+        if self.overwrite:
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rmdir()  # it was empty: never removes a file
 
     def _user_error(self, exc: BaseException) -> OutputError:
         """Name the user's save directory (not our temp dir) and say that it was left as it was."""

@@ -73,6 +73,8 @@ class TensorFiles:
                 assert isinstance(weight_map, dict)
             except (ValueError, KeyError, TypeError, AssertionError):
                 raise OutputError(f"{index}: corrupted index (no weight_map)") from None
+            if any(not isinstance(f, str) or Path(f).name != f or f in (".", "..") for f in weight_map.values()):
+                raise OutputError(f"{index}: weight_map names a file outside {root}")  # (hostile: never read it)
             self.files = sorted(set(weight_map.values()))
             for f in self.files:
                 if not (root / f).is_file():
@@ -204,6 +206,8 @@ class QuantizedModelView:
         self.path = path
         self.format = fmt
         self.config: dict | None = _read_json(path / "config.json")
+        if self.config is not None and not isinstance(self.config, dict):  # (hostile)
+            raise OutputError(f"{path / 'config.json'}: not a JSON object")
         rec = _read_json(path / RECORD)
         self.record: dict | None = rec if isinstance(rec, dict) else None
         self.description: dict[str, str] | None = None

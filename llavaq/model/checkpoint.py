@@ -17,10 +17,12 @@ import struct
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llavaq.errors import ModelError
+from llavaq.model.input_checks import INDEX, check_config, check_layers, quantized_kind, quantized_tensor, weight_files
 
 _DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
@@ -32,8 +34,25 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def read_safetensors_header(path: Path) -> dict:
-    """Parse and validate a safetensors header (names, dtypes, shapes, offsets) without loading data."""
+    """Parse and validate a safetensors header without loading data, at least as strictly as the safetensors
+    library: a JSON object without duplicate keys; ``__metadata__`` str -> str; every tensor an object with a
+    known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets`` [start, end] with
+    end - start = shape x dtype size; the tensors' byte ranges contiguous from 0, non-overlapping, and ending
+    exactly at the end of the file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -43,28 +62,62 @@ def read_safetensors_header(path: Path) -> dict:
             (n,) = struct.unpack("<Q", raw)
             if n <= 0 or n > _MAX_HEADER or 8 + n > size:
                 raise ModelError(f"{path}: corrupted safetensors header (header length {n})")
-            header = json.loads(f.read(n))
+            text = f.read(n)
+        if not text.startswith(b"{"):
+            raise ModelError(f"{path}: corrupted safetensors header (not a JSON object)")
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ModelError(f"{path}: corrupted safetensors header (not valid JSON)") from None
+    except ValueError as e:
+        raise ModelError(f"{path}: corrupted safetensors header ({e})") from None
     except OSError as e:
         raise ModelError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: corrupted safetensors header")
-    data_len = size - 8 - n
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ModelError(f"{path}: corrupted safetensors header (__metadata__ must map strings to strings)")
+    _check_ranges(path, header, size - 8 - n)
+    return header
+
+
+def _check_ranges(path: Path, header: dict, data_len: int) -> None:
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+                raise TypeError
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(dtype, str) or not isinstance(shape, list) or not all(map(_is_uint, shape)) \
+                    or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_uint, offsets)):
+                raise TypeError
             nbytes = _DTYPE_SIZES[dtype] * math.prod(shape)
-        except (KeyError, TypeError, ValueError):
+        except KeyError:
+            raise ModelError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which llavaq cannot read "
+                             f"({', '.join(_DTYPE_SIZES)})") from None
+        except (TypeError, ValueError):
             raise ModelError(f"{path}: corrupted safetensors header entry for {name!r}") from None
-        if end - start != nbytes or end > data_len:
+        start, end = offsets
+        if end > data_len:
             raise ModelError(
                 f"{path}: file is truncated or corrupted (tensor {name!r} needs bytes {start}..{end}, "
                 f"file has {data_len})"
             )
-    return header
+        if end - start != nbytes:
+            raise ModelError(f"{path}: corrupted safetensors header (tensor {name!r}: shape {shape} x {dtype} is "
+                             f"{nbytes} bytes, data_offsets give {end - start})")
+        ranges.append((start, end, name))
+    pos = 0
+    for start, end, name in sorted(ranges):
+        if start != pos:
+            what = "overlaps the previous tensor" if start < pos else f"leaves a gap at byte {pos}"
+            raise ModelError(f"{path}: corrupted safetensors header (tensor {name!r} at bytes {start}..{end} {what}; "
+                             "the safetensors library refuses this file)")
+        pos = end
+    if pos != data_len:
+        raise ModelError(f"{path}: corrupted safetensors file ({data_len - pos} bytes after the last tensor)")
 
 
 class Checkpoint:
@@ -74,10 +127,17 @@ class Checkpoint:
         self.path = Path(path)
         self._validate_dir()
         self.config_dict = self._read_config()
+        kind = quantized_kind(self.path, self.config_dict)
+        if kind is not None:
+            raise ModelError(f"{self.path} is {kind}, not a float model: quantize the original float checkpoint "
+                             "(give its directory as --model_path)")
+        check_config(self.path / "config.json", self.config_dict)
         self._data_start: dict[Path, int] = {}
         self._index = self._build_index()
+        check_layers(self.path / "config.json", self.config_dict, list(self._index))
         self._fds: dict[Path, int] = {}
         self._finite: set[str] = set()  # float tensors already checked for NaN/Inf
+        self._sha256: dict[str, str] = {}  # tensor -> sha256 of its bytes, hashed as first read
 
     # ---------------------------------------------------------------- validation
     def _validate_dir(self) -> None:
@@ -102,7 +162,7 @@ class Checkpoint:
         return cfg
 
     def _build_index(self) -> dict[str, tuple[Path, dict]]:
-        files = sorted(self.path.glob("*.safetensors"))
+        files, wmap = weight_files(self.path)
         if not files:
             pickles = [f.name for f in self.path.iterdir() if f.suffix in _PICKLE_SUFFIXES]
             if pickles:
@@ -118,8 +178,21 @@ class Checkpoint:
             with open(f, "rb") as fh:
                 self._data_start[f] = 8 + struct.unpack("<Q", fh.read(8))[0]
             for name, info in header.items():
-                if name != "__metadata__":
-                    index[name] = (f, info)
+                if name == "__metadata__":
+                    continue
+                if name in index:
+                    raise ModelError(f"{f}: tensor {name!r} is also in {index[name][0].name}; which one is meant "
+                                     "is ambiguous")
+                if wmap is not None and wmap.get(name) != f.name:
+                    raise ModelError(f"{f}: tensor {name!r} is not mapped to this file by {INDEX}")
+                index[name] = (f, info)
+        if wmap is not None and set(wmap) - set(index):
+            raise ModelError(f"{self.path / INDEX} names tensor {sorted(set(wmap) - set(index))[0]!r}, which is in no "
+                             "weight file")
+        bad = quantized_tensor(list(index), [n for n, (_, i) in index.items() if i["dtype"] in ("I8", "U8")])
+        if bad is not None:
+            raise ModelError(f"{self.path} is an already-quantized model (tensor {bad!r}), not a float model: "
+                             "quantize the original float checkpoint")
         return index
 
     # ---------------------------------------------------------------- access
@@ -163,6 +236,8 @@ class Checkpoint:
                     pos += n
             except OSError as e:
                 raise ModelError(f"{file}: cannot read tensor {name!r} ({e.strerror})") from None
+        if name not in self._sha256:  # every byte is hashed as it is first read (see weights_sha256)
+            self._sha256[name] = hashlib.sha256(buf.numpy()).hexdigest()
         return buf.view(dtype).reshape(info["shape"])
 
     def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
@@ -240,6 +315,20 @@ class Checkpoint:
             "layout": layout.hexdigest()[:16],
             "weights": digest.hexdigest()[:16],
         }
+
+
+    def weights_sha256(self) -> str:
+        """The full identity of the weights: sha256 over every tensor's name and the sha256 of its bytes.
+
+        The bytes were hashed as calibration / export read them (they read every tensor), so this costs one
+        hash pass over the model and no extra read; tensors not read yet are read (and hashed) now.
+        """
+        h = hashlib.sha256()
+        for name in sorted(self._index):
+            if name not in self._sha256:
+                type(self)._load(self, name)
+            h.update(f"{name}:{self._sha256[name]};".encode())
+        return h.hexdigest()
 
 
 class InMemoryCheckpoint(Checkpoint):

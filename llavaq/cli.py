@@ -422,10 +422,15 @@ def inspect(
 ) -> None:
     """Audit a quantized model or session cache: modules, scales, consistency checks; or compare two outputs."""
     if other is not None:  # issue 30: two outputs, any formats
+        import json
+
         from llavaq.compare import compare_outputs
 
         res = compare_outputs(path, other)
-        print(__import__("json").dumps(res.to_dict(), default=str)) if json_out else render_comparison(res, out)
+        if json_out:
+            print(json.dumps(res.to_dict(), default=str))
+        else:
+            render_comparison(res, out)
         raise typer.Exit(0 if res.same_model else 1)
     from llavaq.inspect import run_inspect
 

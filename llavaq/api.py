@@ -25,7 +25,7 @@ from llavaq.formats.sharding import GB
 from llavaq.model.checkpoint import Checkpoint
 from llavaq.model.llava import LlavaArch
 from llavaq.progress import NullProgress, Progress
-from llavaq.quant.state import check_float_linears, iter_quantized_tensors, resolve_float_linears
+from llavaq.quant.state import check_float_linears, iter_quantized_tensors, resolve_float_linears, weight_grid_dtype
 from llavaq.recipe import QuantRecipe, check_part_file_size, check_stream_memory_gb
 from llavaq.safety import check_not_input
 
@@ -142,6 +142,12 @@ def _float_dtype(name: str, fmt, checkpoint_dtype: torch.dtype, device_type: str
     return fmt.default_float_dtype(checkpoint_dtype, kind)
 
 
+def _scale_dtype(name: str, checkpoint_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The weight scales' dtype (the int8 grid): the same for every format (issue 30)."""
+    kind = resolve_devices("auto")[0].type if device_type == "auto" else device_type
+    return weight_grid_dtype(name, checkpoint_dtype, kind)
+
+
 def export(
     model_path: str | Path,
     cache: str | Path | SessionCache,
@@ -192,9 +198,10 @@ def export(
                 "pass; run calibrate with this recipe"
             )
     float_dtype = _float_dtype(recipe.float_dtype, fmt, arch.ckpt.torch_dtype, device_type)
+    scale_dtype = _scale_dtype(recipe.float_dtype, arch.ckpt.torch_dtype, device_type)
     arch = model_for_recipe(arch, recipe)
     recipe.check_quantizes(len(arch.quantized_linears(recipe.modules, recipe.float_linears)))
-    recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=float_dtype)
+    recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=scale_dtype)
     extra_record = {"cache": str(cache.path), "model_fingerprint": {**ckpt.fingerprint(), "weights_sha256": str(
         cache.manifest.get("weights_sha256"))}, **(extra_record or {})}
     if recipe.rotation != "none":
@@ -207,12 +214,12 @@ def export(
         extra_record["gptq"] = {"damp": recipe.gptq_damp, "block_size": recipe.gptq_block_size,
                                 "act_order": recipe.gptq_act_order, "error": gptq_report}
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,
-                        device_type=device_type, derived=derived, float_dtype=float_dtype,
+                        device_type=device_type, derived=derived, float_dtype=float_dtype, scale_dtype=scale_dtype,
                         extra_record=extra_record, planned_stream="quantized")
     with AtomicOutputDir(Path(save_directory), overwrite, inputs) as tmp:
+        gptq_device = resolve_devices(device_type)[0] if recipe.weight_method == "gptq" else None
         tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype,
-                                         gptq_report=gptq_report, gptq_device=resolve_devices(device_type)[0]
-                                         if recipe.weight_method == "gptq" else None)
+                                         scale_dtype=scale_dtype, gptq_report=gptq_report, gptq_device=gptq_device)
         info = fmt.write(tmp, tensors, ctx)
         cache.check_weights(ckpt.weights_sha256(), Path(model_path))  # every byte, hashed as it was read
         for name, obj in (extra_json or {}).items():

@@ -426,12 +426,54 @@ def export(
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="An output directory (any format) or a session cache."),
+    other: Path = typer.Argument(None, help="A second output directory: do both carry the same quantized model? "
+                                            "(exit 0 if so, 1 if not)"),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
 ) -> None:
-    """Audit a quantized model or session cache: modules, scales, consistency checks."""
+    """Audit a quantized model or session cache: modules, scales, consistency checks; or compare two outputs."""
+    if other is not None:  # issue 30: two outputs, any formats
+        import json
+
+        from llavaq.compare import compare_outputs
+
+        res = compare_outputs(path, other)
+        if json_out:
+            print(json.dumps(res.to_dict(), default=str))
+        else:
+            render_comparison(res, out)
+        raise typer.Exit(0 if res.same_model else 1)
     from llavaq.inspect import run_inspect
 
     raise typer.Exit(run_inspect(path, json_out=json_out, console=out))
+
+
+def render_comparison(res, console: Console, n: int = 10) -> None:
+    """``inspect A B``: the verdict, the Linears that differ and the largest differences."""
+    same = res.same_model
+    console.print(f"A: {escape(res.a)} ({res.formats[0]})\nB: {escape(res.b)} ({res.formats[1]})", highlight=False)
+    for line in res.structure[:n]:
+        console.print(f"[red]differs:[/] {escape(line)}", highlight=False)
+    bad = [d for d in res.linears if not d.same]
+    if bad:
+        t = Table(title=f"{len(bad)} of {len(res.linears)} quantized Linears differ")
+        for c in ("Linear", "codes differing", "max step", "max Δws rel", "max Δ(W_q·ws) rel", "notes"):
+            t.add_column(c, justify="left" if c in ("Linear", "notes") else "right", overflow="fold")
+        for d in sorted(bad, key=lambda d: -d.code_fraction)[:n]:
+            t.add_row(escape(d.name), f"{d.code_fraction:.3%}", str(d.max_code_step), f"{d.scale_rel:.2e}",
+                      f"{d.weight_rel:.2e}", escape("; ".join(d.notes)))
+        console.print(t)
+    rows = res.largest(n)
+    if rows:
+        t = Table(title="largest differences")
+        for c in ("tensor", "what", "value", "within rounding"):
+            t.add_column(c, justify="right" if c == "value" else "left", overflow="fold")
+        for name, what, v, ok in rows:
+            t.add_row(escape(name), what, f"{v:.3g}", "yes" if ok else "[red]no[/]")
+        console.print(t)
+    rounded = f"; {len(res.rounded)} float tensor(s) differ only by the documented rounding" if res.rounded else ""
+    console.print(f"[green]same model[/]: identical int8 codes and scales{rounded}" if same else
+                  f"[red]different models[/] ({len(bad)} Linear(s), {len(res.structure)} structural, "
+                  f"{sum(not f.same for f in res.floats)} float tensor(s))", highlight=False)
 
 
 @app.command()

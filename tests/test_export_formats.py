@@ -37,10 +37,6 @@ def exports(quantized, tiny_model, tmp_path_factory):
         for sharded in (False, True):
             out[fmt, sharded] = api.export(tiny_model, cal.cache.path, root / f"{fmt}-{sharded}", format=fmt,
                                            part_file_size=TINY_SHARD_GB if sharded else None)
-    # the msmodelslim format in the checkpoint dtype (fp16), the HF formats' default: the reference for them
-    out["msmodelslim-fp16"] = api.export(tiny_model, cal.cache.path, root / "msmodelslim-fp16",
-                                         recipe=QuantRecipe.from_dict(cal.cache.manifest["recipe"]).replace(
-                                             float_dtype="float16"))
     out["forward_passes"] = ForwardCounter.count - before
     return out
 
@@ -80,7 +76,8 @@ def test_hf_outputs_layout(exports, tiny_model):
 @pytest.mark.parametrize("sharded", [False, True])
 def test_compressed_tensors_library_loads_our_output(exports, tiny_model, sharded):
     """compressed-tensors 0.8.1 parses the config, initialises exactly our Linears, loads our scales and
-    zero points and decompresses weights equal to W_q·ws; its activation fake-quant equals ours."""
+    zero points and decompresses weights equal to W_q·ws; its activation fake-quant equals ours. Codes and scales
+    are the msModelSlim file's bit for bit (float32 scales), its float tensors that file's cast once to fp16."""
     from compressed_tensors.compressors import ModelCompressor, NaiveQuantizationCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
@@ -91,7 +88,7 @@ def test_compressed_tensors_library_loads_our_output(exports, tiny_model, sharde
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
     d = exports["compressed-tensors", sharded].save_directory
-    ref = load_file(str(exports["msmodelslim-fp16"].save_directory / "quant_model_weight_w8a8.safetensors"))
+    ref = load_file(str(exports["msmodelslim", False].save_directory / "quant_model_weight_w8a8.safetensors"))
     arch = api.open_model(tiny_model)
     quantized = arch.quantized_linears()
     floats = [n for n in arch.linear_names if n not in quantized]
@@ -127,8 +124,8 @@ def test_compressed_tensors_library_loads_our_output(exports, tiny_model, sharde
     x = torch.randn(3, 7, 256) * 4
     for n in quantized:
         wq, ws = ref[n + ".weight"], ref[n + ".weight_scale"]
-        assert dense[n + ".weight"].dtype == torch.float16
-        assert torch.equal(dense[n + ".weight"], (wq.float() * ws.float()).half()), n
+        assert ws.dtype == torch.float32 and dense[n + ".weight"].dtype == torch.float32  # as the scale
+        assert torch.equal(dense[n + ".weight"], wq.float() * ws), n
         mod = model.get_submodule(n)
         assert torch.equal(mod.weight_scale.data, ws.float()), n
         assert torch.equal(mod.input_scale.data, ref[n + ".input_scale"]), n
@@ -138,12 +135,12 @@ def test_compressed_tensors_library_loads_our_output(exports, tiny_model, sharde
         theirs = fake_quantize(xi, mod.input_scale, mod.input_zero_point, mod.quantization_scheme.input_activations)
         ours = fake_quant_activation(xi, ref[n + ".input_scale"], ref[n + ".input_offset"])
         assert torch.equal(theirs, ours), n
-    # every float tensor is the msModelSlim export's
+    # every float tensor is the msModelSlim export's, cast once to the model dtype
     ours = load_file(str(d / "model.safetensors")) if not sharded else {
         k: v for p in sorted(d.glob("model-*.safetensors")) for k, v in load_file(str(p)).items()}
     for k, v in ref.items():
         if k.rpartition(".")[0] not in quantized or k.endswith(".bias"):
-            assert torch.equal(ours[k], v), k
+            assert ours[k].dtype == torch.float16 and torch.equal(ours[k], v.half()), k
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -155,7 +152,7 @@ def test_fakequant_loads_with_from_pretrained(exports, quantized, sharded):
     model, info = LlavaForConditionalGeneration.from_pretrained(str(d), output_loading_info=True, torch_dtype="auto")
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert model.dtype == torch.float16
-    ref = load_file(str(exports["msmodelslim-fp16"].save_directory / "quant_model_weight_w8a8.safetensors"))
+    ref = load_file(str(exports["msmodelslim", False].save_directory / "quant_model_weight_w8a8.safetensors"))
     sd = model.state_dict()
     rec = json.loads((d / "llavaq_record.json").read_text())
     acts = rec["activation_quant"]
@@ -179,10 +176,9 @@ def test_fakequant_loads_with_from_pretrained(exports, quantized, sharded):
 
 def test_reader_gives_identical_kernel_params_for_every_format(exports):
     views = {(f, s): read_quantized(exports[f, s].save_directory) for f in FORMATS for s in (False, True)}
-    fp16 = read_quantized(exports["msmodelslim-fp16"].save_directory)  # HF formats default to the checkpoint dtype
-    assert len(fp16.quantized) == 26
+    base = views["msmodelslim", False]  # every format: the same codes and float32 scales (issue 30)
+    assert len(base.quantized) == 26
     for key, v in views.items():
-        base = views["msmodelslim", False] if key[0] in ("msmodelslim", "mindie") else fp16
         assert v.format == key[0]
         assert v.check() == [], key
         assert sorted(v.quantized) == sorted(base.quantized)
@@ -190,7 +186,9 @@ def test_reader_gives_identical_kernel_params_for_every_format(exports):
             a, b = base.linear(n), v.linear(n)
             for attr in ("weight", "weight_scale", "input_scale", "input_offset", "deq_scale"):
                 assert torch.equal(getattr(a, attr), getattr(b, attr)), (key, n, attr)
-            assert (a.bias is None) == (b.bias is None) and (a.bias is None or torch.equal(a.bias, b.bias))
+            # HF formats store the float bias in the checkpoint dtype: msModelSlim's float32 bias cast once
+            assert (a.bias is None) == (b.bias is None) and (a.bias is None or torch.equal(a.bias.to(b.bias.dtype),
+                                                                                           b.bias))
             assert (b.quant_bias is not None) == (key[0] in ("msmodelslim", "mindie"))
 
 

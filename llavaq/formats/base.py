@@ -33,6 +33,8 @@ class ExportContext:
     device_type: str = "cpu"
     derived: bool = False
     float_dtype: torch.dtype | None = None
+    #: the weight scales' dtype (the int8 grid), the same for every format; None: float32
+    scale_dtype: torch.dtype | None = None
     extra_record: dict[str, Any] = field(default_factory=dict)
     #: "quantized" when the tensor stream is ``iter_quantized_tensors`` (writers may plan the layout)
     planned_stream: str | None = None

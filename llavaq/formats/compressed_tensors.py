@@ -6,7 +6,7 @@ Per quantized Linear ``L`` (HF names, e.g. ``language_model.model.layers.0.self_
 tensor                     dtype / shape           value
 =========================  =====================  ==========================================
 ``L.weight``               int8 [out, in]          ``W_q`` (same as msModelSlim's)
-``L.weight_scale``         model dtype [out, 1]    ``ws`` (per-channel, symmetric: no zero point)
+``L.weight_scale``         float32 [out, 1]        ``ws`` (per-channel, symmetric: no zero point)
 ``L.input_scale``          float32 [1]             msModelSlim's ``input_scale``
 ``L.input_zero_point``     int8 [1]                msModelSlim's ``input_offset`` (integer-valued)
 ``L.bias`` (if any)        model dtype [out]       float bias, smoothing shift folded in
@@ -14,10 +14,12 @@ tensor                     dtype / shape           value
 
 compressed-tensors quantizes ``q = clamp(round(x/scale + zp), −128, 127)`` and dequantizes
 ``(q − zp)·scale``; msModelSlim's ``x_q = clamp(round(x/input_scale + input_offset))`` is the same
-expression, so ``zp = input_offset`` exactly. ``input_scale`` stays float32 (vLLM's parameter is
-float32; rounding it to fp16 would move the quantization grid). ``weight_offset``, ``quant_bias`` and
-``deq_scale`` are msModelSlim kernel parameters and are not written (the library drops all-zero zero
-points of symmetric weights itself). Every other tensor is the float model's (smoothing folded).
+expression, so ``zp = input_offset`` exactly. ``input_scale`` and ``weight_scale`` stay float32, the msModelSlim
+file's scales bit for bit (vLLM's parameters are float32; transformers upcasts; rounding ``weight_scale`` to the
+model dtype would move the int8 grid: other codes than the msModelSlim file of the same recipe, issue 30).
+``weight_offset``, ``quant_bias`` and ``deq_scale`` are msModelSlim kernel parameters and are not written (the
+library drops all-zero zero points of symmetric weights itself). Every other tensor is the float model's (smoothing
+folded), cast once from float32 to the model dtype.
 ``config.json`` gets a ``quantization_config`` that ``compressed_tensors.QuantizationConfig`` parses
 (the library's own ``model_dump`` of it). Tensor keys keep the checkpoint's (transformers 4.37) names, which
 every loader maps; every float Linear is listed in ``ignore`` as one anchored ``re:`` pattern that matches it

@@ -1,15 +1,15 @@
 """``fakequant``: a plain Hugging Face checkpoint of the quantized model's float equivalent.
 
-Quantized Linears carry their dequantized weights ``W_q·ws`` (computed exactly in float32, then
-stored in the model dtype); smoothing is folded into norms/weights/biases; everything else is the
-float model. ``LlavaForConditionalGeneration.from_pretrained(dir)`` loads it unmodified, which
-reproduces the quantized model's *weights*; the static activation quantization is recorded so
-``verify`` / ``inspect`` can re-apply it:
+Quantized Linears carry their dequantized weights ``W_q·ws`` (formed in float32 from the int8 codes and the
+float32 weight scales every format shares, then cast once to the output's float dtype); smoothing is folded
+into norms/weights/biases; everything else is the float model. ``LlavaForConditionalGeneration.from_pretrained(dir)``
+loads it unmodified, which reproduces the quantized model's *weights*; the static activation quantization is
+recorded so ``verify`` / ``inspect`` can re-apply it:
 
 - ``llavaq_record.json`` → ``"activation_quant"``: ``{linear: {"input_scale": s, "input_offset": o}}``
   (exact float32 values as JSON numbers; ``x_q = clamp(round(x/s + o), −128, 127)``);
-- ``llavaq_quant_params.st``: the same plus each Linear's ``weight_scale`` [out,1] in safetensors
-  layout, so readers recover ``W_q = round(W/ws)`` bit-exactly. The extension is not
+- ``llavaq_quant_params.st``: the same plus each Linear's ``weight_scale`` [out,1] (float32, as in every
+  format) in safetensors layout, so readers recover ``W_q = round(W/ws)`` bit-exactly. The extension is not
   ``.safetensors`` on purpose: loaders that glob ``*.safetensors`` must not pick it up.
 """
 
@@ -22,15 +22,15 @@ import torch
 from safetensors.torch import save_file
 
 from llavaq.formats.base import ExportContext, TensorStream, checkpoint_float_dtype, copy_model_files, register_format
-from llavaq.formats.hf import write_hf_config, write_hf_safetensors
+from llavaq.formats.hf import output_dtype, write_hf_config, write_hf_safetensors
 from llavaq.formats.msmodelslim import RECORD, write_record
 
 PARAMS_FILE = "llavaq_quant_params.st"
 
 
-def dequantize_weight(w_q: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """``W_q·ws`` (exact in float32: 8-bit × ≤24-bit mantissas), cast to the scale's dtype."""
-    return (w_q.float() * weight_scale.float()).to(weight_scale.dtype)
+def dequantize_weight(w_q: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W_q·ws`` formed in float32, cast once to ``dtype`` (default: the scale's dtype)."""
+    return (w_q.float() * weight_scale.float()).to(dtype or weight_scale.dtype)
 
 
 @register_format("fakequant")
@@ -43,6 +43,7 @@ class FakeQuantFormat:
         qset = set(ctx.arch.quantized_linears(ctx.recipe.modules, ctx.recipe.float_linears))
         acts: dict[str, dict[str, float]] = {}
         params: dict[str, torch.Tensor] = {}
+        dtype = output_dtype(ctx)
 
         def convert():
             pending: dict[str, torch.Tensor] = {}
@@ -56,7 +57,7 @@ class FakeQuantFormat:
                     yield name, t
                 elif suffix == "weight_scale":
                     params[name] = t.contiguous()
-                    yield module + ".weight", dequantize_weight(pending.pop(module), t).contiguous()
+                    yield module + ".weight", dequantize_weight(pending.pop(module), t, dtype).contiguous()
                 elif suffix in ("input_scale", "input_offset"):
                     params[name] = t.float().reshape(1).contiguous()
                     acts.setdefault(module, {})[suffix] = float(t.float().reshape(1).item())

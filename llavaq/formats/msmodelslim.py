@@ -93,7 +93,8 @@ class _MsModelSlimBase:
         if ctx.planned_stream == "quantized":  # the stream is iter_quantized_tensors: lay the file out up front
             from llavaq.quant.state import quantized_tensor_specs
 
-            specs = [TensorSpec(*s) for s in quantized_tensor_specs(ctx.arch, ctx.recipe, float_dtype=ctx.float_dtype)]
+            specs = [TensorSpec(*s) for s in quantized_tensor_specs(ctx.arch, ctx.recipe, float_dtype=ctx.float_dtype,
+                                                                        scale_dtype=ctx.scale_dtype)]
         weight_map = write_safetensors(out_dir, WEIGHT_PREFIX, named(), ctx.part_file_size, specs=specs)
         write_json(out_dir / self.description_file, desc)
         cfg = dict(ctx.arch.ckpt.config_dict)

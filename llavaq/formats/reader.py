@@ -414,8 +414,8 @@ class QuantizedModelView:
                 return [f"{where(wn)} must be a float matrix, is {wd.dtype} {list(wd.shape)}"]
             if not torch.isfinite(wd).all():
                 return [f"{where(wn)} has NaN/Inf"]
-            if not torch.equal(dequantize_weight(w, lv.weight_scale), wd) or (wd.float() / lv.weight_scale.float()
-                                                                            ).abs().max() > 127.5:
+            deq = dequantize_weight(w, lv.weight_scale, wd.dtype)
+            if not torch.equal(deq, wd) or (wd.float() / lv.weight_scale.float()).abs().max() > 127.5:
                 p.append(f"{where(wn)} is not W_q·weight_scale for an int8 W_q")
         elif w.dtype != torch.int8 or w.dim() != 2:
             return [f"{where(wn)} must be int8 [out, in], is {w.dtype} {list(w.shape)}"]

@@ -29,6 +29,22 @@ from llavaq.quant.int8 import activation_qparams, quantize_weight, weight_qparam
 from llavaq.recipe import QuantRecipe
 
 W8A8, FLOAT = "W8A8", "FLOAT"
+#: the dtype of the weight scales (the int8 grid) when none is given: what every format's default export uses on a
+#: CPU (:func:`weight_grid_dtype`)
+GRID_DTYPE = torch.float32
+
+
+def weight_grid_dtype(float_dtype: str, checkpoint_dtype: torch.dtype, device_kind: str) -> torch.dtype:
+    """The dtype weight scales are formed and stored in, which fixes the int8 codes: the same for EVERY format.
+
+    ``--float_dtype`` when given, else msModelSlim's on that device (its CPU run works in float32, its NPU run
+    in the checkpoint dtype). Never the format's float dtype: a compressed-tensors file whose scales followed
+    its float16 float tensors would carry other int8 codes than the msModelSlim file of the same recipe
+    (issue 30); every format can carry float32 scales (vLLM and transformers upcast them).
+    """
+    if float_dtype != "auto":
+        return getattr(torch, float_dtype)
+    return checkpoint_dtype if device_kind == "npu" else GRID_DTYPE
 
 
 def pack_deq_scale(deq: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
@@ -235,7 +251,7 @@ def iter_modules(
     """Walk modules in ``named_modules`` order, re-reading each layer once and folding its smoothing.
 
     With ``recipe.weight_method == "gptq"`` each quantized Linear also gets its GPTQ codes on the grid of
-    ``scale_dtype`` weight scales (default: the checkpoint dtype).
+    ``scale_dtype`` weight scales (default :data:`GRID_DTYPE`).
     """
     ckpt = arch.ckpt
     quantized = set(arch.quantized_linears(recipe.modules, recipe.float_linears))
@@ -252,7 +268,7 @@ def iter_modules(
             plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
             apply_smoothing(weights, plan)
             names = [n for n in arch.linear_names if n in quantized and st.owns(n)]
-            codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or ckpt.torch_dtype,
+            codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or GRID_DTYPE,
                                gptq_report, gptq_device) if recipe.weight_method == "gptq" and names else {}
             cur_stage = st
         tensors = {}
@@ -275,17 +291,25 @@ def iter_quantized_tensors(
     *,
     derive: bool = False,
     float_dtype: torch.dtype | None = None,
+    scale_dtype: torch.dtype | None = None,
     gptq_report: dict[str, dict[str, float]] | None = None,
     gptq_device: torch.device | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Yield ``(name, tensor, "W8A8"|"FLOAT")`` in msModelSlim's save order (``named_modules`` order); GPTQ
-    runs on ``gptq_device`` (default the CPU)."""
+    runs on ``gptq_device`` (default the CPU).
+
+    Every tensor is formed in float32; weight scales (and the int8 codes on their grid) in ``scale_dtype``
+    (default :data:`GRID_DTYPE`), the same for every format. The one rounding a format may add is the cast of
+    a float tensor (norms, embeddings, float Linears, biases) to ``float_dtype`` (default: the checkpoint
+    dtype), done once, here, on the float32 value.
+    """
     out_dtype = float_dtype or arch.ckpt.torch_dtype
-    for m in iter_modules(arch, cache, recipe, derive=derive, scale_dtype=out_dtype, gptq_report=gptq_report,
+    grid = scale_dtype or GRID_DTYPE
+    for m in iter_modules(arch, cache, recipe, derive=derive, scale_dtype=grid, gptq_report=gptq_report,
                           gptq_device=gptq_device):
         if m.act is not None:
             w, b = m.tensors[m.module + ".weight"], m.tensors.get(m.module + ".bias")
-            lq = quantize_linear(w, b, m.act.input_scale, m.act.input_offset, out_dtype, m.codes)
+            lq = quantize_linear(w, b, m.act.input_scale, m.act.input_offset, grid, m.codes)
             yield m.module + ".weight", lq.weight, W8A8
             if lq.bias is not None:
                 yield m.module + ".bias", lq.bias.to(out_dtype), FLOAT
@@ -301,7 +325,8 @@ def iter_quantized_tensors(
 
 
 def quantized_tensor_specs(
-    arch: LlavaArch, recipe: QuantRecipe, *, float_dtype: torch.dtype | None = None
+    arch: LlavaArch, recipe: QuantRecipe, *, float_dtype: torch.dtype | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every tensor :func:`iter_quantized_tensors` yields, in order, without values.
 
@@ -310,6 +335,7 @@ def quantized_tensor_specs(
     """
     ckpt = arch.ckpt
     out_dtype = float_dtype or ckpt.torch_dtype
+    grid = scale_dtype or GRID_DTYPE
     quantized = set(arch.quantized_linears(recipe.modules, recipe.float_linears))
     deq_dtype = torch.float32 if ckpt.torch_dtype == torch.bfloat16 else torch.int64
     specs = []
@@ -321,8 +347,8 @@ def quantized_tensor_specs(
             if "bias" in params:
                 specs.append((module + ".bias", out_dtype, (out,)))
             specs += [
-                (module + ".weight_scale", out_dtype, (out, 1)),
-                (module + ".weight_offset", out_dtype, (out, 1)),
+                (module + ".weight_scale", grid, (out, 1)),
+                (module + ".weight_offset", grid, (out, 1)),
                 (module + ".input_scale", torch.float32, (1,)),
                 (module + ".input_offset", torch.float32, (1,)),
                 (module + ".quant_bias", torch.int32, (out,)),
@@ -344,18 +370,20 @@ def iter_float_tensors(
     dequantize: bool = True,
     derive: bool = False,
     float_dtype: torch.dtype | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named float tensors with smoothing folded; quantized weights dequantized (``W_q·ws``) if asked.
+    """HF-named float tensors with smoothing folded; quantized weights dequantized (``W_q·ws``, in float32 on
+    the ``scale_dtype`` grid, then cast once to ``float_dtype``) if asked.
 
     With ``dequantize=False`` this is the smoothed float model, which must compute what the original
     does (smoothing is an exact re-parametrisation up to float rounding).
     """
     out_dtype = float_dtype or arch.ckpt.torch_dtype
     for m in iter_modules(arch, cache, recipe if dequantize else recipe.replace(weight_method="rtn"),
-                          derive=derive, scale_dtype=out_dtype):
+                          derive=derive, scale_dtype=scale_dtype or GRID_DTYPE):
         for name, t in m.tensors.items():
             if dequantize and m.act is not None and name == m.module + ".weight":
-                ws = weight_qparams(t).to(out_dtype).float()
+                ws = weight_qparams(t).to(scale_dtype or GRID_DTYPE).float()
                 t = (quantize_weight(t, ws) if m.codes is None else m.codes).float() * ws
             yield name, _handed_out(t, out_dtype, m.fresh)
 
@@ -381,7 +409,7 @@ def linear_errors(
         weights = arch.stage_tensors(st)
         plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
         apply_smoothing(weights, plan)
-        codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or arch.ckpt.torch_dtype) \
+        codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or GRID_DTYPE) \
             if recipe.weight_method == "gptq" else {}
         rows_key = arch.shared_inputs(st)  # Linears that share an input share one copy of its rows
         smooth = input_smoothing(plan)

@@ -220,7 +220,10 @@ def test_compressed_tensors_runs_in_newest_transformers(exports, interop, key):
     assert all("int8 static tensor asymmetric inputs" in k for k in info["quantized_modules"])
     assert info["input_scale_dtypes"] == ["float32"]
     res = assert_same_model(theirs, emulate(model, export, legacy, "static", image_token))
-    assert min(r["min_cosine"] for r in res.values()) >= 0.99999  # float rounding only
+    # float rounding only: with float32 weight scales (issue 30) transformers' W_q·ws is rounded once in float32 (with
+    # float16 scales it was exact), and a float difference at an int8 rounding boundary flips an activation code:
+    # measured 0.99996 at the worst position (same top-1 and greedy answers everywhere)
+    assert min(r["min_cosine"] for r in res.values()) >= 0.9999
     # the user's default load (the checkpoint dtype, fp16) also loads cleanly and gives finite logits
     info16, _ = run(f"{key}/ct-auto")
     assert_clean_load(info16)

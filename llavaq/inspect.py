@@ -3,7 +3,7 @@
 Reports the model, recipe, quantized/float module lists and a per-Linear table (weight-scale range,
 input scale/offset, clipping ratio when cache statistics are at hand), smoothing statistics and
 outlier channels (cache), then runs the consistency checks of
-:meth:`llavaq.formats.reader.QuantizedModelView.check`. Exit code 0 when consistent, 1 with a
+:meth:`llavaq.formats.QuantizedModelView.check`. Exit code 0 when consistent, 1 with a
 one-line ``error:`` naming the first problem tensor/file otherwise. ``--json`` prints only JSON.
 """
 

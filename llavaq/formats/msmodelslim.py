@@ -99,7 +99,7 @@ class MsModelSlimView(QuantizedModelView):
         return TensorFiles(self.path, WEIGHT_PREFIX), quantized
 
     def linear(self, name: str) -> QuantizedLinearView:
-        from llavaq.quant.state import unpack_deq_scale
+        from llavaq.quant.kernel import unpack_deq_scale
 
         ws = self._p(name, "weight_scale")
         s = self._p(name, "input_scale").float().reshape(1)

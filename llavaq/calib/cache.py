@@ -62,7 +62,7 @@ def _fsync_directory(path: Path) -> None:
         pass
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` through a temp file, flushed to the disk, renamed, and the rename flushed."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -79,11 +79,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save
 
     data = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
 
 
 class SessionCache:
@@ -174,7 +174,7 @@ class SessionCache:
         following streams are missing, and the sealed streams say which stage they follow
         (``seal_streams(stages_done)``), so a resume never feeds a layer the wrong hidden states.
         """
-        _atomic_save_tensors(self.stage_file(stage), tensors)
+        atomic_save_tensors(self.stage_file(stage), tensors)
         if seal_streams is not None:
             seal_streams(len(self.manifest["stages_done"]) + (stage not in self.manifest["stages_done"]))
         if stage not in self.manifest["stages_done"]:
@@ -203,4 +203,4 @@ class SessionCache:
         (self.path / "streams.safetensors").unlink(missing_ok=True)  # the single resume file of earlier versions
 
     def save_manifest(self) -> None:
-        _atomic_write_bytes(self.path / "manifest.json", json.dumps(self.manifest, indent=2).encode())
+        atomic_write_bytes(self.path / "manifest.json", json.dumps(self.manifest, indent=2).encode())

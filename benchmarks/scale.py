@@ -225,7 +225,7 @@ def parse_recipe(text: str) -> dict:
 
 
 def phase_quantize(model: Path, images: Path, work: Path, m2_search: str, recipe_fields: str = "") -> dict:
-    import llavaq.calib.engine as engine
+    import llavaq.calib.smoothing as engine  # where the engine calls os_plus_search
     from llavaq import api
     from llavaq.recipe import QuantRecipe
 

@@ -3,7 +3,7 @@
 Reports the model, recipe, quantized/float module lists and a per-Linear table (weight-scale range,
 input scale/offset, clipping ratio when cache statistics are at hand), smoothing statistics and
 outlier channels (cache), then runs the consistency checks of
-:meth:`llavaq.formats.reader.QuantizedModelView.check`. Exit code 0 when consistent, 1 with a
+:meth:`llavaq.formats.QuantizedModelView.check`. Exit code 0 when consistent, 1 with a
 one-line ``error:`` naming the first problem tensor/file otherwise. ``--json`` prints only JSON.
 """
 
@@ -18,10 +18,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from llavaq.cache_stats import OUTLIER_FACTOR, cache_statistics, outlier_channels
 from llavaq.errors import LlavaqError, OutputError
+from llavaq.formats import get_format, read_quantized
+
+__all__ = ["OUTLIER_FACTOR", "architecture", "cache_statistics", "gptq_summary", "inspect_cache", "inspect_output",
+           "inspect_path", "outlier_channels", "run_inspect"]
 
 RECORD_NAME = "llavaq_record.json"
-OUTLIER_FACTOR = 6.0  # a channel is an outlier when its float |x|max exceeds 6× the median channel's
 
 
 def _f(x: Any) -> Any:
@@ -33,13 +37,6 @@ def _f(x: Any) -> Any:
     return x
 
 
-def outlier_channels(mn: torch.Tensor, mx: torch.Tensor, factor: float = OUTLIER_FACTOR) -> list[int]:
-    """Channels whose float absmax exceeds ``factor`` × the median channel absmax."""
-    amax = torch.maximum(mn.abs(), mx.abs()).float()
-    med = amax.median()
-    return [int(i) for i in (amax > factor * med).nonzero().flatten()] if med > 0 else []
-
-
 def gptq_summary(errors: dict[str, dict[str, float]]) -> str:
     """One line: how much GPTQ lowered the Linears' output error on the calibration inputs vs rounding to nearest."""
     ratios = sorted(e["gptq"] / e["rtn"] for e in errors.values() if e.get("rtn"))
@@ -48,85 +45,6 @@ def gptq_summary(errors: dict[str, dict[str, float]]) -> str:
     med = ratios[len(ratios) // 2]
     return (f"GPTQ: output error on the calibration inputs {(1 - med) * 100:.0f} % below round-to-nearest "
             f"(median of {len(ratios)} Linears; {(1 - ratios[-1]) * 100:.0f}–{(1 - ratios[0]) * 100:.0f} %)")
-
-
-# ---------------------------------------------------------------------------------- cache statistics
-def cache_statistics(cache_path: Path) -> dict[str, Any]:
-    """Per-Linear activation params, clipping ratios and outliers, and per-group smoothing stats.
-
-    Clipping ratio = calibrated range ``x_max − x_min`` / the float model's full range of the same
-    (smoothed) input over all samples; < 1 means the observer clipped outliers.
-    """
-    from llavaq.api import open_model
-    from llavaq.calib.cache import SessionCache
-
-    cache = SessionCache.load(cache_path)
-    man = cache.manifest
-    records = {st: cache.read_stage(st) for st in man.get("stages_done", [])}
-    try:
-        arch = open_model(man.get("model_path", ""))
-    except (LlavaqError, OSError):
-        arch = None  # model moved: smoothing can't be mapped to its Linears, report raw stats
-    group_of: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    first_of: dict[str, str] = {}
-    if arch is not None:
-        for st in arch.stages():
-            rec = records.get(st.name, {})
-            for g in arch.smooth_groups(st):
-                if f"smooth.{g.name}.scale" in rec:
-                    for lin in g.linears:
-                        group_of[lin] = (rec[f"smooth.{g.name}.scale"], rec.get(f"smooth.{g.name}.shift"))
-                first_of[g.name] = g.linears[0]
-    linears: dict[str, dict[str, Any]] = {}
-    groups: list[dict[str, Any]] = []
-    for stage, rec in records.items():
-        for key in rec:
-            if key.startswith("act.") and key.endswith(".input_scale"):
-                lin = key[len("act."): -len(".input_scale")]
-                d: dict[str, Any] = {"stage": stage}
-                for k in ("input_scale", "input_offset", "x_min", "x_max"):
-                    d[k] = float(rec[f"act.{lin}.{k}"].item())
-                mn, mx = rec.get(f"float.{lin}.min"), rec.get(f"float.{lin}.max")
-                if mn is not None and mx is not None:
-                    d["outlier_channels"] = outlier_channels(mn, mx)
-                    sm = group_of.get(lin)
-                    if sm is not None or arch is not None:
-                        if sm is not None:
-                            z = sm[1] if sm[1] is not None else torch.zeros_like(sm[0])
-                            lo, hi = float(((mn - z) / sm[0]).min()), float(((mx - z) / sm[0]).max())
-                        else:
-                            lo, hi = float(mn.min()), float(mx.max())
-                        lo, hi = min(lo, 0.0), max(hi, 0.0)
-                        d["float_range"] = [lo, hi]
-                        rng = max(d["x_max"], 0.0) - min(d["x_min"], 0.0)
-                        d["clip_ratio"] = rng / (hi - lo) if hi > lo else None
-                linears[lin] = d
-            elif key.startswith("smooth.") and key.endswith(".scale"):
-                gname = key[len("smooth."): -len(".scale")]
-                s = rec[key].float()
-                g = {"group": gname, "stage": stage, "channels": s.numel(), "scale_min": float(s.min()),
-                     "scale_max": float(s.max()), "scale_mean": float(s.mean()),
-                     "shift": f"smooth.{gname}.shift" in rec}
-                if f"m2.{gname}.threshold" in rec:  # what the m2 search found (caches since llavaq 0.1.0)
-                    g.update({f"m2_{k}": float(rec[f"m2.{gname}.{k}"])
-                              for k in ("threshold", "loss", "evals", "screened", "grid") if f"m2.{gname}.{k}" in rec})
-                first = first_of.get(gname)
-                if first and f"float.{first}.min" in rec:
-                    g["outlier_channels"] = outlier_channels(rec[f"float.{first}.min"], rec[f"float.{first}.max"])
-                groups.append(g)
-    moments = {k[len("hess."): -len(".cov")]: rec[k].numel() * rec[k].element_size()
-               for rec in records.values() for k in rec if k.startswith("hess.") and k.endswith(".cov")}
-    problems = []
-    if not cache.complete:
-        problems.append(f"{cache.path / 'manifest.json'}: calibration is incomplete "
-                        f"({len(records)} stage(s) done); run calibrate to resume")
-    for lin, d in linears.items():
-        if not all(math.isfinite(d[k]) for k in ("input_scale", "input_offset", "x_min", "x_max")):
-            problems.append(f"{cache.stage_file(d['stage']).name}: act.{lin} has NaN/Inf")
-        elif d["input_offset"] != round(d["input_offset"]) or not -128 <= d["input_offset"] <= 127:
-            problems.append(f"{cache.stage_file(d['stage']).name}: act.{lin}.input_offset is not an int8 value")
-    return {"manifest": man, "linears": linears, "groups": groups, "problems": problems,
-            "model_found": arch is not None, "input_moments": {"inputs": len(moments), "bytes": sum(moments.values())}}
 
 
 def architecture(config: dict[str, Any] | None) -> str | None:
@@ -142,22 +60,15 @@ def architecture(config: dict[str, Any] | None) -> str | None:
 
 # ---------------------------------------------------------------------------------- reports
 def inspect_output(path: Path) -> dict[str, Any]:
-    from llavaq.formats import get_format
-    from llavaq.formats.reader import read_quantized
-
+    """The report of a quantized output directory (any format): recipe, per-Linear table, problems."""
     view = read_quantized(path)
     rec = view.record or {}
-    stats = None
     cache = rec.get("cache")
-    if cache and (Path(cache) / "manifest.json").is_file():
-        try:
-            stats = cache_statistics(Path(cache))
-        except LlavaqError:
-            stats = None
-    layers = []
+    stats = _record_cache_statistics(cache)
     gptq = rec.get("gptq") if isinstance(rec.get("gptq"), dict) else None
     gptq_errors = (gptq or {}).get("error") or {}
     problems: list[str] = view.check() + _rotation_problems(view, rec)
+    layers = []
     for name in view.quantized:
         try:
             lv = view.linear(name)
@@ -165,24 +76,9 @@ def inspect_output(path: Path) -> dict[str, Any]:
             if not problems:
                 problems.append(e.message)
             continue
-        ws = lv.weight_scale.float()
-        row = {"name": name, "weight_scale_min": _f(float(ws.min())), "weight_scale_max": _f(float(ws.max())),
-               "input_scale": _f(float(lv.input_scale.item())), "input_offset": _f(float(lv.input_offset.item()))}
-        err = gptq_errors.get(name)
-        if err:
-            row["weight_error_rtn"], row["weight_error_gptq"] = _f(err["rtn"]), _f(err["gptq"])
-        if lv.activation != "static":  # per-token scales computed at run time, or float inputs (weight-only)
-            row["input_scale"] = row["input_offset"] = "per-token" if lv.activation == "dynamic" else "float"
-        row["activation"] = lv.activation
-        cs = (stats or {}).get("linears", {}).get(name) if stats else None
-        if cs and not rec.get("derived_from_cache"):
-            if "clip_ratio" in cs:
-                row["clip_ratio"] = _f(cs["clip_ratio"])
-            if "outlier_channels" in cs:
-                row["outlier_channels"] = cs["outlier_channels"]
-        layers.append(row)
+        cs = (stats or {}).get("linears", {}).get(name) if stats and not rec.get("derived_from_cache") else None
+        layers.append(_layer_row(lv, gptq_errors.get(name), cs))
     cfg = view.config or {}
-    model = rec.get("model_path") or cfg.get("_name_or_path") or "?"
     tuning = _tuning_table(path, problems)
     return {
         "kind": "output",
@@ -190,7 +86,7 @@ def inspect_output(path: Path) -> dict[str, Any]:
         "format": view.format,
         "format_description": get_format(view.format).description,
         "written_by": _written_by(view, path),
-        "model": model,
+        "model": rec.get("model_path") or cfg.get("_name_or_path") or "?",
         "architecture": architecture(cfg),
         "recipe": rec.get("recipe") or cfg.get("quantization_config"),
         "rotation": rec.get("rotation"),
@@ -208,6 +104,34 @@ def inspect_output(path: Path) -> dict[str, Any]:
         "problems": problems,
         "ok": not problems,
     }
+
+
+def _record_cache_statistics(cache: str | None) -> dict[str, Any] | None:
+    """The statistics of the cache an output's record points to, when it is still there and readable."""
+    if not cache or not (Path(cache) / "manifest.json").is_file():
+        return None
+    try:
+        return cache_statistics(Path(cache))
+    except LlavaqError:
+        return None
+
+
+def _layer_row(lv: Any, err: dict[str, float] | None, cs: dict[str, Any] | None) -> dict[str, Any]:
+    """One quantized Linear's row: scales, GPTQ error, and the cache's clipping ratio / outliers (``cs``)."""
+    ws = lv.weight_scale.float()
+    row = {"name": lv.name, "weight_scale_min": _f(float(ws.min())), "weight_scale_max": _f(float(ws.max())),
+           "input_scale": _f(float(lv.input_scale.item())), "input_offset": _f(float(lv.input_offset.item()))}
+    if err:
+        row["weight_error_rtn"], row["weight_error_gptq"] = _f(err["rtn"]), _f(err["gptq"])
+    if lv.activation != "static":  # per-token scales computed at run time, or float inputs (weight-only)
+        row["input_scale"] = row["input_offset"] = "per-token" if lv.activation == "dynamic" else "float"
+    row["activation"] = lv.activation
+    if cs:
+        if "clip_ratio" in cs:
+            row["clip_ratio"] = _f(cs["clip_ratio"])
+        if "outlier_channels" in cs:
+            row["outlier_channels"] = cs["outlier_channels"]
+    return row
 
 
 def _written_by(view, path: Path) -> str:

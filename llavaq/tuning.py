@@ -349,10 +349,10 @@ class ScoreStore:
         return obj if isinstance(obj, dict) else None
 
     def put(self, key: str, obj: dict[str, Any]) -> None:
-        from llavaq.calib.cache import _atomic_write_bytes
+        from llavaq.calib.cache import atomic_write_bytes
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.dir / f"{key}.json", json.dumps(obj, indent=1, default=str).encode())
+        atomic_write_bytes(self.dir / f"{key}.json", json.dumps(obj, indent=1, default=str).encode())
 
     @property
     def scratch(self) -> Path:

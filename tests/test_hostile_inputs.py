@@ -560,7 +560,7 @@ def test_disk_full_mid_write(existing, tiny_model, full_cache, io_dirs, capsys, 
         (save / "config.json").write_text("{}")
         before = snapshot(save)
     written: list[str] = []
-    real = sharding._open_shard
+    real = sharding.open_shard
 
     def open_shard(path, metadata, specs, label):
         if written:
@@ -568,7 +568,7 @@ def test_disk_full_mid_write(existing, tiny_model, full_cache, io_dirs, capsys, 
         written.append(path)
         return real(path, metadata, specs, label)
 
-    monkeypatch.setattr(sharding, "_open_shard", open_shard)
+    monkeypatch.setattr(sharding, "open_shard", open_shard)
     args = export_args(tiny_model, full_cache, save, "--part_file_size", "0.00005")
     res = cli(capsys, *args, *(["--overwrite"] if existing else []))
     line = assert_error(res, "no space left", f"{save}/quant_model_weight_w8a8 shard 2",
@@ -576,7 +576,7 @@ def test_disk_full_mid_write(existing, tiny_model, full_cache, io_dirs, capsys, 
     assert ".llavaq-tmp-" not in line  # names the user's file, not our temp dir
     assert len(written) == 1  # the first shard was written before the disk "filled"
     assert_no_output(save, before)
-    monkeypatch.setattr(sharding, "_open_shard", real)
+    monkeypatch.setattr(sharding, "open_shard", real)
     res = cli(capsys, *args, "--overwrite")  # after freeing space the same command succeeds
     assert res.code == 0, res.err
     assert len(list(save.glob("quant_model_weight_w8a8-000*-of-*.safetensors"))) >= 2
@@ -699,7 +699,7 @@ def test_interrupt_during_export(tiny_model, full_cache, io_dirs, capsys, monkey
     import llavaq.formats.sharding as sharding
 
     _, save = io_dirs
-    real = sharding._open_shard
+    real = sharding.open_shard
     calls = []
 
     def open_shard(path, metadata, specs, label):
@@ -708,7 +708,7 @@ def test_interrupt_during_export(tiny_model, full_cache, io_dirs, capsys, monkey
             raise KeyboardInterrupt  # what SIGINT's default handler raises, here mid-export
         return real(path, metadata, specs, label)
 
-    monkeypatch.setattr(sharding, "_open_shard", open_shard)
+    monkeypatch.setattr(sharding, "open_shard", open_shard)
     args = export_args(tiny_model, full_cache, save, "--part_file_size", "0.00005")
     res = cli(capsys, *args)
     assert res.code == 130 and "Traceback" not in res.err

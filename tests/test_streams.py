@@ -166,7 +166,7 @@ class LiveStreams:
 
     def __init__(self, monkeypatch) -> None:
         self.live = self.peak = 0
-        real_append, real_read = StateList.append, streams_mod._read_tensor
+        real_append, real_read = StateList.append, streams_mod.read_tensor
 
         def append(lst, t):
             self._track(t)
@@ -176,7 +176,7 @@ class LiveStreams:
             return self._track(real_read(path))
 
         monkeypatch.setattr(StateList, "append", append)
-        monkeypatch.setattr(streams_mod, "_read_tensor", read)
+        monkeypatch.setattr(streams_mod, "read_tensor", read)
 
     def _track(self, t):
         if t is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -127,58 +127,73 @@ def llama_qkv_block(
     (verified: with ``None`` it matches an explicit causal mask, not "no mask").  Parts: groups of
     key/value heads with their query heads.
     """
-    n_rep = num_heads // num_kv_heads
-    cos = cos_cached[position_ids].unsqueeze(1)  # the same for every candidate: computed once
-    sin = sin_cached[position_ids].unsqueeze(1)
-    masks: dict[tuple[int, torch.dtype], Tensor] = {}
-    inv_norm = math.sqrt(head_dim)
+    attn = _LlamaQKV(num_heads, num_kv_heads, head_dim, cos_cached[position_ids].unsqueeze(1),
+                     sin_cached[position_ids].unsqueeze(1), attention_mask)  # cos/sin: computed once
+    return Block(attn.post, bias, screen=attn.screen_heads(num_kv_heads), partition=attn.partition)
 
-    def rotated_heads(y: Tensor, kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+
+@dataclass
+class _LlamaQKV:
+    """The attention of :func:`llama_qkv_block` on the q/k/v linear output ``y`` (RoPE, softmax, values)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    cos: Tensor
+    sin: Tensor
+    attention_mask: Tensor | None
+    masks: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)  # causal masks by (n, dtype)
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def rotated_heads(self, y: Tensor, kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
         b, n, _ = y.shape
-        heads = kv_heads * n_rep
+        heads, head_dim = kv_heads * self.n_rep, self.head_dim
         q, k, v = torch.split(y, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
         q = q.view(b, n, heads, head_dim).transpose(1, 2)
         k = k.view(b, n, kv_heads, head_dim).transpose(1, 2)
         v = v.view(b, n, kv_heads, head_dim).transpose(1, 2)
+        cos, sin = self.cos, self.sin
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
-    def post(y: Tensor) -> Tensor:
+    def post(self, y: Tensor) -> Tensor:
         b, n, _ = y.shape
-        q, k, v = rotated_heads(y, num_kv_heads)
-        k = _repeat_kv(k, n_rep)
-        v = _repeat_kv(v, n_rep)
-        attn = torch.matmul(q, k.transpose(2, 3)).div_(inv_norm)
-        if attention_mask is not None:
-            mask = attention_mask
+        q, k, v = self.rotated_heads(y, self.num_kv_heads)
+        k = _repeat_kv(k, self.n_rep)
+        v = _repeat_kv(v, self.n_rep)
+        attn = torch.matmul(q, k.transpose(2, 3)).div_(math.sqrt(self.head_dim))
+        if self.attention_mask is not None:
+            mask = self.attention_mask
         else:
-            mask = masks.get((n, attn.dtype))
+            mask = self.masks.get((n, attn.dtype))
             if mask is None:
-                mask = masks.setdefault((n, attn.dtype), causal_mask(n, attn.dtype, attn.device))
+                mask = self.masks.setdefault((n, attn.dtype), causal_mask(n, attn.dtype, attn.device))
         attn.add_(mask)
         attn = F.softmax(attn, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(attn, v)
-        return out.transpose(1, 2).reshape(b, n, num_heads * head_dim)
+        return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
 
-    def screen_heads(kv_heads: int) -> Callable[[Tensor], Tensor]:
+    def screen_heads(self, kv_heads: int) -> Callable[[Tensor], Tensor]:
         def screen(y: Tensor) -> Tensor:
             b, n, _ = y.shape
-            q, k, v = rotated_heads(y, kv_heads)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
-                                                 is_causal=attention_mask is None, enable_gqa=n_rep > 1)
-            return out.transpose(1, 2).reshape(b, n, kv_heads * n_rep * head_dim)
+            q, k, v = self.rotated_heads(y, kv_heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attention_mask,
+                                                 is_causal=self.attention_mask is None, enable_gqa=self.n_rep > 1)
+            return out.transpose(1, 2).reshape(b, n, kv_heads * self.n_rep * self.head_dim)
 
         return screen
 
-    def partition(rows: int) -> list[BlockPart]:
-        q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
+    def partition(self, rows: int) -> list[BlockPart]:
+        n_rep, head_dim = self.n_rep, self.head_dim
+        q_rows, kv_rows = self.num_heads * head_dim, self.num_kv_heads * head_dim
         out = []
-        for a, b in _ranges(num_kv_heads, (n_rep + 2) * head_dim):
+        for a, b in _ranges(self.num_kv_heads, (n_rep + 2) * head_dim):
             idx = torch.cat([_span(0, a, b, n_rep * head_dim), _span(q_rows, a, b, head_dim),
                              _span(q_rows + kv_rows, a, b, head_dim)])
-            out.append(BlockPart(idx, slice(a * n_rep * head_dim, b * n_rep * head_dim), screen_heads(b - a)))
+            out.append(BlockPart(idx, slice(a * n_rep * head_dim, b * n_rep * head_dim), self.screen_heads(b - a)))
         return out
-
-    return Block(post, bias, screen=screen_heads(num_kv_heads), partition=partition)
 
 
 def gate_up_block(act_fn: Callable[[Tensor], Tensor]) -> Block:

@@ -19,6 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llavaq.algorithms.blocks import Block
+from llavaq.algorithms.migration import (
+    act_qparams,
+    fake_quant_act_,
+    fake_quant_weight_,
+    migration_fake_quant_act,
+    migration_fake_quant_weight,
+    scale_for_threshold,
+)
 from llavaq.quant.int8 import EPS
 from llavaq.recipe import M2_SEARCH_MODES
 
@@ -38,59 +46,11 @@ __all__ = [
 BlockFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def scale_for_threshold(cmx: Tensor, cmn: Tensor, t: float) -> Tensor:
-    """Per-channel scale (>= 1) that brings channel ranges ``[cmn, cmx]`` inside ``[-t, t]``.
-
-    ``t`` is a python float (as in the kernel's search loop).
-    """
-    one = torch.ones_like(cmx)
-    up = torch.where(cmx > t, cmx / t, one)
-    down = torch.where(cmn < -t, cmn / (-t), one)
-    return torch.max(up, down)
-
-
-def migration_fake_quant_act(x: Tensor, t: float, bits: int = 8) -> Tensor:
-    """Asymmetric per-tensor uint8 fake quant over ``[-t, t]`` (division-based, as in the kernel).
-
-    ``t`` is first cast to ``x.dtype``; scale and zero point are computed in that dtype.
-    """
-    return _fake_quant_act_(x.clone(), t, bits)
-
-
-def _act_qparams(t: float, x: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    """Scale and zero point of the uint8 grid over ``[-t, t]``, computed in ``x``'s dtype as the kernel does."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    scale = torch.clamp((t + t) / qmax, min=EPS)
-    return scale, torch.clamp(0 - torch.round(-t / scale), 0, qmax)
-
-
-def _fake_quant_act_(x: Tensor, t: float, bits: int = 8) -> Tensor:
-    """:func:`migration_fake_quant_act` in place on ``x`` (same operations in the same order)."""
-    qmax = 2**bits - 1
-    scale, zp = _act_qparams(t, x, qmax)
-    return x.div_(scale).round_().add_(zp).clamp_(0, qmax).sub_(zp).mul_(scale)
-
-
-def migration_fake_quant_weight(w: Tensor, bits: int = 8) -> Tensor:
-    """Symmetric per-output-row fake quant with ``scale = max(|min|, |max|) / 127`` (>= EPS)."""
-    return _fake_quant_weight_(w.clone(), bits)
-
-
-def _fake_quant_weight_(w: Tensor, bits: int = 8) -> Tensor:
-    """:func:`migration_fake_quant_weight` in place on ``w`` (same operations in the same order)."""
-    qmax = 2 ** (bits - 1) - 1
-    zero = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    mn, mx = torch.aminmax(w, dim=1)
-    mn, mx = torch.minimum(mn, zero), torch.maximum(mx, zero)
-    scale = torch.clamp(torch.maximum(-mn, mx) / qmax, min=EPS).unsqueeze(1)
-    return w.div_(scale).round_().clamp_(-qmax, qmax).mul_(scale)
-
-
 def _candidate_loss(x: Tensor, weight: Tensor, block_fn: BlockFn, cmx: Tensor, cmn: Tensor, t: float,
                     y_ref: Tensor) -> Tensor:
     """``((block_fn(fq(x/s), fq(W·s)) − y_ref)²).sum(−1).mean()`` for threshold ``t`` (0-d tensor)."""
     s = scale_for_threshold(cmx, cmn, t)
-    y = block_fn(_fake_quant_act_(x / s, t), _fake_quant_weight_(weight * s))
+    y = block_fn(fake_quant_act_(x / s, t), fake_quant_weight_(weight * s))
     y.sub_(y_ref)
     return y.mul_(y).sum(-1).mean()
 
@@ -396,7 +356,7 @@ class IntegerScreen:
         their scale, and ``128 - zero point`` (0 or 1)."""
         x = self.x
         s = scale_for_threshold(cmx, cmn, t)
-        sa, zp = _act_qparams(t, x, 255)
+        sa, zp = act_qparams(t, x, 255)
         q = (x / s).div_(sa).round_().add_(zp).clamp_(0, 255).sub_(128).to(torch.int8).reshape(-1, x.shape[-1])
         return s, q, sa, int(128 - zp.item())  # q - zp = (q - 128) + shift
 

@@ -70,7 +70,7 @@ def _fsync_directory(path: Path) -> None:
         pass
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` through a temp file, flushed to the disk, renamed, and the rename flushed."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -87,12 +87,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """Write a safetensors file atomically; its sha256."""
     from safetensors.torch import save
 
     data = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -233,7 +233,7 @@ class SessionCache:
         following streams are missing, and the sealed streams say which stage they follow
         (``seal_streams(stages_done)``), so a resume never feeds a layer the wrong hidden states.
         """
-        digest = _atomic_save_tensors(self.stage_file(stage), tensors)
+        digest = atomic_save_tensors(self.stage_file(stage), tensors)
         self.manifest.setdefault("files", {})[self.stage_file(stage).name] = digest
         if seal_streams is not None:
             seal_streams(len(self.manifest["stages_done"]) + (stage not in self.manifest["stages_done"]))
@@ -273,4 +273,4 @@ class SessionCache:
 
     def save_manifest(self) -> None:
         self.manifest["checksum"] = manifest_checksum(self.manifest)
-        _atomic_write_bytes(self.path / "manifest.json", json.dumps(self.manifest, indent=2).encode())
+        atomic_write_bytes(self.path / "manifest.json", json.dumps(self.manifest, indent=2).encode())

@@ -22,13 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llavaq.algorithms.blocks import Block, clip_fc1_block, clip_qkv_block, gate_up_block, llama_qkv_block
-from llavaq.algorithms.m2 import os_plus_search
-from llavaq.algorithms.smoothing import channel_shift, fold_pair, fold_scale, fold_shift
-from llavaq.algorithms.smoothquant import smoothquant_group
 from llavaq.calib.cache import SessionCache
 from llavaq.calib.fakequant import FakeQuantLinear, InputRecorder, set_submodule
 from llavaq.calib.samples import Sample
+from llavaq.calib.smoothing import LayerSmoothing
 from llavaq.calib.streams import Generation, Streams, StreamStore, default_stream_budget
 from llavaq.errors import LlavaqError
 from llavaq.memory import IdleMemoryTrimmer
@@ -51,7 +48,7 @@ class ForwardCounter:
     count = 0
 
 
-class CalibrationEngine:
+class CalibrationEngine(LayerSmoothing):
     def __init__(
         self,
         arch: LlavaArch,
@@ -246,46 +243,66 @@ class CalibrationEngine:
         """
         layer = self.arch.build_stage(stage).to(self.device)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        groups = self.arch.smooth_groups(stage)
         m2_groups = self._m2_groups(stage)
-        record: dict[str, torch.Tensor] = {}
         on_features = stage.kind == "projector"
-        head = stage.kind == "vision_head"
-        src_flt, src_fq = (s.feat_flt, s.feat_fq) if on_features else (s.flt, s.fq)
-        self.progress.sub(stage.name, total=len(src_fq) * 2 + (1 if m2_groups else 0))
-
-        def outputs(key: str):
-            return [] if head else gen.new_list(key)  # the head's outputs are dropped
-
+        self.progress.sub(stage.name, total=len(s.feat_fq if on_features else s.fq) * 2 + (1 if m2_groups else 0))
         # 1. float statistics on the original layer (all samples); input moments for GPTQ if asked
+        out, float_stats = self._float_pass(stage, layer, linears, s, gen)
+        record: dict[str, torch.Tensor] = {self._full(stage, k): v for k, v in float_stats.items()}
+        # 2. anti-outlier smoothing (m2 also carries sample 0 through the smoothed layer)
+        m2_out = self._smooth_stage(stage, layer, m2_groups, float_stats, s, record)
+        # 3. fake-quant calibration (all samples, in order)
+        fq_out = self._fake_quant_pass(stage, layer, linears, s, gen, record)
+        # 4. advance the streams
+        if on_features:
+            s.feat_fq, s.feat_flt, s.feat_m2 = fq_out, out, m2_out
+        elif stage.kind != "vision_head":
+            s.fq, s.flt, s.m2 = fq_out, out, m2_out
+            if stage.kind == "vision_layer":
+                self._maybe_capture(s, stage.index + 1, gen)
+        del layer
+        return record
+
+    @staticmethod
+    def _outputs(stage: Stage, gen: Generation, key: str) -> list:
+        """The new stream list ``key`` (``feat_``-prefixed for the projector); the vision head's are dropped."""
+        if stage.kind == "vision_head":
+            return []
+        return gen.new_list(("feat_" if stage.kind == "projector" else "") + key)
+
+    def _float_pass(self, stage: Stage, layer: nn.Module, linears: dict[str, nn.Linear], s: Streams,
+                    gen: Generation) -> tuple[list, dict[str, torch.Tensor]]:
+        """Every sample through the float layer: its outputs and the float statistics (input moments if asked)."""
         moments_for = sorted({self.arch.shared_inputs(stage)[n][len(stage.prefix):]
                               for n in self.quantized if stage.owns(n)}) if self.recipe.input_moments else ()
         rec = InputRecorder(linears, self.rows_per_call, moments_for)
         weights = self._token_weights() if moments_for and stage.kind == "text_layer" else None
-        out = outputs("feat_flt" if on_features else "flt")
-        for j, h in enumerate(src_flt):
+        out = self._outputs(stage, gen, "flt")
+        for j, h in enumerate(s.feat_flt if stage.kind == "projector" else s.flt):
             rec.row_weights = None if weights is None else weights[j]
             out.append(self._forward(stage, layer, h, j, s))
             self.progress.sub_advance()
         rec.remove()
         float_stats = rec.result()
-        for g in groups:  # Linears of one group share their input: keep one copy of the rows
+        for g in self.arch.smooth_groups(stage):  # Linears of one group share their input: keep one copy of the rows
             for name in g.linears[1:]:
                 float_stats.pop(f"float.{name[len(stage.prefix):]}.rows", None)
-        record.update({self._full(stage, k): v for k, v in float_stats.items()})
+        return out, float_stats
 
-        # 2. anti-outlier smoothing (m2 also carries sample 0 through the smoothed layer)
-        method = self.recipe.anti_outlier
-        m2_in = s.feat_m2 if on_features else s.m2
+    def _smooth_stage(self, stage: Stage, layer: nn.Module, m2_groups: list[SmoothGroup], float_stats: dict,
+                      s: Streams, record: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Fold the recipe's smoothing into ``layer`` and record it; returns sample 0's m2 stream output."""
+        groups = self.arch.smooth_groups(stage)
+        m2_in = s.feat_m2 if stage.kind == "projector" else s.m2
         m2_out = None
         if m2_groups:
             m2_out, smooth = self._m2_layer(stage, layer, m2_in, s, m2_groups)
             self.progress.sub_advance()
-        elif method == "m1" and groups:
+        elif self.recipe.anti_outlier == "m1" and groups:
             smooth = self._m1_layer(stage, layer, groups, float_stats)
         else:
             smooth = {}
-            if m2_in is not None and not head:  # a layer m2 leaves as it is: sample 0 through it, float
+            if m2_in is not None and stage.kind != "vision_head":  # a layer m2 leaves as it is: sample 0, float
                 m2_out = self._forward(stage, layer, m2_in, 0, s, count=False)
         if self.recipe.smooth_vo:  # Linear -> Linear groups, after the norm groups (exact in float either way)
             smooth.update(self._pair_layer(stage, layer, float_stats))
@@ -297,16 +314,19 @@ class CalibrationEngine:
                 record[f"smooth.{gname}.alpha"] = torch.tensor([self.alphas[gname]], dtype=torch.float64)
             if shift is not None:
                 record[f"smooth.{gname}.shift"] = shift
+        return m2_out
 
-        # 3. fake-quant calibration (all samples, in order)
+    def _fake_quant_pass(self, stage: Stage, layer: nn.Module, linears: dict[str, nn.Linear], s: Streams,
+                         gen: Generation, record: dict[str, torch.Tensor]) -> list:
+        """Every sample through the smoothed layer with fake-quant Linears; records their observers' results."""
         fq_mods = {}
         for rel, lin in linears.items():
             full = stage.prefix + rel
             if full in self.quantized:
                 fq_mods[full] = FakeQuantLinear(lin, self.recipe.observer)
                 set_submodule(layer, rel, fq_mods[full])
-        fq_out = outputs("feat_fq" if on_features else "fq")
-        for j, h in enumerate(src_fq):
+        fq_out = self._outputs(stage, gen, "fq")
+        for j, h in enumerate(s.feat_fq if stage.kind == "projector" else s.fq):
             fq_out.append(self._forward(stage, layer, h, j, s))
             self.progress.sub_advance()
         for full, m in fq_mods.items():
@@ -316,126 +336,9 @@ class CalibrationEngine:
             record[f"act.{full}.x_max"] = m.x_max.reshape(1).float()
             for k, v in m.observer.state_dict().items():
                 record[f"obs.{full}.{k}"] = v
-
-        # 4. advance the streams
-        if on_features:
-            s.feat_fq, s.feat_flt, s.feat_m2 = fq_out, out, m2_out
-        elif not head:
-            s.fq, s.flt, s.m2 = fq_out, out, m2_out
-            if stage.kind == "vision_layer":
-                self._maybe_capture(s, stage.index + 1, gen)
-        del layer
-        return record
+        return fq_out
 
     @staticmethod
     def _full(stage: Stage, key: str) -> str:
         kind, _, rest = key.partition(".")
         return f"{kind}.{stage.prefix}{rest}"
-
-    # ------------------------------------------------------------------ smoothing per layer
-    def _m2_layer(self, stage: Stage, layer: nn.Module, h: torch.Tensor, s: Streams, m2_groups: list[SmoothGroup]):
-        """Sample 0 through a pre-norm layer, searching and folding each group's smoothing on the way
-        (msModelSlim's wrappers: the attention group before the attention runs, the MLP group before
-        the MLP runs), with the family's roles naming the modules."""
-        fam = self.arch.family(stage)
-        r = fam.roles
-        text = stage.kind == "text_layer"
-        h = h.to(self.device)
-        mask = pos = None
-        if text:
-            mask = s.masks[0].to(self.device) if s.masks[0] is not None else None
-            pos = s.positions[0].to(self.device)
-        attn_group, mlp_group = self.arch.smooth_groups(stage)
-        chosen = {g.name for g in m2_groups}
-        smooth: dict = {}
-        residual = h
-        x = layer.get_submodule(r.attn_norm)(h)
-        if attn_group.name in chosen:
-            x = self._m2_group(stage, layer, attn_group, x, smooth, mask, pos)
-        attn = layer.get_submodule(r.attn)
-        x = fam.call_attention(attn, x, mask, pos) if text else fam.call_attention(attn, x)
-        h = residual + x
-        residual = h
-        x = layer.get_submodule(r.mlp_norm)(h)
-        if mlp_group.name in chosen:
-            x = self._m2_group(stage, layer, mlp_group, x, smooth, mask, pos)
-        h = residual + layer.get_submodule(r.mlp)(x)
-        return h.cpu(), smooth
-
-    def _pair_layer(self, stage: Stage, layer: nn.Module, stats: dict):
-        """``--smooth_vo``: SmoothQuant between v_proj and o_proj (and up_proj, down_proj) from the float
-        statistics of the destination's input; m1 uses its alpha, m2 searches one per group (``auto``)."""
-        alpha = self.recipe.alpha if self.recipe.anti_outlier == "m1" else "auto"
-        smooth = {}
-        rel = lambda n: n[len(stage.prefix):]  # noqa: E731
-        for g in self.arch.pair_groups(stage, self.recipe.modules):
-            src, dst = layer.get_submodule(rel(g.norm)), layer.get_submodule(rel(g.linears[0]))
-            key = rel(g.linears[0])
-            info: dict = {}
-            scale, shift = smoothquant_group(g, stats[f"float.{key}.min"], stats[f"float.{key}.max"],
-                                             [dst.weight.data], alpha, stats.get(f"float.{key}.rows"), info=info,
-                                             stat=self.recipe.smooth_stat if self.recipe.anti_outlier == "m1"
-                                             else "absmax")
-            self.alphas[g.name] = info["alpha"]
-            fold_pair(src.weight.data, None if src.bias is None else src.bias.data, dst.weight.data,
-                      None if dst.bias is None else dst.bias.data, scale, shift, g.heads)
-            smooth[g.name] = (scale.cpu(), None if shift is None else shift.cpu())
-        return smooth
-
-    def _m2_group(self, stage: Stage, layer: nn.Module, g: SmoothGroup, x: torch.Tensor, smooth: dict,
-                  mask, pos) -> torch.Tensor:
-        """One group: shift (LayerNorm groups), OS+ range search on the group's block, fold; returns x/s."""
-        mods = [layer.get_submodule(n[len(stage.prefix):]) for n in g.linears]
-        norm = layer.get_submodule(g.norm[len(stage.prefix):])
-        weights = [m.weight.data for m in mods]
-        shift = None
-        if g.shift:
-            shift = channel_shift(x)
-            x -= shift
-            fold_shift(weights, [m.bias.data for m in mods], shift)
-        w = torch.cat(weights) if len(weights) > 1 else weights[0]
-        block = self._m2_block(stage, layer, g, mods, mask, pos)
-        scale = os_plus_search(x, w, block, mode=self.recipe.m2_search, info=self.m2_info.setdefault(g.name, {}))
-        x /= scale
-        fold_scale(norm.weight.data, norm.bias.data if g.shift else None, weights, scale, shift)
-        smooth[g.name] = (scale.cpu(), None if shift is None else shift.cpu())
-        return x
-
-    def _m2_block(self, stage: Stage, layer: nn.Module, g: SmoothGroup, mods: list[nn.Module], mask, pos) -> Block:
-        """The block whose output error the search minimises (msModelSlim's migration module types)."""
-        fam = self.arch.family(stage)
-        config = self.arch.text_config if stage.kind == "text_layer" else self.arch.vision_config
-        heads = fam.heads(config)
-        biases = [m.bias.data for m in mods if m.bias is not None]
-        bias = torch.cat(biases) if len(biases) == len(mods) else None
-        if g.kind == "llama_qkv":
-            rope = layer.get_submodule(fam.roles.attn).rotary_emb
-            return llama_qkv_block(heads.heads, heads.kv_heads, heads.head_dim, rope.cos_cached, rope.sin_cached,
-                                   pos, mask, bias=bias)
-        if g.kind == "llama_gate_up":
-            return gate_up_block(layer.get_submodule(fam.roles.mlp).act_fn)
-        if g.kind == "clip_qkv":
-            return clip_qkv_block(heads.heads * heads.head_dim, heads.heads, heads.head_dim, bias)
-        if g.kind == "clip_fc1":
-            return clip_fc1_block(mods[0].bias.data)
-        raise LlavaqError(f"no m2 block for smoothing group kind {g.kind!r} ({g.name})")
-
-    def _m1_layer(self, stage: Stage, layer: nn.Module, groups: list[SmoothGroup], stats: dict):
-        """SmoothQuant with the calibrated float statistics (LayerNorm groups also centre by z)."""
-        smooth = {}
-        for g in groups:
-            key = g.linears[0][len(stage.prefix):]
-            mods = [layer.get_submodule(n[len(stage.prefix):]) for n in g.linears]
-            norm = layer.get_submodule(g.norm[len(stage.prefix):])
-            weights = [m.weight.data for m in mods]
-            info: dict = {}
-            scale, shift = smoothquant_group(
-                g, stats[f"float.{key}.min"], stats[f"float.{key}.max"], weights, self.recipe.alpha,
-                stats.get(f"float.{key}.rows"), info=info, stat=self.recipe.smooth_stat,
-            )
-            self.alphas[g.name] = info["alpha"]
-            if shift is not None:
-                fold_shift(weights, [m.bias.data for m in mods], shift)
-            fold_scale(norm.weight.data, norm.bias.data if g.shift else None, weights, scale, shift)
-            smooth[g.name] = (scale.cpu(), None if shift is None else shift.cpu())
-        return smooth

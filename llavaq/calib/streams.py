@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llavaq.calib.cache import _atomic_save_tensors, _atomic_write_bytes, fsync_path
+from llavaq.calib.cache import atomic_save_tensors, atomic_write_bytes, fsync_path
 from llavaq.errors import CacheError
 from llavaq.formats.sharding import TensorSpec, save_file_streamed
 
@@ -111,7 +111,7 @@ def _fsync(path: Path) -> None:
         raise CacheError(f"cannot write calibration stream file {path} ({e.strerror or e})") from None
 
 
-def _read_tensor(path: Path) -> Tensor:
+def read_tensor(path: Path) -> Tensor:
     from safetensors import safe_open
 
     try:
@@ -235,7 +235,7 @@ class Generation:
                 small[key], order = dense_layout(getattr(streams, key))
                 if order:
                     small[key + ".layout"] = torch.tensor(order)
-        _atomic_save_tensors(self.path / SMALL, small)
+        atomic_save_tensors(self.path / SMALL, small)
         lists = {}
         for name in LIST_FIELDS:
             lst = getattr(streams, name)
@@ -244,7 +244,7 @@ class Generation:
             lists[name] = {"key": lst.key, "items": [None if f is None else f.name for f in lst.files]}
         index = {"stages_done": stages_done, "lists": lists, "positions": len(streams.positions)}
         # written last and flushed with the directory: the files' names, the links and the index itself
-        _atomic_write_bytes(self.path / INDEX, json.dumps(index).encode())
+        atomic_write_bytes(self.path / INDEX, json.dumps(index).encode())
 
     def load(self) -> tuple[Streams, int]:
         """The streams of a sealed generation (read from disk when used) and its number of stages done."""
@@ -317,7 +317,7 @@ class StateList(Sequence):
         t = self._resident[j]
         if t is not None or self.files[j] is None:
             return t
-        return _read_tensor(self.files[j])
+        return read_tensor(self.files[j])
 
     def __iter__(self) -> Iterator[Tensor | None]:
         return (self[j] for j in range(len(self)))

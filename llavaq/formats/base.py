@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +21,12 @@ from llavaq.model.llava import LlavaArch
 from llavaq.recipe import QuantRecipe
 from llavaq.safety import check_not_input, exchange, move_new
 
+if TYPE_CHECKING:
+    from llavaq.formats.reader import QuantizedModelView
+
 TensorStream = Iterator[tuple[str, torch.Tensor, str]]
+#: the record every llavaq output carries (tool, format, recipe, module lists)
+RECORD = "llavaq_record.json"
 
 
 @dataclass
@@ -40,17 +45,34 @@ class ExportContext:
     planned_stream: str | None = None
 
 
-class FormatWriter(Protocol):
-    name: str
-    description: str
+class OutputFormat:
+    """One output format, registered by name: it writes a tensor stream into a directory and reads such a
+    directory back (:meth:`read`, with the :class:`~llavaq.formats.reader.QuantizedModelView` subclass ``view``).
+    """
 
-    def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]: ...
+    name: str = ""
+    description: str = ""
+    #: the reader of this format's directories (a ``QuantizedModelView`` subclass)
+    view: type[QuantizedModelView]
 
-    def detect(self, path: Path) -> bool: ...
+    def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]:
+        """Write the tensor stream (msModelSlim names and tags) into ``out_dir``; returns tensors/files counts."""
+        raise NotImplementedError
+
+    def detect(self, path: Path) -> bool:
+        """Whether ``path`` holds an output of this format."""
+        raise NotImplementedError
+
+    def read(self, path: Path) -> QuantizedModelView:
+        """The output directory ``path`` of this format, read lazily."""
+        return self.view(Path(path), self.name)
 
     def default_float_dtype(self, checkpoint_dtype: torch.dtype, device_kind: str) -> torch.dtype:
         """``--float_dtype auto``: the dtype of float tensors (and weight scales) this format's consumer gets."""
-        ...
+        return checkpoint_float_dtype(checkpoint_dtype, device_kind)
+
+
+FormatWriter = OutputFormat  # the former name
 
 
 def checkpoint_float_dtype(checkpoint_dtype: torch.dtype, device_kind: str) -> torch.dtype:
@@ -58,7 +80,7 @@ def checkpoint_float_dtype(checkpoint_dtype: torch.dtype, device_kind: str) -> t
     return checkpoint_dtype
 
 
-FORMATS: dict[str, FormatWriter] = {}
+FORMATS: dict[str, OutputFormat] = {}
 
 
 def register_format(name: str) -> Callable[[type], type]:
@@ -71,7 +93,7 @@ def register_format(name: str) -> Callable[[type], type]:
     return deco
 
 
-def get_format(name: str) -> FormatWriter:
+def get_format(name: str) -> OutputFormat:
     if name not in FORMATS:
         raise OutputError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
     return FORMATS[name]

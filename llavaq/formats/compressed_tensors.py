@@ -37,13 +37,16 @@ from typing import Any
 
 import torch
 
-from llavaq.errors import OutputError
-from llavaq.formats.base import ExportContext, TensorStream, checkpoint_float_dtype, copy_model_files, register_format
-from llavaq.formats.hf import HF_INDEX, write_hf_config, write_hf_safetensors
+from llavaq.errors import LlavaqError, OutputError
+from llavaq.formats.base import ExportContext, OutputFormat, TensorStream, copy_model_files, register_format
+from llavaq.formats.hf import HF_INDEX, HF_PREFIX, write_hf_config, write_hf_safetensors
 from llavaq.formats.msmodelslim import write_record
-from llavaq.formats.names import LAYOUT_NAMES, entry_matches, layouts, matching_layouts, module_pattern
+from llavaq.formats.names import LAYOUT_NAMES, entry_matches, layouts, matching_layouts, module_pattern, to_internal
+from llavaq.formats.reader import FLOATS, QuantizedLinearView, QuantizedModelView
+from llavaq.formats.tensorfiles import TensorFiles
 
 DROPPED = ("weight_offset", "quant_bias", "deq_scale")
+ZP_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64) + FLOATS
 
 
 def _args(symmetric: bool, strategy: str) -> dict[str, Any]:
@@ -77,11 +80,81 @@ def compressed_tensors_config(quantized: list[str], float_linears: list[str]) ->
     }
 
 
+class CompressedTensorsView(QuantizedModelView):
+    """A compressed-tensors output (ours, llm-compressor's, either transformers key layout), as its config says."""
+
+    linear_params = ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+
+    def _open(self) -> tuple[TensorFiles, list[str]]:
+        # keys of either transformers layout (llm-compressor, transformers >= 4.52) as internal 4.37 names
+        files = TensorFiles(self.path, HF_PREFIX, rename=to_internal)
+        self.ct_config = CompressedTensorsConfig((self.config or {}).get("quantization_config"),
+                                                 str(self.path / "config.json"))
+        return files, [n[: -len(".weight_scale")] for n in files.names if n.endswith(".weight_scale")]
+
+    def linear(self, name: str) -> QuantizedLinearView:
+        """``input_zero_point`` is the offset (0 when symmetric); no deq_scale stored."""
+        scheme = self.ct_config.scheme_for(name)
+        w = self._p(name, "weight")
+        ws = self._p(name, "weight_scale")
+        if ws.numel() == 1 and w.dim() == 2:  # per-tensor weight scale: one value for every output channel
+            ws = ws.reshape(1, 1).expand(w.shape[0], 1).contiguous()
+        elif ws.dim() == 1:
+            ws = ws.reshape(-1, 1)
+        if scheme.activation == "static":
+            s = self._p(name, "input_scale").float().reshape(1)
+            o = (torch.zeros(1) if scheme.input_symmetric
+                 else self._p(name, "input_zero_point").float().reshape(1))
+        else:
+            s, o = torch.ones(1), torch.zeros(1)
+        deq = (s * ws.float()).squeeze(1).float()
+        return QuantizedLinearView(name, w, ws, s, o, self._bias(name), deq, None, scheme.activation)
+
+    def _check_layout(self) -> list[str]:
+        return self.ct_config.problems(self.quantized, self.float_linears)
+
+    def _required(self, m: str) -> tuple[str, ...] | None:
+        try:
+            scheme = self.ct_config.scheme_for(m)
+        except LlavaqError:
+            return None  # reported by _check_layout (no config group targets it)
+        static = scheme.activation == "static"
+        return ("weight", "weight_scale") + (("input_scale",) if static else ()) + (
+            ("input_zero_point",) if static and not scheme.input_symmetric else ())
+
+    def _strict_weight_range(self) -> bool:
+        # llavaq quantizes weights to [-127, 127]; compressed-tensors' own symmetric range is [-128, 127]
+        return self.record is not None
+
+    def _check_input(self, p: list[str], m: str, lv: QuantizedLinearView, ok: bool) -> bool:
+        """Any float dtype for ``input_scale`` (llm-compressor stores the model dtype; llavaq float32), one value;
+        an integer ``input_zero_point`` in [-128, 127]; all-zero weight zero points."""
+        f = self.files
+        if lv.activation == "static":
+            s_name = f"{m}.input_scale"
+            raw_s = f.tensor(s_name)
+            ok &= self._expect(p, s_name, raw_s, FLOATS, tuple(raw_s.shape) if raw_s.numel() == 1 else (1,))
+            if ok and not raw_s.item() > 0:
+                p.append(f"{self._where(s_name)} is not positive")
+                ok = False
+            zn = f"{m}.input_zero_point"
+            if zn in f:
+                z = f.tensor(zn)
+                if self._expect(p, zn, z, ZP_DTYPES, tuple(z.shape) if z.numel() == 1 else (1,)):
+                    zv = z.double().item()
+                    if zv != round(zv) or not -128 <= zv <= 127:
+                        p.append(f"{self._where(zn)} = {zv} is not an integer in [-128, 127]")
+        wz = f"{m}.weight_zero_point"
+        if wz in f and not torch.all(f.tensor(wz) == 0):
+            p.append(f"{self._where(wz)} must be zero (symmetric weights)")
+        return ok
+
+
 @register_format("compressed-tensors")
-class CompressedTensorsFormat:
+class CompressedTensorsFormat(OutputFormat):
     name = "compressed-tensors"
     description = "compressed-tensors int-quantized W8A8 static (vLLM): model.safetensors + quantization_config"
-    default_float_dtype = staticmethod(checkpoint_float_dtype)
+    view = CompressedTensorsView
 
     def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]:
         quantized = ctx.arch.quantized_linears(ctx.recipe.modules, ctx.recipe.float_linears)

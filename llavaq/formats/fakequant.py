@@ -15,17 +15,31 @@ recorded so ``verify`` / ``inspect`` can re-apply it:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from llavaq.formats.base import ExportContext, TensorStream, checkpoint_float_dtype, copy_model_files, register_format
-from llavaq.formats.hf import output_dtype, write_hf_config, write_hf_safetensors
-from llavaq.formats.msmodelslim import RECORD, write_record
+from llavaq.errors import OutputError
+from llavaq.formats.base import (
+    RECORD,
+    ExportContext,
+    OutputFormat,
+    TensorStream,
+    copy_model_files,
+    register_format,
+)
+from llavaq.formats.hf import HF_PREFIX, output_dtype, write_hf_config, write_hf_safetensors
+from llavaq.formats.msmodelslim import write_record
+from llavaq.formats.names import to_internal
+from llavaq.formats.reader import FLOATS, QuantizedLinearView, QuantizedModelView
+from llavaq.formats.tensorfiles import TensorFiles
 
 PARAMS_FILE = "llavaq_quant_params.st"
+#: a Linear's scales and offsets, stored in ``PARAMS_FILE``
+SCALE_PARAMS = ("weight_scale", "input_scale", "input_offset")
 
 
 def dequantize_weight(w_q: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -33,11 +47,88 @@ def dequantize_weight(w_q: torch.Tensor, weight_scale: torch.Tensor, dtype: torc
     return (w_q.float() * weight_scale.float()).to(dtype or weight_scale.dtype)
 
 
+class FakeQuantView(QuantizedModelView):
+    """A fakequant output: ``W_q = round(W/ws)`` recovered from the dequantized weight and ``PARAMS_FILE``."""
+
+    linear_params = ("weight",)
+    required_params = ("weight",)
+
+    def _open(self) -> tuple[TensorFiles, list[str]]:
+        files = TensorFiles(self.path, HF_PREFIX, rename=to_internal)
+        pf = self.path / PARAMS_FILE
+        if not pf.is_file():
+            raise OutputError(f"{pf} is missing: the fakequant output has no weight scales")
+        try:
+            self.params = load_file(str(pf))
+        except Exception:
+            raise OutputError(f"{pf}: corrupted safetensors file") from None
+        return files, [n[: -len(".weight_scale")] for n in self.params if n.endswith(".weight_scale")]
+
+    def _p(self, module: str, suffix: str) -> torch.Tensor:
+        name = f"{module}.{suffix}"
+        if suffix in ("weight", "bias"):
+            return super()._p(module, suffix)
+        if name not in self.params:
+            raise OutputError(f"{self.path / PARAMS_FILE}: {name} is missing")
+        return self.params[name]
+
+    def linear(self, name: str) -> QuantizedLinearView:
+        """W_q recovered from the stored W_q·ws (checked to round-trip exactly by :meth:`check`)."""
+        ws = self._p(name, "weight_scale")
+        s = self._p(name, "input_scale").float().reshape(1)
+        w = torch.clamp(torch.round(self._p(name, "weight").float() / ws.float()), -128, 127).to(torch.int8)
+        o = self._p(name, "input_offset").float().reshape(1)
+        deq = (s * ws.float()).squeeze(1).float()
+        return QuantizedLinearView(name, w, ws, s, o, self._bias(name), deq, None)
+
+    @property
+    def activation_quant(self) -> dict:
+        acts = (self.record or {}).get("activation_quant")
+        return acts if isinstance(acts, dict) else {}
+
+    def _check_layout(self) -> list[str]:
+        acts = (self.record or {}).get("activation_quant")
+        return [] if isinstance(acts, dict) else [f"{RECORD}: activation_quant is missing"]
+
+    def _missing(self, m: str) -> str | None:
+        missing = [s for s in self.required_params if f"{m}.{s}" not in self.files]
+        missing += [s for s in SCALE_PARAMS if f"{m}.{s}" not in self.params]
+        if missing:
+            return f"{m}.{missing[0]} is missing ({PARAMS_FILE if missing[0] != 'weight' else 'weights'})"
+        return ""
+
+    def _src(self, n: str) -> str:
+        return f"{PARAMS_FILE}: {n}" if n in self.params else self._where(n)
+
+    def _check_linear(self, m: str) -> list[str]:
+        p = super()._check_linear(m)
+        rec = self.activation_quant.get(m)
+        lv_s, lv_o = self.params[f"{m}.input_scale"], self.params[f"{m}.input_offset"]
+        if rec is None or rec.get("input_scale") != lv_s.item() or rec.get("input_offset") != lv_o.item():
+            p.append(f"{RECORD}: activation_quant[{m}] does not match {PARAMS_FILE}")
+        return p
+
+    def _check_weight(self, p: list[str], m: str, lv: QuantizedLinearView) -> str | None:
+        wn = f"{m}.weight"
+        wd = self.files.tensor(wn)
+        if wd.dtype not in FLOATS or wd.dim() != 2:
+            return f"{self._where(wn)} must be a float matrix, is {wd.dtype} {list(wd.shape)}"
+        if not torch.isfinite(wd).all():
+            return f"{self._where(wn)} has NaN/Inf"
+        if not torch.equal(dequantize_weight(lv.weight, lv.weight_scale, wd.dtype), wd) or (
+                wd.float() / lv.weight_scale.float()).abs().max() > 127.5:
+            p.append(f"{self._where(wn)} is not W_q·weight_scale for an int8 W_q")
+        return None
+
+    def _check_input(self, p: list[str], m: str, lv: QuantizedLinearView, ok: bool) -> bool:
+        return self._check_static_input(p, m, self.params[f"{m}.input_scale"], self.params[f"{m}.input_offset"], ok)
+
+
 @register_format("fakequant")
-class FakeQuantFormat:
+class FakeQuantFormat(OutputFormat):
     name = "fakequant"
     description = "plain HF checkpoint with dequantized weights (W_q·ws) + recorded activation quant params"
-    default_float_dtype = staticmethod(checkpoint_float_dtype)
+    view = FakeQuantView
 
     def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]:
         qset = set(ctx.arch.quantized_linears(ctx.recipe.modules, ctx.recipe.float_linears))
@@ -73,8 +164,6 @@ class FakeQuantFormat:
         return {"tensors": len(weight_map), "files": sorted(set(weight_map.values()))}
 
     def detect(self, path: Path) -> bool:
-        import json
-
         if (path / PARAMS_FILE).is_file():
             return True
         try:

@@ -14,11 +14,24 @@ from typing import Any
 
 import torch
 
-from llavaq.formats.base import ExportContext, TensorStream, copy_model_files, register_format, write_json
+from llavaq.errors import OutputError
+from llavaq.formats.base import (
+    RECORD,
+    ExportContext,
+    OutputFormat,
+    TensorStream,
+    copy_model_files,
+    register_format,
+    write_json,
+)
+from llavaq.formats.reader import FLOATS, QuantizedLinearView, QuantizedModelView, read_json
 from llavaq.formats.sharding import TensorSpec, write_safetensors
+from llavaq.formats.tensorfiles import TensorFiles
 
 WEIGHT_PREFIX = "quant_model_weight_w8a8"
-RECORD = "llavaq_record.json"
+#: a quantized Linear's own tensors (besides bias), all required
+LINEAR_PARAMS = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
+__all__ = ["RECORD", "MindIEFormat", "MsModelSlimFormat", "MsModelSlimView", "write_record"]
 
 
 def quantization_config(ctx: ExportContext) -> dict[str, Any]:
@@ -65,10 +78,93 @@ def derivation_note(recipe) -> str:
     return f"{smooth}; activation ranges = min-max of the cached float statistics; no forward pass"
 
 
-class _MsModelSlimBase:
+def description_file_name(mindie: bool) -> str:
+    return "quant_model_description_w8a8.json" if mindie else "quant_model_description.json"
+
+
+class MsModelSlimView(QuantizedModelView):
+    """An msModelSlim output (ours or msModelSlim's own): Linears in description order, kernel parameters."""
+
+    linear_params = LINEAR_PARAMS
+    required_params = LINEAR_PARAMS
+    sort_by_model = False
+
+    def _open(self) -> tuple[TensorFiles, list[str]]:
+        self.description_file = description_file_name(self.format == "mindie")
+        desc = read_json(self.path / self.description_file)
+        if not isinstance(desc, dict):
+            raise OutputError(f"{self.path / self.description_file}: not a description object")
+        self.description = desc
+        quantized = [n[: -len(".weight")] for n, tag in desc.items() if tag == "W8A8" and n.endswith(".weight")]
+        return TensorFiles(self.path, WEIGHT_PREFIX), quantized
+
+    def linear(self, name: str) -> QuantizedLinearView:
+        from llavaq.quant.kernel import unpack_deq_scale
+
+        ws = self._p(name, "weight_scale")
+        s = self._p(name, "input_scale").float().reshape(1)
+        o = self._p(name, "input_offset").float().reshape(1)
+        deq = unpack_deq_scale(self._p(name, "deq_scale"))
+        return QuantizedLinearView(name, self._p(name, "weight"), ws, s, o, self._bias(name), deq,
+                                   self._p(name, "quant_bias"))
+
+    def _check_layout(self) -> list[str]:
+        """Description ↔ tensors: every W8A8/FLOAT entry has a tensor with that role, every tensor an entry."""
+        problems, f, desc_file = [], self.files, self.description_file
+        for n, tag in self.description.items():
+            if n in ("version", "model_quant_type") or tag not in ("W8A8", "FLOAT"):
+                continue
+            if n not in f:
+                problems.append(f"{desc_file}: {n} has no tensor in the weight files")
+            else:
+                want = "W8A8" if (self.is_linear_param(n) and not n.endswith(".bias")) else "FLOAT"
+                if tag != want:
+                    problems.append(f"{desc_file}: {n} is tagged {tag}, expected {want}")
+        for n in f.names:
+            if n not in self.description:
+                problems.append(f"{self._where(n)} is not in {desc_file}")
+        return problems
+
+    def _check_input(self, p: list[str], m: str, lv: QuantizedLinearView, ok: bool) -> bool:
+        return self._check_static_input(p, m, self.files.tensor(f"{m}.input_scale"),
+                                        self.files.tensor(f"{m}.input_offset"), ok)
+
+    def _check_kernel(self, p: list[str], m: str, lv: QuantizedLinearView, ok: bool) -> None:
+        f, out = self.files, lv.weight.shape[0]
+        dn = f"{m}.deq_scale"
+        if self._expect(p, dn, f.tensor(dn), (torch.int64, torch.float32), (out,)) and ok:
+            want = (lv.input_scale * lv.weight_scale.float()).squeeze(1).float()
+            if not torch.equal(lv.deq_scale, want):
+                bad = int((lv.deq_scale != want).nonzero()[0, 0])
+                p.append(f"{self._where(dn)}[{bad}] = {lv.deq_scale[bad].item()!r} != input_scale·weight_scale = "
+                         f"{want[bad].item()!r}")
+        wo = f"{m}.weight_offset"
+        if self._expect(p, wo, f.tensor(wo), FLOATS, (out, 1)) and not torch.all(f.tensor(wo) == 0):
+            p.append(f"{self._where(wo)} must be zero (symmetric weights)")
+        qn = f"{m}.quant_bias"
+        if self._expect(p, qn, lv.quant_bias, (torch.int32,), (out,)) and ok and torch.isfinite(lv.deq_scale).all():
+            self._check_quant_bias(p, qn, lv)
+
+    def _check_quant_bias(self, p: list[str], qn: str, lv: QuantizedLinearView) -> None:
+        """``quant_bias ≈ bias/deq_scale − input_offset·ΣW_q`` (the bias is rounded after quant_bias was made)."""
+        out = lv.weight.shape[0]
+        b = lv.bias.float() if lv.bias is not None else torch.zeros(out)
+        ideal = b.double() / lv.deq_scale.double() - lv.input_offset.double() * lv.weight.double().sum(1)
+        # the stored bias is rounded to the model dtype after quant_bias was computed
+        tol = 1 + (b.double().abs() / lv.deq_scale.double()) * 2.0 ** -7
+        err = (lv.quant_bias.double() - ideal).abs()
+        if (err > tol).any():
+            bad = int((err > tol).nonzero()[0, 0])
+            p.append(f"{self._where(qn)}[{bad}] = {int(lv.quant_bias[bad])} is inconsistent with bias/deq_scale − "
+                     f"input_offset·ΣW_q = {ideal[bad].item():.1f}")
+
+
+@register_format("msmodelslim")
+class MsModelSlimFormat(OutputFormat):
     name = "msmodelslim"
     description = "msModelSlim ascendV1: quant_model_weight_w8a8.safetensors + quant_model_description.json"
     mindie = False
+    view = MsModelSlimView
 
     @staticmethod
     def default_float_dtype(checkpoint_dtype: torch.dtype, device_kind: str) -> torch.dtype:
@@ -78,7 +174,7 @@ class _MsModelSlimBase:
 
     @property
     def description_file(self) -> str:
-        return "quant_model_description_w8a8.json" if self.mindie else "quant_model_description.json"
+        return description_file_name(self.mindie)
 
     def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]:
         desc: dict[str, str] = {} if self.mindie else {"version": "1.0.0"}
@@ -118,12 +214,7 @@ class _MsModelSlimBase:
         return (path / self.description_file).is_file()
 
 
-@register_format("msmodelslim")
-class MsModelSlimFormat(_MsModelSlimBase):
-    pass
-
-
 @register_format("mindie")
-class MindIEFormat(_MsModelSlimBase):
+class MindIEFormat(MsModelSlimFormat):
     description = "msModelSlim safe_tensor (MindIE): quant_model_description_w8a8.json + config.json quantize keys"
     mindie = True

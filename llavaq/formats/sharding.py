@@ -219,7 +219,7 @@ def plan_shards(sizes: Iterable[int], part_file_size: int | None) -> list[int]:
     return out
 
 
-def _open_shard(path: Path, metadata: dict[str, str] | None, specs: Sequence[TensorSpec] | None,
+def open_shard(path: Path, metadata: dict[str, str] | None, specs: Sequence[TensorSpec] | None,
                 label: str) -> SafetensorsFileWriter:
     """Start one output file (a seam for tests that simulate a full disk or Ctrl-C per shard)."""
     return SafetensorsFileWriter(path, metadata, specs)
@@ -248,67 +248,87 @@ def write_safetensors(
     final offset; without it each shard is spilled to a temporary file and assembled at its end.
     """
     out_dir = Path(out_dir)
-    weight_map: dict[str, str] = {}
-    shard_of = plan_shards((s.nbytes for s in specs), part_file_size) if specs is not None else None
-    tmp_names: list[str] = []
-    shards: list[list[str]] = []
-    writer: SafetensorsFileWriter | None = None
-    pending = 0
-    total = 0
+    run = _ShardedWrite(out_dir, prefix, part_file_size, metadata, specs)
+    run.write_all(tensors)
+    files, weight_map = run.place(index_name)
+    if read_only:
+        for f in files:
+            os.chmod(out_dir / f, 0o400)
+    return weight_map
 
-    def label(i: int) -> str:
-        return f"{out_dir / prefix} shard {i + 1}" if part_file_size else str(out_dir / f"{prefix}.safetensors")
 
-    def start(i: int) -> SafetensorsFileWriter:
-        tmp = f".{prefix}-part{i:05d}.safetensors"
-        tmp_names.append(tmp)
-        shards.append([])
+class _ShardedWrite:
+    """One :func:`write_safetensors` run: shards written under temporary names, then moved into place."""
+
+    def __init__(self, out_dir: Path, prefix: str, part_file_size: int | None, metadata: dict[str, str] | None,
+                 specs: Sequence[TensorSpec] | None) -> None:
+        self.out_dir, self.prefix, self.part_file_size = out_dir, prefix, part_file_size
+        self.metadata, self.specs = metadata, specs
+        self.shard_of = plan_shards((s.nbytes for s in specs), part_file_size) if specs is not None else None
+        self.tmp_names: list[str] = []
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def label(self, i: int) -> str:
+        if self.part_file_size:
+            return f"{self.out_dir / self.prefix} shard {i + 1}"
+        return str(self.out_dir / f"{self.prefix}.safetensors")
+
+    def start(self, i: int) -> SafetensorsFileWriter:
+        tmp = f".{self.prefix}-part{i:05d}.safetensors"
+        self.tmp_names.append(tmp)
+        self.shards.append([])
+        specs, shard_of = self.specs, self.shard_of
         sub = [s for s, k in zip(specs, shard_of, strict=True) if k == i] if specs is not None else None
-        return _open_shard(out_dir / tmp, metadata, sub, label(i))
+        return open_shard(self.out_dir / tmp, self.metadata, sub, self.label(i))
 
-    try:
-        for k, (name, t) in enumerate(tensors):
-            size = _nbytes(t)
-            if shard_of is not None:
-                new = writer is None or shard_of[k] != len(tmp_names) - 1
-            else:
-                new = writer is None or (part_file_size and pending + size >= part_file_size)
-            if new:
-                if writer is not None:
-                    writer.close()
-                writer = None
-                writer = start(len(tmp_names))
-                pending = 0
-            writer.add(name, t)
-            shards[-1].append(name)
-            pending += size
-            total += size
-        if writer is None:  # no tensors at all: an empty file, as save_file({}) writes
-            writer = start(0)
-        writer.close()
-        writer = None
-    except OSError as e:
-        raise _os_error(e, label(max(len(tmp_names) - 1, 0))) from None
-    finally:
-        if writer is not None:
-            writer.abort()
-    files = []
-    if not part_file_size:
-        fname = f"{prefix}.safetensors"
-        os.replace(out_dir / tmp_names[0], out_dir / fname)
-        files.append(fname)
-        weight_map = {nm: fname for nm in shards[0]}
-    else:
-        n = len(tmp_names)
-        for i, (tmp, names) in enumerate(zip(tmp_names, shards, strict=True)):
+    def write_all(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Every tensor, in order, into the shard the plan (or the running size) gives it."""
+        writer: SafetensorsFileWriter | None = None
+        pending = 0
+        try:
+            for k, (name, t) in enumerate(tensors):
+                size = _nbytes(t)
+                if self.shard_of is not None:
+                    new = writer is None or self.shard_of[k] != len(self.tmp_names) - 1
+                else:
+                    new = writer is None or (self.part_file_size and pending + size >= self.part_file_size)
+                if new:
+                    if writer is not None:
+                        writer.close()
+                    writer = None
+                    writer = self.start(len(self.tmp_names))
+                    pending = 0
+                writer.add(name, t)
+                self.shards[-1].append(name)
+                pending += size
+                self.total += size
+            if writer is None:  # no tensors at all: an empty file, as save_file({}) writes
+                writer = self.start(0)
+            writer.close()
+            writer = None
+        except OSError as e:
+            raise _os_error(e, self.label(max(len(self.tmp_names) - 1, 0))) from None
+        finally:
+            if writer is not None:
+                writer.abort()
+
+    def place(self, index_name: str | None) -> tuple[list[str], dict[str, str]]:
+        """Move the shards to their final names (and write the index when sharded): (files, weight map)."""
+        out_dir, prefix = self.out_dir, self.prefix
+        files: list[str] = []
+        weight_map: dict[str, str] = {}
+        if not self.part_file_size:
+            fname = f"{prefix}.safetensors"
+            os.replace(out_dir / self.tmp_names[0], out_dir / fname)
+            return [fname], {nm: fname for nm in self.shards[0]}
+        n = len(self.tmp_names)
+        for i, (tmp, names) in enumerate(zip(self.tmp_names, self.shards, strict=True)):
             fname = f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(out_dir / tmp, out_dir / fname)
             files.append(fname)
             for nm in names:
                 weight_map[nm] = fname
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (out_dir / (index_name or f"{prefix}.safetensors.index.json")).write_text(json.dumps(index, indent=2))
-    if read_only:
-        for f in files:
-            os.chmod(out_dir / f, 0o400)
-    return weight_map
+        return files, weight_map

@@ -24,7 +24,7 @@ import torch
 from llavaq.errors import ModelError
 from llavaq.model.input_checks import INDEX, check_config, check_layers, quantized_kind, quantized_tensor, weight_files
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool,
@@ -207,7 +207,7 @@ class Checkpoint:
         return tuple(self._index[name][1]["shape"])
 
     def dtype_of(self, name: str) -> torch.dtype:
-        return _DTYPES[self._index[name][1]["dtype"]]
+        return SAFETENSORS_DTYPES[self._index[name][1]["dtype"]]
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
@@ -222,7 +222,7 @@ class Checkpoint:
     def _load(self, name: str) -> torch.Tensor:
         """A fresh tensor (stored dtype) read with positional reads; the caller owns it."""
         file, info = self._index[name]
-        dtype = _DTYPES[info["dtype"]]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         buf = torch.empty(end - start, dtype=torch.uint8)
         if end > start:

@@ -4,16 +4,15 @@ The language model and the vision tower are described by their families
 (:mod:`llavaq.model.families`: Llama, Mistral, Qwen2; CLIP, SigLIP), picked from the config's
 ``model_type``. From those descriptions this module derives everything that depends on module
 names: the quantized/float module sets, the smoothing groups (norm → Linears), the stages of the
-layer-streamed work and the builders that materialise one stage at a time from a
-:class:`~llavaq.model.checkpoint.Checkpoint` (so a 7B model is never fully in memory), the glue
-``LlavaForConditionalGeneration`` runs between them, and msModelSlim's save order.
+layer-streamed work and msModelSlim's save order. The names and units are in :mod:`llavaq.model.layout`,
+the config checks in :mod:`llavaq.model.config`, and the builders that materialise one stage at a time
+from a :class:`~llavaq.model.checkpoint.Checkpoint` (so a 7B model is never fully in memory) with the glue
+``LlavaForConditionalGeneration`` runs between them in :mod:`llavaq.model.modules`.
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -21,89 +20,28 @@ from torch import nn
 
 from llavaq.errors import ModelError
 from llavaq.model.checkpoint import Checkpoint
+from llavaq.model.config import first_line, load_llava_config
 from llavaq.model.families import TEXT_FAMILIES, VISION_FAMILIES, DecoderFamily, EncoderFamily, LayerFamily
+from llavaq.model.layout import (
+    EMBED,
+    FEATURE_STRATEGIES,
+    LANGUAGE,
+    LM,
+    LM_HEAD,
+    PAIR_KINDS,
+    PROJECTOR,
+    VISION,
+    SmoothGroup,
+    Stage,
+)
+from llavaq.model.modules import LlavaModules
 
-VISION = "vision_tower.vision_model."
-PROJECTOR = "multi_modal_projector."
-LANGUAGE = "language_model."
-LM = LANGUAGE + "model."
-LM_HEAD = "language_model.lm_head.weight"
-EMBED = LM + "embed_tokens.weight"
-FEATURE_STRATEGIES = ("default", "full")
-
-
-#: Smoothing groups whose source is a Linear (``--smooth_vo``), not a norm.
-PAIR_KINDS = ("clip_vo", "llama_vo", "llama_up_down")
-
-
-@dataclass(frozen=True)
-class SmoothGroup:
-    """A module whose output feeds ``linears``: smoothing divides its output by s and multiplies the linears.
-
-    The source is a norm (``clip_qkv``, ``clip_fc1``, ``llama_qkv``, ``llama_gate_up``: the norm's weight is
-    divided) or a Linear (:data:`PAIR_KINDS`, ``--smooth_vo``: v_proj's output rows feed o_proj through the
-    attention, up_proj's feed down_proj through ``silu(gate)·``; the source's rows are divided). The kind
-    also names the m2 block of a norm group.
-    """
-
-    name: str  # e.g. "vision.3.attn", "text.7.mlp", "text.7.vo"
-    kind: str  # clip_qkv | clip_fc1 | llama_qkv | llama_gate_up | clip_vo | llama_vo | llama_up_down
-    norm: str  # module name of the source: the norm, or the source Linear of a pair group
-    linears: tuple[str, ...]  # module names, in concatenation order
-    shift: bool  # groups with biases also move a channel shift z (norm or source bias -> the linears' biases)
-    #: (query heads, KV heads, head dim) when the linears read a GQA attention output: one scale per KV channel
-    heads: tuple[int, int, int] | None = None
-    #: msModelSlim's m2 smooths this group (its multimodal flow wraps the layer's class)
-    m2: bool = True
-
-    @property
-    def from_linear(self) -> bool:
-        return self.kind in PAIR_KINDS
+# the layout's names, re-exported: most callers import them from here
+__all__ = ["EMBED", "FEATURE_STRATEGIES", "LANGUAGE", "LM", "LM_HEAD", "PAIR_KINDS", "PROJECTOR", "VISION",
+           "LlavaArch", "SmoothGroup", "Stage"]
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One unit of layer-streamed work: the modules under ``prefix`` (only the sub-modules ``parts`` if given)."""
-
-    kind: str  # vision_layer | vision_head | projector | text_layer
-    index: int
-    prefix: str
-    parts: tuple[str, ...] = ()
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}.{self.index}" if self.kind in ("vision_layer", "text_layer") else self.kind
-
-    def owns(self, module: str) -> bool:
-        """Whether the module (or parameter) ``module`` belongs to this stage."""
-        if not module.startswith(self.prefix):
-            return False
-        rel = module[len(self.prefix):]
-        return not self.parts or any(rel == p or rel.startswith(p + ".") for p in self.parts)
-
-    @property
-    def tensor_prefixes(self) -> list[str]:
-        return [self.prefix + p + "." for p in self.parts] or [self.prefix]
-
-
-class _PostEncoder(nn.Module):
-    """What a vision tower runs after its encoder (SigLIP: ``post_layernorm`` then the pooling ``head``)."""
-
-    def __init__(self, names: tuple[str, str], norm: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self._names = names
-        self.add_module(names[0], norm)
-        self.add_module(names[1], head)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self._names[1])(getattr(self, self._names[0])(h))
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-class LlavaArch:
+class LlavaArch(LlavaModules):
     """Module layout of a llava-hf LLaVA checkpoint, validated against its config."""
 
     def __init__(self, ckpt: Checkpoint, *, trust_remote_code: bool = False) -> None:
@@ -126,88 +64,7 @@ class LlavaArch:
 
     # ------------------------------------------------------------------ config
     def _load_config(self):
-        import transformers
-        from transformers import CONFIG_MAPPING, LlavaConfig
-
-        cfg = self.ckpt.config_dict
-        cfg_path = self.ckpt.path / "config.json"
-        archs = cfg.get("architectures") or []
-        mt = cfg.get("model_type")
-        if cfg.get("auto_map") and not self.trust_remote_code:
-            raise ModelError(
-                f"{cfg_path}: this model needs custom code (auto_map); llavaq only runs the built-in LLaVA "
-                "code. Pass --trust_remote_code True only if you trust it (llavaq still requires a "
-                "llava-hf LLaVA architecture)"
-            )
-        if mt != "llava":
-            what = f"model_type {mt!r}" + (f" ({archs[0]})" if archs else "")
-            raise ModelError(
-                f"{cfg_path}: {what} is not a LLaVA checkpoint; llavaq quantizes llava-hf "
-                "LlavaForConditionalGeneration models (e.g. llava-hf/llava-1.5-7b-hf)"
-            )
-        if archs and archs[0] != "LlavaForConditionalGeneration":
-            raise ModelError(f"{cfg_path}: architecture {archs[0]} is not supported (LlavaForConditionalGeneration)")
-        tf = f"transformers {transformers.__version__}"
-        for key, table, default in (("text_config", TEXT_FAMILIES, "llama"),
-                                    ("vision_config", VISION_FAMILIES, "clip_vision_model")):
-            sub = cfg.get(key)
-            if sub is None:
-                continue
-            if not isinstance(sub, dict):
-                raise ModelError(f"{cfg_path}: {key} must be a JSON object")
-            sub_type = sub.get("model_type", default)
-            if sub_type not in CONFIG_MAPPING:
-                raise ModelError(f"{cfg_path}: {key}.model_type {sub_type!r} is not known to {tf}, which llavaq "
-                                 f"runs LLaVA with (supported: {', '.join(table)})")
-            if sub_type not in table:
-                raise ModelError(f"{cfg_path}: {key}.model_type {sub_type!r} is not supported "
-                                 f"(supported: {', '.join(table)})")
-            try:
-                CONFIG_MAPPING[sub_type](**dict(sub))
-            except Exception as e:  # transformers raises many kinds here; its messages name the field
-                raise ModelError(f"{cfg_path}: {key} ({sub_type}) cannot be built by {tf}: {_first_line(e)}") from None
-        try:
-            config = LlavaConfig.from_dict({k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()})
-        except Exception as e:
-            raise ModelError(f"{cfg_path}: invalid LLaVA config ({_first_line(e)})") from None
-        self._check_fields(config, cfg_path, tf)
-        return config
-
-    @staticmethod
-    def _check_fields(config, cfg_path, tf: str) -> None:
-        """Fields transformers 4.37.2 accepts in the config but cannot run: one line naming the field."""
-        tc, vc = config.text_config, config.vision_config
-        strategy = config.vision_feature_select_strategy
-        if strategy not in FEATURE_STRATEGIES:
-            raise ModelError(f"{cfg_path}: vision_feature_select_strategy {strategy!r} is not supported by {tf}'s "
-                             f"LLaVA ({', '.join(FEATURE_STRATEGIES)})")
-        layer, n = config.vision_feature_layer, vc.num_hidden_layers
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise ModelError(f"{cfg_path}: vision_feature_layer {layer!r} must be one integer for {tf}'s LLaVA")
-        if not -(n + 1) <= layer <= n:
-            raise ModelError(f"{cfg_path}: vision_feature_layer {layer} is outside the vision tower's hidden states "
-                             f"({-(n + 1)}..{n} for {n} layers)")
-        if config.image_token_index >= tc.vocab_size:
-            raise ModelError(
-                f"{cfg_path}: image_token_index {config.image_token_index} is outside the embedding table "
-                f"(vocab_size {tc.vocab_size})"
-            )
-        for sub, name in ((tc, "text_config"), (vc, "vision_config")):
-            if sub.hidden_size % sub.num_attention_heads:
-                raise ModelError(f"{cfg_path}: {name}.hidden_size {sub.hidden_size} is not a multiple of "
-                                 f"num_attention_heads {sub.num_attention_heads}")
-        head_dim = getattr(tc, "head_dim", None)
-        if head_dim is not None and head_dim != tc.hidden_size // tc.num_attention_heads:
-            raise ModelError(f"{cfg_path}: text_config.head_dim {head_dim} differs from hidden_size / "
-                             f"num_attention_heads = {tc.hidden_size // tc.num_attention_heads}, which {tf} uses")
-        for name in TEXT_FAMILIES[tc.model_type].unsupported_fields:
-            if getattr(tc, name, None) is not None:
-                raise ModelError(f"{cfg_path}: text_config.{name} is set, but {tf}'s {tc.model_type} model ignores "
-                                 "it (the model would compute something else)")
-        kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
-        if tc.num_attention_heads % kv:
-            raise ModelError(f"{cfg_path}: text_config.num_attention_heads {tc.num_attention_heads} is not a "
-                             f"multiple of num_key_value_heads {kv}")
+        return load_llava_config(self.ckpt, self.trust_remote_code)
 
     @cached_property
     def meta_model(self) -> nn.Module:
@@ -219,7 +76,7 @@ class LlavaArch:
                 return LlavaForConditionalGeneration(self.config)
         except Exception as e:
             raise ModelError(f"{self.ckpt.path / 'config.json'}: transformers cannot build this model "
-                             f"({_first_line(e)})") from None
+                             f"({first_line(e)})") from None
 
     def _absent_prefixes(self) -> tuple[str, ...]:
         """Post-encoder parts the checkpoint has no tensor for (llava-interleave ships no SigLIP head):
@@ -355,128 +212,6 @@ class LlavaArch:
         for prefix in stage.tensor_prefixes:
             out.update({prefix + k: v for k, v in self.ckpt.tensors(prefix).items()})
         return out
-
-    # ------------------------------------------------------------------ features
-    @property
-    def feature_index(self) -> int:
-        """Which hidden state of the tower LLaVA takes: 0 = the embeddings, n = after the last layer."""
-        return self.config.vision_feature_layer % (self.n_vision_layers + 1)
-
-    @property
-    def image_tokens(self) -> int:
-        """Language-model positions one ``<image>`` token expands to: the tower's positions, less position 0
-        with the "default" strategy (the class token; on a tower without one, transformers 4.37.2 drops
-        the first patch all the same)."""
-        drop = 1 if self.config.vision_feature_select_strategy == "default" else 0
-        return self.vision.positions(self.vision_config) - drop
-
-    def image_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Which language-model positions of a one-sample prompt hold image features (bool, merged length):
-        each ``<image>`` token expands to :attr:`image_tokens` positions, every other token to one."""
-        ids = input_ids.reshape(-1)
-        is_img = ids == self.config.image_token_index
-        width = torch.where(is_img, torch.full_like(ids, self.image_tokens), torch.ones_like(ids))
-        return torch.repeat_interleave(is_img, width)
-
-    def select_image_features(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden_states[vision_feature_layer]`` → the features the projector gets (a copy)."""
-        strategy = self.config.vision_feature_select_strategy
-        if strategy == "default":
-            return hidden[:, 1:].clone()
-        if strategy == "full":
-            return hidden.clone()
-        raise ModelError(f"unsupported vision_feature_select_strategy {strategy!r}")
-
-    # ------------------------------------------------------------------ builders
-    def _materialise(self, module: nn.Module, prefix: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-        sd = {}
-        for name in module.state_dict():
-            full = prefix + name
-            if full == LM_HEAD and self.tied_embeddings:
-                full = EMBED
-            sd[name] = self.ckpt.tensor(full, dtype)
-        module.load_state_dict(sd, assign=True, strict=True)
-        return module.eval()
-
-    def build_vision_layer(self, i: int) -> nn.Module:
-        return self._materialise(self.vision.build_layer(self.vision_config, i), f"{VISION}{self.vision.layers}{i}.")
-
-    def build_text_layer(self, i: int) -> nn.Module:
-        layer = self._materialise(self.text.build_layer(self.text_config, i), f"{LANGUAGE}{self.text.layers}{i}.")
-        self.text.rebuild_rope(layer, self.text.roles)  # non-persistent RoPE buffers are rebuilt on the CPU
-        return layer
-
-    def build_projector(self) -> nn.Module:
-        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
-        with torch.device("meta"):
-            proj = LlavaMultiModalProjector(self.config)
-        return self._materialise(proj, PROJECTOR)
-
-    def build_vision_head(self) -> nn.Module:
-        """The post-encoder part of the tower's forward (SigLIP: post_layernorm → pooling head)."""
-        from llavaq.model.families.base import import_class
-
-        norm_name, head_name = self.vision.post_head
-        vc = self.vision_config
-        with torch.device("meta"):
-            module = _PostEncoder(self.vision.post_head, nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps),
-                                  import_class(self.vision.head_class)(vc))
-        return self._materialise(module, VISION)
-
-    def build_stage(self, stage: Stage) -> nn.Module:
-        if stage.kind == "vision_layer":
-            return self.build_vision_layer(stage.index)
-        if stage.kind == "text_layer":
-            return self.build_text_layer(stage.index)
-        if stage.kind == "vision_head":
-            return self.build_vision_head()
-        return self.build_projector()
-
-    def build_vision_embeddings(self) -> nn.Module:
-        """Patch (and class/position) embeddings, then the pre-norm if the tower has one (CLIP's ``pre_layrnorm``)."""
-        from llavaq.model.families.base import import_class
-
-        vc = self.vision_config
-        with torch.device("meta"):
-            emb = import_class(self.vision.embeddings_class)(vc)
-        self._materialise(emb, VISION + "embeddings.")
-        emb.register_buffer("position_ids", torch.arange(emb.num_positions).expand((1, -1)), persistent=False)
-        if self.vision.pre_norm is None:
-            return emb
-        with torch.device("meta"):
-            pre = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
-        self._materialise(pre, f"{VISION}{self.vision.pre_norm}.")
-        return nn.Sequential(emb, pre)
-
-    def token_embedder(self):
-        """``ids -> float32 token embeddings``. The table stays in the checkpoint's dtype and only the rows
-        used are cast (a Qwen2 table is 2.5 GB in float32): the values are exactly those of the float32
-        ``nn.Embedding``."""
-        table = self.ckpt.tensor(EMBED, None)
-        return lambda input_ids: table[input_ids].float()
-
-    def build_final_norm(self) -> nn.Module:
-        return self._materialise(self.text.build_final_norm(self.text_config), LANGUAGE + self.text.final_norm + ".")
-
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.ckpt.tensor(EMBED if self.tied_embeddings else LM_HEAD)
-
-    # ------------------------------------------------------------------ glue (as LlavaForConditionalGeneration)
-    def merge_image_features(self, image_features, inputs_embeds, input_ids, attention_mask):
-        """transformers 4.37 ``_merge_input_ids_with_image_features`` on a stand-in ``self``."""
-        from transformers import LlavaForConditionalGeneration
-
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else -1
-        stand_in = types.SimpleNamespace(pad_token_id=pad, config=self.config)
-        embeds, mask, _, pos = LlavaForConditionalGeneration._merge_input_ids_with_image_features(
-            stand_in, image_features, inputs_embeds, input_ids, attention_mask, None
-        )
-        return embeds, mask, pos
-
-    def causal_mask(self, attention_mask: torch.Tensor, embeds: torch.Tensor):
-        """The 4-D mask the language model hands its layers (see :meth:`DecoderFamily.attention_mask`)."""
-        return self.text.attention_mask(attention_mask, embeds)
 
     # ------------------------------------------------------------------ export order
     def parameter_order(self, m2_wrapped: bool = False) -> list[tuple[str, str, list[str]]]:

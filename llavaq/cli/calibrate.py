@@ -38,7 +38,7 @@ def calibrate(
     cache_dir: Path = CacheDir,
     device_type: str = DeviceType,
     trust_remote_code: str = TrustRemote,
-    recipe: RecipeArgs = ...,  # noqa: B008  (the recipe options: llavaq.cli.options.recipe_options)
+    recipe: RecipeArgs = ...,  # the recipe options, where --help lists them (options.recipe_options)
     stream_memory_gb: float = StreamMemory,
 ) -> None:
     """Run calibration once and store the session cache (resumes if interrupted)."""
@@ -74,7 +74,7 @@ def export(
     save_directory: Path = SaveDirectory,
     format: str = Format,
     part_file_size: float = PartFileSize,
-    recipe: RecipeArgs = ...,  # noqa: B008  (the recipe options: llavaq.cli.options.recipe_options)
+    recipe: RecipeArgs = ...,  # the recipe options, where --help lists them (options.recipe_options)
     device_type: str = ExportDevice,
     trust_remote_code: str = TrustRemote,
     overwrite: bool = Overwrite,

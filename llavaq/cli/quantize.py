@@ -76,7 +76,7 @@ def quantize(
     trust_remote_code: str = TrustRemote,
     mindie_format: bool = MindieFormat,
     format: str = QuantizeFormat,
-    recipe: RecipeArgs = ...,  # noqa: B008  (the recipe options: llavaq.cli.options.recipe_options)
+    recipe: RecipeArgs = ...,  # the recipe options, where --help lists them (options.recipe_options)
     cache_dir: Path = CacheDir,
     stream_memory_gb: float = StreamMemory,
     overwrite: bool = Overwrite,

@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from llavaq.cache_stats import OUTLIER_FACTOR, cache_statistics, outlier_channels
 from llavaq.errors import LlavaqError, OutputError
 from llavaq.formats import get_format, read_quantized
 
 __all__ = ["OUTLIER_FACTOR", "architecture", "cache_statistics", "gptq_summary", "inspect_cache", "inspect_output",
-           "inspect_path", "outlier_channels", "run_inspect"]
+           "inspect_path", "outlier_channels"]
 
 RECORD_NAME = "llavaq_record.json"
 
@@ -222,153 +220,3 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     if (path / "manifest.json").is_file():
         return inspect_cache(path)
     return inspect_output(path)
-
-
-# ---------------------------------------------------------------------------------- rendering
-def _num(x: Any, fmt: str = ".4g") -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, str):
-        return x
-    return format(x, fmt)
-
-
-def _render(rep: dict[str, Any], console: Console) -> None:
-    head = Table(title=f"llavaq inspect {rep['path']}", show_header=False)
-    if rep["kind"] == "output":
-        head.add_row("format", f"{rep['format']} — {rep['format_description']}")
-        head.add_row("written by", rep["written_by"])
-    else:
-        head.add_row("session cache", "complete" if rep["complete"] else
-                     f"INCOMPLETE ({len(rep['stages_done'])} stages done)")
-        head.add_row("forward passes", str(rep["forward_passes"]))
-        cal = rep.get("calibration") or {}
-        head.add_row("calibration", f"{cal.get('num_samples')} sample(s): {', '.join(cal.get('images', []))}")
-    head.add_row("model", str(rep["model"]) + (f" ({rep['architecture']})" if rep.get("architecture") else ""))
-    r = rep.get("recipe")
-    if isinstance(r, dict):
-        keys = ("anti_outlier", "alpha", "act_method", "modules", "m2_search", "weight_method", "float_dtype", "w_bit",
-                "a_bit")
-        head.add_row("recipe", ", ".join(f"{k}={r[k]}" for k in keys if k in r)
-                     + (" (derived from cached float statistics)" if rep.get("derived_from_cache") else ""))
-        if r.get("rotation", "none") != "none":
-            head.add_row("rotation", _rotation_line(r, rep.get("rotation")))
-    if rep.get("gptq_summary"):
-        g = rep.get("gptq") or {}
-        head.add_row("weights", f"{rep['gptq_summary']}; damp {g.get('damp')}, block {g.get('block_size')}, "
-                                f"act_order {g.get('act_order')}")
-    im = rep.get("input_moments")
-    if im and im.get("inputs"):
-        head.add_row("input moments (GPTQ)", f"{im['inputs']} Linear inputs, {im['bytes'] / 2**20:.1f} MiB")
-    head.add_row("quantized Linears (W8A8)", str(len(rep["quantized"])))
-    if "float_modules" in rep:
-        fm = rep["float_modules"]
-        head.add_row("float modules", f"{len(fm)}: " + ", ".join(sorted({_short(m) for m in fm})))
-    console.print(head)
-    t = Table(title="quantized Linears")
-    has_gptq = any("weight_error_gptq" in row for row in rep["layers"])
-    cols = ["Linear", "w_scale min", "w_scale max", "input_scale", "input_offset", "clip ratio", "outliers"]
-    for col in cols + (["weight error rtn → gptq"] if has_gptq else []):
-        t.add_column(col, justify="left" if col == "Linear" else "right", no_wrap=col == "Linear")
-    for row in rep["layers"]:
-        oc = row.get("outlier_channels")
-        cells = [_display(row["name"]), _num(row.get("weight_scale_min")), _num(row.get("weight_scale_max")),
-                 _num(row.get("input_scale")), _num(row.get("input_offset"), "g"),
-                 _num(row.get("clip_ratio"), ".3f"),
-                 "–" if oc is None else f"{len(oc)}" + (f" {oc[:4]}" if oc else "")]
-        if has_gptq:
-            cells.append(f"{_num(row.get('weight_error_rtn'), '.2e')} → {_num(row.get('weight_error_gptq'), '.2e')}")
-        t.add_row(*cells)
-    console.print(t)
-    if rep.get("smoothing"):
-        s = Table(title="smoothing (per group)")
-        cols = ("group", "channels", "scale min", "scale max", "scale mean", "shift",
-                f"outliers (>{OUTLIER_FACTOR:g}×median)")
-        for col in cols:
-            s.add_column(col, justify="left" if col == "group" else "right")
-        for g in rep["smoothing"]:
-            oc = g.get("outlier_channels")
-            s.add_row(g["group"], str(g["channels"]), _num(g["scale_min"]), _num(g["scale_max"]),
-                      _num(g["scale_mean"]), "yes" if g["shift"] else "no",
-                      "–" if oc is None else f"{len(oc)}" + (f" {oc[:8]}" if oc else ""))
-        console.print(s)
-        searched = [g for g in rep["smoothing"] if "m2_threshold" in g]
-        if searched:
-            s = Table(title="m2 range search (per group)")
-            for col in ("group", "threshold", "block loss", "screened (int8 block equiv.) / grid", "float forwards"):
-                s.add_column(col, justify="left" if col == "group" else "right")
-            for g in searched:
-                s.add_row(g["group"], _num(g["m2_threshold"]), _num(g.get("m2_loss", float("nan"))),
-                          (f"{g['m2_screened']:.0f}" if "m2_screened" in g else "–") + f" / {g.get('m2_grid', 0):.0f}",
-                          f"{g.get('m2_evals', 0):.0f}")
-            console.print(s)
-    if rep.get("tuning"):
-        from llavaq.tuning import tuning_table
-
-        console.print(tuning_table(rep["tuning"]))
-        tu = rep["tuning"]
-        console.print(f"chosen: {tu.get('chosen')} — target " + ("met" if tu.get("met") else
-                      "missed: " + "; ".join(tu.get("missed") or [])), highlight=False, soft_wrap=True)
-    if rep["ok"]:
-        console.print("[green]✓[/] consistent: every tensor present with the right dtype/shape, deq_scale = "
-                      "input_scale·weight_scale, no NaN/Inf" if rep["kind"] == "output" else
-                      "[green]✓[/] cache consistent")
-    else:
-        console.print(f"[red]✗[/] {len(rep['problems'])} problem(s):")
-        for p in rep["problems"][:20]:
-            console.print(f"  - {p}", highlight=False, soft_wrap=True)
-
-
-def _rotation_line(recipe: dict[str, Any], info: dict[str, Any] | None) -> str:
-    line = f"{recipe['rotation']} (seed {recipe.get('rotation_seed', 0)})"
-    if info:
-        res, head = info.get("residual") or {}, info.get("head") or {}
-        line += (f": residual stream {res.get('size')} = {res.get('construction')}, per head {head.get('size')} = "
-                 f"{head.get('construction')}; language model only (CLIP tower and projector linear_1 unrotated)"
-                 + ("; embeddings untied" if info.get("untied_embeddings") else ""))
-    return line
-
-
-_ABBREV = (("vision_tower.vision_model.encoder.layers.", "vision."), ("language_model.model.layers.", "text."),
-           ("multi_modal_projector.", "projector."))
-
-
-def _display(name: str) -> str:
-    for long, short in _ABBREV:
-        if name.startswith(long):
-            return short + name[len(long):]
-    return name
-
-
-def _short(module: str) -> str:
-    """A module name with layer numbers folded: ``language_model.model.layers.*.mlp.down_proj``."""
-    return ".".join("*" if p.isdigit() else p for p in module.split("."))
-
-
-def run_inspect(path: str | Path, json_out: bool = False, console: Console | None = None) -> int:
-    """Print the report (rich tables, or JSON only with ``json_out``); return 0 if consistent else 1."""
-    console = console or Console()
-    try:
-        rep = inspect_path(path)
-    except OutputError as e:
-        if not Path(path).is_dir():
-            raise
-        rep = {"kind": "output", "path": str(path), "problems": [e.message], "ok": False}
-        if json_out:
-            print(json.dumps(rep))
-        _error_line(rep)
-        return 1
-    if json_out:
-        print(json.dumps(rep, default=str))
-    else:
-        _render(rep, console)
-    if not rep["ok"]:
-        _error_line(rep)
-        return 1
-    return 0
-
-
-def _error_line(rep: dict[str, Any]) -> None:
-    more = len(rep["problems"]) - 1
-    msg = " ".join(rep["problems"][0].split()) + (f" (and {more} more problem(s))" if more else "")
-    Console(stderr=True).print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)

@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llavaq.calib.prompts import read_user_text
-from llavaq.errors import ImageError, LlavaqError, OutputError, VerificationFailed
+from llavaq.errors import ImageError, LlavaqError, OutputError
 from llavaq.quant.emulate import (
-    EMULATION_MODES,
     EmulatedW8A8Linear,
     QuantLinearParams,
     kernel_mode,
@@ -728,83 +727,3 @@ def check_thresholds(report: FidelityReport, max_ppl_increase: float | None, min
             if t1 < min_top1:
                 failed.append(f"top-1 agreement on {what} {t1:.4f} < {min_top1:g}")
     return failed
-
-
-# ---------------------------------------------------------------------------------------------- CLI shell
-def print_report(report: FidelityReport, console) -> None:
-    from rich.table import Table
-
-    acts = "float activations (weight-only reference)" if report.mode == "weight_only" \
-        else f"{report.mode} int8 activations"
-    t = Table(title=f"llavaq verify: {report.quantized} ({report.format}, {acts}, "
-                    f"{report.quantized_linears} W8A8 Linears emulated)")
-    for c in ("prompt", "answer (FP, greedy)", "cosine", "top-1 answer", "top-1 all", "KL(FP‖Q)"):
-        t.add_column(c, overflow="fold")
-    for r in report.prompts:
-        label = (f"[{r.image}] " if r.image else "[text] ") + r.prompt
-        t.add_row(label[:60], r.answer[:50], f"{r.cosine:.5f}", f"{r.top1:.3f}", f"{r.top1_all:.3f}", f"{r.kl:.5f}")
-    if report.prompts:
-        console.print(t)
-    s = Table(title="overall", show_header=False)
-    if report.ppl_fp is not None:
-        s.add_row("perplexity FP → Q", f"{report.ppl_fp:.4f} → {report.ppl_q:.4f} ({report.ppl_increase:+.2f}%) "
-                                       f"on {report.text_tokens} held-out tokens")
-        s.add_row("held-out text top-1 / KL", f"{report.text_top1:.4f} / {report.text_kl:.5f}")
-    if report.image_top1 is not None:
-        s.add_row("image-prompt answers top-1 / KL", f"{report.image_top1:.4f} / {report.image_kl:.5f} "
-                                                    f"({report.image_positions} positions)")
-    if report.text_prompt_top1 is not None:
-        s.add_row("text-prompt answers top-1 / KL", f"{report.text_prompt_top1:.4f} / {report.text_prompt_kl:.5f} "
-                                                   f"({report.text_prompt_positions} positions)")
-    s.add_row("top-1 agreement (all scored positions)", f"{report.top1:.4f}")
-    s.add_row("KL(FP‖Q) per position", f"{report.kl:.5f}")
-    s.add_row("mean logits cosine", f"{report.cosine:.5f}")
-    s.add_row("time", f"{report.seconds:.1f}s")
-    console.print(s)
-    w = Table(title="worst quantized Linears (emulated output vs float Linear, same input)")
-    for c in ("Linear", "rel. MSE", "MSE", "saturated"):
-        w.add_column(c)
-    for e in report.worst_layers:
-        w.add_row(e.name, f"{e.rel_mse:.2e}", f"{e.mse:.2e}", f"{e.clip_fraction:.2e}")
-    console.print(w)
-    if report.range_drivers:
-        console.print(report.range_drivers.get("summary", ""))
-
-
-def run_verify(
-    model_path: str | Path,
-    quantized: str | Path,
-    *,
-    images: str | Path | None = None,
-    prompts: str | Path | None = None,
-    text: str | Path | None = None,
-    json_out: bool = False,
-    max_ppl_increase: float | None = None,
-    min_top1: float | None = None,
-    mode: str = "static",
-    console=None,
-    html_report: str | Path | None = None,
-    force: bool = False,
-) -> int:
-    from rich.console import Console
-
-    console = console or Console()
-    if mode not in EMULATION_MODES:
-        raise LlavaqError(f"--mode must be one of {', '.join(EMULATION_MODES)}, not {mode!r}")
-    if html_report is not None:  # llavaq.report hook: every Linear's error on the page, the worst 10 printed
-        from llavaq.report import check_report_target
-        check_report_target(html_report)
-    report = verify(model_path, quantized, images=images, prompts=prompts, text=text, mode=mode, force=force,
-                    worst=1 << 30 if html_report is not None else 10)
-    if html_report is not None:
-        from llavaq.report import write_report
-        write_report(html_report, report.to_dict())
-        report.worst_layers = report.worst_layers[:10]
-    if json_out:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print_report(report, console)
-    failed = check_thresholds(report, max_ppl_increase, min_top1)
-    if failed:
-        raise VerificationFailed(f"{quantized}: " + "; ".join(failed))
-    return 0

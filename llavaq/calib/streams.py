@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llavaq.calib.cache import _atomic_save_tensors, _atomic_write_bytes, fsync_path
 from llavaq.errors import CacheError
+from llavaq.files import atomic_save_tensors, atomic_write_bytes, fsync_path
 from llavaq.formats.sharding import TensorSpec, save_file_streamed
 
 __all__ = ["Generation", "StateList", "StreamStore", "Streams", "available_memory", "default_stream_budget"]
@@ -235,7 +235,7 @@ class Generation:
                 small[key], order = dense_layout(getattr(streams, key))
                 if order:
                     small[key + ".layout"] = torch.tensor(order)
-        _atomic_save_tensors(self.path / SMALL, small)
+        atomic_save_tensors(self.path / SMALL, small)
         lists = {}
         for name in LIST_FIELDS:
             lst = getattr(streams, name)
@@ -244,7 +244,7 @@ class Generation:
             lists[name] = {"key": lst.key, "items": [None if f is None else f.name for f in lst.files]}
         index = {"stages_done": stages_done, "lists": lists, "positions": len(streams.positions)}
         # written last and flushed with the directory: the files' names, the links and the index itself
-        _atomic_write_bytes(self.path / INDEX, json.dumps(index).encode())
+        atomic_write_bytes(self.path / INDEX, json.dumps(index).encode())
 
     def load(self) -> tuple[Streams, int]:
         """The streams of a sealed generation (read from disk when used) and its number of stages done."""

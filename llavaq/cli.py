@@ -6,7 +6,9 @@ Flags keep msModelSlim's LLaVA script names (``--model_path --calib_images --sav
 
 from __future__ import annotations
 
+import importlib
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -16,8 +18,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llavaq.errors import Interrupted, LlavaqError
+from llavaq import api
+from llavaq.calib.cache import SessionCache
+from llavaq.calib.coverage import range_drivers
+from llavaq.calib.prompts import read_text_prompts
+from llavaq.device import resolve_device
+from llavaq.errors import CacheError, Interrupted, LlavaqError, VerificationFailed
+from llavaq.inspect import gptq_summary, run_inspect
+from llavaq.progress import RichProgress, summary_line
 from llavaq.recipe import DEFAULT_PROMPT, QuantRecipe
+from llavaq.tuning import tuning_table
+from llavaq.verify import run_verify
 
 app = typer.Typer(
     add_completion=False,
@@ -51,8 +62,6 @@ def _recipe(w_bit: int, a_bit: int, anti_outlier: str, alpha: str, act_method: i
             **weight_options) -> QuantRecipe:
     prompts: tuple[str, ...] = ()
     if text_prompts is not None:
-        from llavaq.calib.prompts import read_text_prompts
-
         prompts = read_text_prompts(text_prompts)
     return QuantRecipe(w_bit=w_bit, a_bit=a_bit, anti_outlier=anti_outlier, alpha=alpha, act_method=act_method,
                        modules=modules, m2_search=m2_search, float_dtype=float_dtype, text_prompts=prompts,
@@ -130,8 +139,6 @@ Overwrite = typer.Option(False, "--overwrite", help="Replace a non-empty save di
 
 
 def _progress():
-    from llavaq.progress import RichProgress
-
     return RichProgress(err)
 
 
@@ -142,9 +149,6 @@ def _print_calibration(cal) -> None:
 
 
 def _print_range_drivers(cache) -> None:
-    from llavaq.calib.coverage import range_drivers
-    from llavaq.errors import CacheError
-
     try:
         err.print("  " + range_drivers(cache).summary, soft_wrap=True)
     except CacheError:
@@ -169,20 +173,14 @@ def _print_export(res, peak_rss: bool = True) -> None:
 
 
 def _gptq_line(errors: dict[str, dict[str, float]]) -> str:
-    from llavaq.inspect import gptq_summary
-
     return gptq_summary(errors)
 
 
 def _peak_rss_mib() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _device_line(device_type: str) -> None:
-    from llavaq.device import resolve_device
-
     dev = resolve_device(device_type)
     err.print(f"device: [bold]{dev.type}[/] (--device_type {device_type})")
 
@@ -241,8 +239,6 @@ def quantize(
                                       "and the rotation calibration only)."),
 ) -> None:
     """Calibrate (reusing a matching session cache) and write the W8A8 model."""
-    from llavaq import api
-
     auto = {"max_ppl_increase": max_ppl_increase, "min_top1": min_top1, "eval_prompts": eval_prompts,
             "eval_images": eval_images, "eval_text": eval_text, "time_budget": time_budget}
     if recipe_name == "auto":
@@ -287,11 +283,6 @@ def _quantize_auto(model_path: Path, save_directory: Path, calib_images: Path, w
                    part_file_size: float | None, cache_dir: Path | None, stream_memory_gb: float | None,
                    overwrite: bool, auto: dict) -> None:
     """``quantize --recipe auto``: print the tuning table; exit 1 (best model written) when the target is missed."""
-    from llavaq import api
-    from llavaq.calib.prompts import read_text_prompts
-    from llavaq.errors import VerificationFailed
-    from llavaq.tuning import tuning_table
-
     QuantRecipe(w_bit=w_bit, a_bit=a_bit)  # one-line error for anything but W8A8
     prompts = read_text_prompts(text_prompts) if text_prompts is not None else None
     _device_line(device_type)
@@ -320,8 +311,6 @@ def _quantize_auto(model_path: Path, save_directory: Path, calib_images: Path, w
 
 
 def _summary(calib_seconds: float, res) -> None:
-    from llavaq.progress import summary_line
-
     err.print(summary_line(calib_seconds + res.seconds, res.bytes_written, len(res.files)), highlight=False,
               soft_wrap=True)
 
@@ -353,8 +342,6 @@ def calibrate(
     stream_memory_gb: float = StreamMemory,
 ) -> None:
     """Run calibration once and store the session cache (resumes if interrupted)."""
-    from llavaq import api
-
     recipe = _recipe(w_bit, a_bit, anti_outlier, alpha, act_method, modules, m2_search, "auto", text_prompts,
                      smooth_vo=smooth_vo, weight_method=weight_method, image_loading=image_loading,
                      smooth_stat=smooth_stat, m2_scope=m2_scope, rotation=rotation, rotation_seed=rotation_seed,
@@ -396,9 +383,6 @@ def export(
     overwrite: bool = Overwrite,
 ) -> None:
     """Write any format from a session cache, with no forward pass."""
-    from llavaq import api
-    from llavaq.calib.cache import SessionCache
-
     sc = SessionCache.load(cache)
     cached = QuantRecipe.from_dict(sc.manifest["recipe"])
     smoothing = {} if anti_outlier is None else {"anti_outlier": anti_outlier, "alpha": alpha}
@@ -419,8 +403,6 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
 ) -> None:
     """Audit a quantized model or session cache: modules, scales, consistency checks."""
-    from llavaq.inspect import run_inspect
-
     raise typer.Exit(run_inspect(path, json_out=json_out, console=out))
 
 
@@ -443,8 +425,6 @@ def verify(
                              "separate what the static ranges and the int8 weights cost."),
 ) -> None:
     """Measure W8A8 fidelity against the float model with integer-exact kernel emulation."""
-    from llavaq.verify import run_verify
-
     max_ppl_increase = max_ppl_increase if max_ppl_increase is not None else max_ppl_increase_alias
     min_top1 = min_top1 if min_top1 is not None else min_top1_alias
     raise typer.Exit(run_verify(model_path, quantized, images=images, prompts=prompts, text=text,
@@ -500,8 +480,6 @@ def main() -> None:
 
 def _click_exceptions(name: str) -> tuple[type, ...]:
     """``name`` from click and from the copy of click that newer Typer releases vendor (``typer._click``)."""
-    import importlib
-
     found = []
     for mod in ("click.exceptions", "typer._click.exceptions"):
         try:

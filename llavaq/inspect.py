@@ -18,9 +18,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from llavaq.calib.cache import SessionCache
 from llavaq.errors import LlavaqError, OutputError
+from llavaq.files import RECORD_FILE, TUNING_FILE
+from llavaq.formats import get_format
+from llavaq.formats.reader import read_quantized
+from llavaq.model.families import TEXT_FAMILIES, VISION_FAMILIES
+from llavaq.model.loading import open_model
+from llavaq.tuning import tuning_table
 
-RECORD_NAME = "llavaq_record.json"
+RECORD_NAME = RECORD_FILE
 OUTLIER_FACTOR = 6.0  # a channel is an outlier when its float |x|max exceeds 6× the median channel's
 
 
@@ -57,9 +64,6 @@ def cache_statistics(cache_path: Path) -> dict[str, Any]:
     Clipping ratio = calibrated range ``x_max − x_min`` / the float model's full range of the same
     (smoothed) input over all samples; < 1 means the observer clipped outliers.
     """
-    from llavaq.api import open_model
-    from llavaq.calib.cache import SessionCache
-
     cache = SessionCache.load(cache_path)
     man = cache.manifest
     records = {st: cache.read_stage(st) for st in man.get("stages_done", [])}
@@ -131,8 +135,6 @@ def cache_statistics(cache_path: Path) -> dict[str, Any]:
 
 def architecture(config: dict[str, Any] | None) -> str | None:
     """"Mistral + CLIP" from a LLaVA config.json (None when it is not one llavaq describes)."""
-    from llavaq.model.families import TEXT_FAMILIES, VISION_FAMILIES
-
     if not isinstance(config, dict):
         return None
     text = TEXT_FAMILIES.get((config.get("text_config") or {}).get("model_type", "llama"))
@@ -142,9 +144,6 @@ def architecture(config: dict[str, Any] | None) -> str | None:
 
 # ---------------------------------------------------------------------------------- reports
 def inspect_output(path: Path) -> dict[str, Any]:
-    from llavaq.formats import get_format
-    from llavaq.formats.reader import read_quantized
-
     view = read_quantized(path)
     rec = view.record or {}
     stats = None
@@ -240,8 +239,6 @@ def _rotation_problems(view, rec: dict[str, Any]) -> list[str]:
 
 def _tuning_table(path: Path, problems: list[str]) -> dict[str, Any] | None:
     """``llavaq_tuning.json`` (written by ``quantize --recipe auto``), if the output has one."""
-    from llavaq.tuning import TUNING_FILE
-
     f = path / TUNING_FILE
     if not f.is_file():
         return None
@@ -379,8 +376,6 @@ def _render(rep: dict[str, Any], console: Console) -> None:
                           f"{g.get('m2_evals', 0):.0f}")
             console.print(s)
     if rep.get("tuning"):
-        from llavaq.tuning import tuning_table
-
         console.print(tuning_table(rep["tuning"]))
         tu = rep["tuning"]
         console.print(f"chosen: {tu.get('chosen')} — target " + ("met" if tu.get("met") else

@@ -29,6 +29,7 @@ from 5.6), and a plain 4.37 name would leave those Linears quantized there, with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,6 @@ class CompressedTensorsFormat:
 
 
 def _read_config(path: Path) -> dict | None:
-    import json
-
     try:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):

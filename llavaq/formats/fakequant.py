@@ -15,6 +15,7 @@ reproduces the quantized model's *weights*; the static activation quantization i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,6 @@ class FakeQuantFormat:
         return {"tensors": len(weight_map), "files": sorted(set(weight_map.values()))}
 
     def detect(self, path: Path) -> bool:
-        import json
-
         if (path / PARAMS_FILE).is_file():
             return True
         try:

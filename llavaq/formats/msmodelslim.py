@@ -14,11 +14,14 @@ from typing import Any
 
 import torch
 
+from llavaq import __version__
+from llavaq.files import RECORD_FILE
 from llavaq.formats.base import ExportContext, TensorStream, copy_model_files, register_format, write_json
 from llavaq.formats.sharding import TensorSpec, write_safetensors
+from llavaq.quant.state import quantized_tensor_specs
 
 WEIGHT_PREFIX = "quant_model_weight_w8a8"
-RECORD = "llavaq_record.json"
+RECORD = RECORD_FILE
 
 
 def quantization_config(ctx: ExportContext) -> dict[str, Any]:
@@ -40,8 +43,6 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
 
 def write_record(out_dir: Path, ctx: ExportContext, fmt: str, extra: dict[str, Any] | None = None) -> None:
     """``llavaq_record.json``: tool, format, recipe, whether the params were derived, module lists."""
-    from llavaq import __version__
-
     rec = {
         "tool": "llavaq",
         "version": __version__,
@@ -91,8 +92,6 @@ class _MsModelSlimBase:
 
         specs = None
         if ctx.planned_stream == "quantized":  # the stream is iter_quantized_tensors: lay the file out up front
-            from llavaq.quant.state import quantized_tensor_specs
-
             specs = [TensorSpec(*s) for s in quantized_tensor_specs(ctx.arch, ctx.recipe, float_dtype=ctx.float_dtype)]
         weight_map = write_safetensors(out_dir, WEIGHT_PREFIX, named(), ctx.part_file_size, specs=specs)
         write_json(out_dir / self.description_file, desc)

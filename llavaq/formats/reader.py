@@ -33,11 +33,15 @@ from typing import Any
 import torch
 
 from llavaq.errors import LlavaqError, OutputError
+from llavaq.files import RECORD_FILE
 from llavaq.formats.base import detect_format
+from llavaq.formats.compressed_tensors import CompressedTensorsConfig
+from llavaq.formats.fakequant import dequantize_weight
 from llavaq.formats.names import to_internal
-from llavaq.model.checkpoint import _DTYPES, read_safetensors_header
+from llavaq.model.checkpoint import SAFETENSORS_DTYPES, read_safetensors_header
+from llavaq.quant.state import unpack_deq_scale
 
-RECORD = "llavaq_record.json"
+RECORD = RECORD_FILE
 MSM_PREFIX = "quant_model_weight_w8a8"
 HF_PREFIX = "model"
 PARAMS_FILE = "llavaq_quant_params.st"
@@ -126,7 +130,7 @@ class TensorFiles:
         return self.headers[self.where[name]][self.stored[name]]
 
     def dtype(self, name: str) -> torch.dtype:
-        return _DTYPES[self.info(name)["dtype"]]
+        return SAFETENSORS_DTYPES[self.info(name)["dtype"]]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.info(name)["shape"])
@@ -221,8 +225,6 @@ class QuantizedModelView:
             self.quantized = [n[: -len(".weight")] for n, tag in desc.items()
                               if tag == "W8A8" and n.endswith(".weight")]
         elif fmt == "compressed-tensors":
-            from llavaq.formats.compressed_tensors import CompressedTensorsConfig
-
             # keys of either transformers layout (llm-compressor, transformers >= 4.52) as internal 4.37 names
             self.files = TensorFiles(path, HF_PREFIX, rename=to_internal)
             self.ct_config = CompressedTensorsConfig((self.config or {}).get("quantization_config"),
@@ -297,8 +299,6 @@ class QuantizedModelView:
         return self.files.tensor(name)
 
     def linear(self, name: str) -> QuantizedLinearView:
-        from llavaq.quant.state import unpack_deq_scale
-
         if self.format == "compressed-tensors":
             return self._ct_linear(name)
         ws = self._p(name, "weight_scale")
@@ -343,8 +343,6 @@ class QuantizedModelView:
     # ------------------------------------------------------------------ consistency
     def check(self) -> list[str]:
         """Consistency problems, each one line naming the tensor and its file; empty when consistent."""
-        from llavaq.formats.fakequant import dequantize_weight
-
         problems = list(self.files.problems)
         f = self.files
         where = lambda n: f"{f.file_of(n)}: {f.stored_name(n)}"  # noqa: E731

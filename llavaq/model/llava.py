@@ -22,6 +22,7 @@ from torch import nn
 from llavaq.errors import ModelError
 from llavaq.model.checkpoint import Checkpoint
 from llavaq.model.families import TEXT_FAMILIES, VISION_FAMILIES, DecoderFamily, EncoderFamily, LayerFamily
+from llavaq.model.families.base import import_class
 
 VISION = "vision_tower.vision_model."
 PROJECTOR = "multi_modal_projector."
@@ -415,8 +416,6 @@ class LlavaArch:
 
     def build_vision_head(self) -> nn.Module:
         """The post-encoder part of the tower's forward (SigLIP: post_layernorm → pooling head)."""
-        from llavaq.model.families.base import import_class
-
         norm_name, head_name = self.vision.post_head
         vc = self.vision_config
         with torch.device("meta"):
@@ -435,8 +434,6 @@ class LlavaArch:
 
     def build_vision_embeddings(self) -> nn.Module:
         """Patch (and class/position) embeddings, then the pre-norm if the tower has one (CLIP's ``pre_layrnorm``)."""
-        from llavaq.model.families.base import import_class
-
         vc = self.vision_config
         with torch.device("meta"):
             emb = import_class(self.vision.embeddings_class)(vc)

@@ -26,12 +26,12 @@ TUNING_DIR = "tuning"
 #: ``import llavaq`` and ``llavaq --help`` stay fast and a missing extra fails only the command that needs it).
 #: tests/test_architecture.py enforces it.
 OPTIONAL_IMPORTS = (
-    "transformers",
-    "safetensors",
-    "tokenizers",
-    "rich",
-    "gguf",
-    "torch_npu",
+    "transformers",  # heavy (seconds): only commands that load a processor or a float model
+    "safetensors",  # only where a file is read or written
+    "tokenizers",  # test and demo model builders
+    "rich",  # rendering, for the CLI only (the library API prints nothing)
+    "gguf",  # the demo model's weights (optional extra)
+    "torch_npu",  # Ascend NPUs only
 )
 
 

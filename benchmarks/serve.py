@@ -27,7 +27,7 @@ from report import machine_line, write_section  # noqa: E402
 
 from llavaq import api  # noqa: E402
 from llavaq.recipe import QuantRecipe  # noqa: E402
-from llavaq.verify_engine import run_vllm_jobs  # noqa: E402
+from llavaq.verify.engine import run_vllm_jobs  # noqa: E402
 
 REPO = HERE.parent
 GIB = 1024 ** 3

@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
+from llavaq.calib.cache import SessionCache
 from llavaq.errors import LlavaqError
+from llavaq.model.checkpoint import Checkpoint
+from llavaq.model.llava import LlavaArch
 
 OUTLIER_FACTOR = 6.0  # a channel is an outlier when its float |x|max exceeds 6× the median channel's
 #: the m2 search results a cache records per group (caches since llavaq 0.1.0)
@@ -31,9 +34,6 @@ def cache_statistics(cache_path: Path) -> dict[str, Any]:
     Clipping ratio = calibrated range ``x_max − x_min`` / the float model's full range of the same
     (smoothed) input over all samples; < 1 means the observer clipped outliers.
     """
-    from llavaq.calib.cache import SessionCache
-    from llavaq.model.checkpoint import Checkpoint
-    from llavaq.model.llava import LlavaArch
 
     cache = SessionCache.load(cache_path)
     man = cache.manifest

@@ -18,12 +18,14 @@ import torch
 
 from llavaq.cache_stats import OUTLIER_FACTOR, cache_statistics, outlier_channels
 from llavaq.errors import LlavaqError, OutputError
+from llavaq.files import RECORD_FILE, TUNING_FILE
 from llavaq.formats import get_format, read_quantized
+from llavaq.model.families import TEXT_FAMILIES, VISION_FAMILIES
 
 __all__ = ["OUTLIER_FACTOR", "architecture", "cache_statistics", "gptq_summary", "inspect_cache", "inspect_output",
            "inspect_path", "outlier_channels"]
 
-RECORD_NAME = "llavaq_record.json"
+RECORD_NAME = RECORD_FILE
 
 
 def _f(x: Any) -> Any:
@@ -47,8 +49,6 @@ def gptq_summary(errors: dict[str, dict[str, float]]) -> str:
 
 def architecture(config: dict[str, Any] | None) -> str | None:
     """"Mistral + CLIP" from a LLaVA config.json (None when it is not one llavaq describes)."""
-    from llavaq.model.families import TEXT_FAMILIES, VISION_FAMILIES
-
     if not isinstance(config, dict):
         return None
     text = TEXT_FAMILIES.get((config.get("text_config") or {}).get("model_type", "llama"))
@@ -162,8 +162,6 @@ def _rotation_problems(view, rec: dict[str, Any]) -> list[str]:
 
 def _tuning_table(path: Path, problems: list[str]) -> dict[str, Any] | None:
     """``llavaq_tuning.json`` (written by ``quantize --recipe auto``), if the output has one."""
-    from llavaq.tuning import TUNING_FILE
-
     f = path / TUNING_FILE
     if not f.is_file():
         return None

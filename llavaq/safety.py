@@ -9,11 +9,15 @@ hard link or bind mount (``os.path.samefile``).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import signal
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from llavaq.errors import OutputError
+from llavaq.errors import LlavaqError, OutputError
 
 #: user files this process read as inputs (prompt files, evaluation text); see :func:`note_input`
 _NOTED: dict[str, str] = {}
@@ -75,9 +79,6 @@ _AT_FDCWD = -100
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """``renameat2(src, dst, flags)``; False where the system or file system lacks it (then fall back)."""
-    import ctypes
-    import errno
-    import sys
 
     if not sys.platform.startswith("linux"):
         return False
@@ -120,7 +121,6 @@ def _terminate(signum: int, frame: object) -> None:
 
 def handle_termination() -> None:
     """SIGTERM and SIGHUP handled like Ctrl-C (the CLI calls this at start; exit with :func:`exit_code`)."""
-    import signal
 
     for name in ("SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
@@ -135,7 +135,6 @@ def exit_code(default: int = 130) -> int:
 
 def harden_streams() -> None:
     """Output to an ASCII or other non-UTF-8 stream degrades symbols (``?``) and never raises."""
-    import sys
 
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -152,7 +151,6 @@ def check_output_of_model(model_path: str | Path, fingerprint: dict[str, str], q
                           record: dict | None, force: bool = False) -> None:
     """``verify``: refuse (one line, before any forward pass) an output made from another model (the
     fingerprint ``llavaq_record.json`` carries; ``force`` skips this) or one whose tokenizer differs."""
-    from llavaq.errors import LlavaqError
 
     theirs = (record or {}).get("model_fingerprint")
     if isinstance(theirs, dict) and not force:

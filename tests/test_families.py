@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import llavaq.api as api_mod
+import llavaq.model.loading as loading_mod
 from llavaq import api
 from llavaq.algorithms.blocks import clip_qkv_block, llama_qkv_block
+from llavaq.calib.cache import SessionCache
 from llavaq.calib.engine import ForwardCounter
 from llavaq.calib.samples import image_sample, load_processor, text_samples
 from llavaq.errors import ModelError
@@ -183,7 +184,7 @@ def test_quantize_inspect_verify(name, models, quantized, calib_dir, tmp_path):
 def test_streamed_equals_in_memory_bytes(name, models, quantized, calib_dir, tmp_path, monkeypatch):
     """Lazy per-layer reads with the hidden states in memory == everything read up front with them on disk."""
     _, res = quantized[name]
-    monkeypatch.setattr(api_mod, "Checkpoint", InMemoryCheckpoint)
+    monkeypatch.setattr(loading_mod, "Checkpoint", InMemoryCheckpoint)
     out = tmp_path / "in_memory"
     api.quantize(models[name], calib_dir, out, cache_dir=tmp_path / "cache", device_type="cpu", stream_memory_gb=0)
     files = [p.name for p in sorted(res.save_directory.iterdir()) if p.name != "llavaq_record.json"]
@@ -223,7 +224,7 @@ def test_m2_scope_all_smooths_every_family_exactly(name, models, calib_dir, tmp_
                                  "--cache_dir", str(tmp_path / "cache"), "--m2_scope", "all", "--device_type", "cpu"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    cache = api_mod.SessionCache.load("".join(r.stdout.split()))  # stdout: the cache path (wrapped at 80)
+    cache = SessionCache.load("".join(r.stdout.split()))  # stdout: the cache path (wrapped at 80)
     groups = {g["group"]: g for g in inspect_path(cache.path)["smoothing"]}
     assert {f"text.{i}.{p}" for i in range(2) for p in ("attn", "mlp")} <= set(groups)
     assert all("m2_threshold" in g for g in groups.values()) and groups["text.0.attn"]["shift"] is False
@@ -274,14 +275,14 @@ def _interrupted_on_disk_resumes_to_the_same_cache(model, calib_dir, recipe, ref
     disk; the resumed calibration gives the uninterrupted one's cache, byte for byte."""
     from safetensors.torch import load_file
 
-    real = api_mod.SessionCache.write_stage
+    real = SessionCache.write_stage
 
     def flaky(self, stage, *args):
         if stage == "projector":
             raise KeyboardInterrupt
         return real(self, stage, *args)
 
-    monkeypatch.setattr(api_mod.SessionCache, "write_stage", flaky)
+    monkeypatch.setattr(SessionCache, "write_stage", flaky)
     with pytest.raises(KeyboardInterrupt):
         api.calibrate(model, calib_dir, recipe, cache_dir=tmp_path / "resume", device_type="cpu", stream_memory_gb=0)
     monkeypatch.undo()

@@ -681,12 +681,12 @@ def test_bad_cache_on_quantize_then_follow_the_advice(case, tiny_model, calib_di
 
 # --------------------------------------------------------------------------------------------- unexpected / usage
 def test_unexpected_exception_is_one_line(tiny_model, full_cache, io_dirs, capsys, monkeypatch):
-    import llavaq.api
+    import llavaq.pipeline.exporting
 
     def boom(*a, **k):
         raise RuntimeError("something odd\nsecond line")
 
-    monkeypatch.setattr(llavaq.api, "iter_quantized_tensors", boom)
+    monkeypatch.setattr(llavaq.pipeline.exporting, "iter_quantized_tensors", boom)
     _, save = io_dirs
     res = cli(capsys, *export_args(tiny_model, full_cache, save))
     assert_error(res, "RuntimeError: something odd", "LLAVAQ_DEBUG=1", code=1)

@@ -159,8 +159,8 @@ def test_tied_embeddings_are_saved_untied(tiny_model_tied, calib_dir, cache_root
 
 
 def test_float_dtype_auto_follows_msmodelslim_per_device_and_can_be_forced(quantized, tiny_model, tmp_path):
-    from llavaq.api import _float_dtype
     from llavaq.formats import get_format
+    from llavaq.pipeline import float_dtype_for as _float_dtype
 
     msm, ct = get_format("msmodelslim"), get_format("compressed-tensors")
     assert _float_dtype("auto", msm, torch.float16, "cpu") == torch.float32  # msModelSlim's CPU run

@@ -6,7 +6,8 @@ import weakref
 
 import pytest
 
-import llavaq.api as api_mod
+import llavaq.model.loading as loading_mod
+import llavaq.pipeline.calibration as calibration_mod
 from llavaq import api
 from llavaq.model.checkpoint import Checkpoint, InMemoryCheckpoint
 from llavaq.recipe import QuantRecipe
@@ -21,7 +22,7 @@ def _files(d):
 def test_streamed_and_in_memory_quantization_are_byte_identical(tiny_model, calib_dir, tmp_path, monkeypatch, part):
     streamed = tmp_path / "streamed"
     api.quantize(tiny_model, calib_dir, streamed, cache_dir=tmp_path / "c1", device_type="cpu", part_file_size=part)
-    monkeypatch.setattr(api_mod, "Checkpoint", InMemoryCheckpoint)  # everything read into RAM first
+    monkeypatch.setattr(loading_mod, "Checkpoint", InMemoryCheckpoint)  # everything read into RAM first
     in_mem = tmp_path / "in_memory"
     api.quantize(tiny_model, calib_dir, in_mem, cache_dir=tmp_path / "c2", device_type="cpu", part_file_size=part)
     a, b = _files(streamed), _files(in_mem)
@@ -112,7 +113,7 @@ def test_round_robin_devices_give_the_same_output(tiny_model, calib_dir, tmp_pat
         return real(self, stage, *args)
 
     monkeypatch.setattr(CalibrationEngine, "_run_stage", run_stage)
-    monkeypatch.setattr(api_mod, "resolve_devices", lambda dt: [torch.device("cpu", 0), torch.device("cpu", 1)])
+    monkeypatch.setattr(calibration_mod, "resolve_devices", lambda dt: [torch.device("cpu", 0), torch.device("cpu", 1)])
     two = tmp_path / "two"
     api.quantize(tiny_model, calib_dir, two, cache_dir=tmp_path / "c2", device_type="cpu")
     assert [d.index for _, d in seen] == [i % 2 for i in range(len(seen))] and len(seen) == 5

@@ -1,4 +1,4 @@
-"""llavaq/verify_engine.py without vLLM: reading a runner result, and the one-line errors."""
+"""llavaq/verify/engine.py without vLLM: reading a runner result, and the one-line errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llavaq.errors import LlavaqError
-from llavaq.verify_engine import find_vllm_python, text_scores
+from llavaq.verify.engine import find_vllm_python, text_scores
 
 
 def test_text_scores_from_a_runner_result():

@@ -36,6 +36,7 @@ import torch
 
 from llavaq import __version__, locks
 from llavaq.errors import CacheError
+from llavaq.files import atomic_save_tensors, atomic_write_bytes
 
 CACHE_FORMAT = "llavaq-session-cache"
 CACHE_VERSION = 2  # 2: checksums (files, checksum, weights_sha256)
@@ -51,49 +52,6 @@ def default_cache_dir() -> Path:
 def session_id(fingerprint: dict, samples_digest: str, calibration: dict) -> str:
     blob = json.dumps([fingerprint, samples_digest, calibration], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a written file's data, or a directory's entries, to the disk (raises ``OSError``)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(path: Path) -> None:
-    """:func:`fsync_path` of a directory, where the platform allows it."""
-    try:
-        fsync_path(path)
-    except OSError:  # Windows cannot open a directory; some file systems cannot fsync one
-        pass
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temp file, flushed to the disk, renamed, and the rename flushed."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_directory(path.parent)
-    except BaseException as e:  # Ctrl-C or a full disk: never leave the temp file behind
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CacheError(f"cannot write cache file {path} ({e.strerror or e})") from None
-        raise
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Write a safetensors file atomically; its sha256."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
 
 
 def manifest_checksum(manifest: dict[str, Any]) -> str:

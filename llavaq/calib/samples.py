@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +58,6 @@ class LlavaInputs:
 def load_processor(model_path: str | Path, *, trust_remote_code: bool = False) -> LlavaInputs:
     """The checkpoint's processor, from its parts (see :class:`LlavaInputs`). The tokenizer keeps its own pad
     token; one without gets msModelSlim's ``pad_token="<pad>"`` (padding never happens: one sample at a time)."""
-    import logging
-
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

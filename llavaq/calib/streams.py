@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llavaq.calib.cache import atomic_save_tensors, atomic_write_bytes, fsync_path
 from llavaq.errors import CacheError
+from llavaq.files import atomic_save_tensors, atomic_write_bytes, fsync_path
 from llavaq.formats.sharding import TensorSpec, save_file_streamed
 
 __all__ = ["Generation", "StateList", "StreamStore", "Streams", "available_memory", "default_stream_budget"]

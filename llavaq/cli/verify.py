@@ -47,15 +47,12 @@ def verify(
     from llavaq.quant.emulate import EMULATION_MODES  # torch
     from llavaq.verify import check_thresholds
     from llavaq.verify import verify as run
+    from llavaq.verify.engine import ENGINES, verify_vllm
 
     max_ppl_increase = max_ppl_increase if max_ppl_increase is not None else max_ppl_increase_alias
     min_top1 = min_top1 if min_top1 is not None else min_top1_alias
-    if engine != "emulation":
-        from llavaq.verify_engine import run_verify_engine
-
-        raise typer.Exit(run_verify_engine(model_path, quantized, engine=engine, text=text, vllm_python=vllm_python,
-                                           json_out=json_out, max_ppl_increase=max_ppl_increase,
-                                           min_top1=min_top1, console=out))
+    if engine not in ENGINES:
+        raise LlavaqError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if mode not in EMULATION_MODES:
         raise LlavaqError(f"--mode must be one of {', '.join(EMULATION_MODES)}, not {mode!r}")
     html = report
@@ -63,8 +60,11 @@ def verify(
         from llavaq.report import check_report_target
 
         check_report_target(html)
-    report = run(model_path, quantized, images=images, prompts=prompts, text=text, mode=mode, force=force,
-                 worst=1 << 30 if html is not None else 10)
+    if engine == "emulation":
+        report = run(model_path, quantized, images=images, prompts=prompts, text=text, mode=mode, force=force,
+                     worst=1 << 30 if html is not None else 10)
+    else:
+        report = verify_vllm(model_path, quantized, text=text, vllm_python=vllm_python)
     if html is not None:
         from llavaq.report import write_report
 

@@ -17,6 +17,7 @@ import torch
 
 from llavaq import locks
 from llavaq.errors import OutputError
+from llavaq.files import RECORD_FILE
 from llavaq.model.llava import LlavaArch
 from llavaq.recipe import QuantRecipe
 from llavaq.safety import check_not_input, exchange, move_new
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 TensorStream = Iterator[tuple[str, torch.Tensor, str]]
 #: the record every llavaq output carries (tool, format, recipe, module lists)
-RECORD = "llavaq_record.json"
+RECORD = RECORD_FILE
 
 
 @dataclass

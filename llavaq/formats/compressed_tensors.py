@@ -31,6 +31,7 @@ from 5.6), and a plain 4.37 name would leave those Linears quantized there, with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,8 +193,6 @@ class CompressedTensorsFormat(OutputFormat):
 
 
 def _read_config(path: Path) -> dict | None:
-    import json
-
     try:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from llavaq import __version__
 from llavaq.errors import OutputError
 from llavaq.formats.base import (
     RECORD,
@@ -27,6 +28,8 @@ from llavaq.formats.base import (
 from llavaq.formats.reader import FLOATS, QuantizedLinearView, QuantizedModelView, read_json
 from llavaq.formats.sharding import TensorSpec, write_safetensors
 from llavaq.formats.tensorfiles import TensorFiles
+from llavaq.quant.kernel import unpack_deq_scale
+from llavaq.quant.state import quantized_tensor_specs
 
 WEIGHT_PREFIX = "quant_model_weight_w8a8"
 #: a quantized Linear's own tensors (besides bias), all required
@@ -53,8 +56,6 @@ def quantization_config(ctx: ExportContext) -> dict[str, Any]:
 
 def write_record(out_dir: Path, ctx: ExportContext, fmt: str, extra: dict[str, Any] | None = None) -> None:
     """``llavaq_record.json``: tool, format, recipe, whether the params were derived, module lists."""
-    from llavaq import __version__
-
     rec = {
         "tool": "llavaq",
         "version": __version__,
@@ -99,7 +100,6 @@ class MsModelSlimView(QuantizedModelView):
         return TensorFiles(self.path, WEIGHT_PREFIX), quantized
 
     def linear(self, name: str) -> QuantizedLinearView:
-        from llavaq.quant.kernel import unpack_deq_scale
 
         ws = self._p(name, "weight_scale")
         s = self._p(name, "input_scale").float().reshape(1)
@@ -187,8 +187,6 @@ class MsModelSlimFormat(OutputFormat):
 
         specs = None
         if ctx.planned_stream == "quantized":  # the stream is iter_quantized_tensors: lay the file out up front
-            from llavaq.quant.state import quantized_tensor_specs
-
             specs = [TensorSpec(*s) for s in quantized_tensor_specs(ctx.arch, ctx.recipe, float_dtype=ctx.float_dtype,
                                                                         scale_dtype=ctx.scale_dtype)]
         weight_map = write_safetensors(out_dir, WEIGHT_PREFIX, named(), ctx.part_file_size, specs=specs)

@@ -24,6 +24,7 @@ import torch
 from llavaq.errors import ModelError
 from llavaq.model.input_checks import INDEX, check_config, check_layers, quantized_kind, quantized_tensor, weight_files
 
+#: safetensors dtype name -> torch dtype (public: readers of other files use it too)
 SAFETENSORS_DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,

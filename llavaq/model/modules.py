@@ -11,6 +11,7 @@ from torch import nn
 
 from llavaq.errors import ModelError
 from llavaq.model.families import DecoderFamily, EncoderFamily
+from llavaq.model.families.base import import_class
 from llavaq.model.layout import EMBED, LANGUAGE, LM_HEAD, PROJECTOR, VISION, Stage
 
 
@@ -99,7 +100,6 @@ class LlavaModules:
 
     def build_vision_head(self) -> nn.Module:
         """The post-encoder part of the tower's forward (SigLIP: post_layernorm → pooling head)."""
-        from llavaq.model.families.base import import_class
 
         norm_name, head_name = self.vision.post_head
         vc = self.vision_config
@@ -119,7 +119,6 @@ class LlavaModules:
 
     def build_vision_embeddings(self) -> nn.Module:
         """Patch (and class/position) embeddings, then the pre-norm if the tower has one (CLIP's ``pre_layrnorm``)."""
-        from llavaq.model.families.base import import_class
 
         vc = self.vision_config
         with torch.device("meta"):

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from llavaq.errors import LlavaqError
+from llavaq.report.files import RECORD, check_report_target, read_json, write_report
+from llavaq.verify import load_float_model, verify
 
 
 def _f(x: Any, spec: str) -> str:
@@ -49,7 +51,6 @@ def compare_rows(reports: list[dict[str, Any]]) -> list[list[str]]:
 def recipe_line(output_dir: Path) -> str:
     """What an output's ``llavaq_record.json`` says it is: ``--recipe auto``'s choice, or the recipe's smoothing
     and weights (``m2, rtn``)."""
-    from llavaq.report.files import RECORD, read_json
 
     rec = read_json(output_dir / RECORD) if output_dir.is_dir() else None
     if not rec:
@@ -82,7 +83,6 @@ def verify_outputs(model_path: str | Path, outputs: list[Path], report_last: boo
     """``verify`` of each output directory (``evaluation``: verify's images / prompts / text; default the shipped
     held-out set), the float side computed once; per-Linear errors measured only for the last one when
     ``report_last`` (its page shows them)."""
-    from llavaq.verify import load_float_model, verify
 
     fp, reference = load_float_model(model_path), {}
     return [verify(model_path, out, float_model=fp, float_reference=reference, worst=1 << 30,
@@ -129,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llavaq.report.files import check_report_target, write_report
 
     loaded = [_load(a, args.model_path) for a in args.reports]
     dirs = [v for _, v in loaded if isinstance(v, Path)]

@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from llavaq.errors import LlavaqError, OutputError
+from llavaq.formats.reader import read_quantized
+from llavaq.inspect import cache_statistics
+from llavaq.report.charts import require_matplotlib
+from llavaq.report.page import build_page
+from llavaq.verify import verify
 
 RECORD = "llavaq_record.json"
 TUNING = "llavaq_tuning.json"
@@ -36,7 +41,6 @@ def activation_ranges(output_dir: str | Path, record: dict[str, Any] | None = No
     """Per quantized Linear (model order): its static int8 input range from the output's tensors and, when the
     record names a session cache still on disk (and the ranges were not derived), the float range calibration saw.
     """
-    from llavaq.formats.reader import read_quantized
 
     record = record or {}
     view = read_quantized(Path(output_dir))
@@ -60,7 +64,6 @@ def _cache_float_ranges(record: dict[str, Any]) -> dict[str, tuple[float, float]
     cache = record.get("cache")
     if not cache or record.get("derived_from_cache") or not (Path(cache) / "manifest.json").is_file():
         return {}
-    from llavaq.inspect import cache_statistics
 
     try:
         stats = cache_statistics(Path(cache))
@@ -78,7 +81,6 @@ def output_documents(output_dir: str | Path) -> tuple[dict[str, Any], dict[str, 
 
 def check_report_target(path: str | Path) -> Path:
     """One-line errors, before any long work, for a page that could not be written (and no matplotlib)."""
-    from llavaq.report.charts import require_matplotlib
 
     require_matplotlib()
     path = Path(path)
@@ -110,7 +112,6 @@ def write_report(path: str | Path, verify: dict[str, Any] | None = None, output_
                  title: str | None = None) -> Path:
     """The page for ``verify``'s report (``FidelityReport.to_dict()``) and/or an output directory (its record,
     tuning table and activation ranges), written atomically. Returns the path."""
-    from llavaq.report.page import build_page
 
     check_report_target(path)
     out = output_dir if output_dir is not None else (verify or {}).get("quantized")
@@ -124,7 +125,6 @@ def write_auto_report(path: str | Path, model_path: str | Path, output_dir: str 
                       auto: dict[str, Any]) -> Path:
     """``quantize --recipe auto --report``: verify the chosen model on the tuner's evaluation data (every
     Linear's error measured) and write its page, the candidates' scatter included."""
-    from llavaq.verify import verify
 
     rep = verify(model_path, output_dir, prompts=auto.get("eval_prompts"), images=auto.get("eval_images"),
                  text=auto.get("eval_text"), worst=1 << 30)

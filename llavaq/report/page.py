@@ -11,6 +11,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from llavaq import __version__
 from llavaq.report import charts
 
 WORST_ROWS = 10
@@ -126,7 +127,6 @@ def build_page(verify: dict[str, Any] | None = None, *, record: dict[str, Any] |
                ranges: list[dict[str, Any]] | None = None, tuning: dict[str, Any] | None = None,
                title: str | None = None) -> str:
     """The HTML page: summary, per-Linear errors, activation ranges, and the tuning candidates when given."""
-    from llavaq import __version__
 
     record = record or {}
     src = verify or {}

@@ -41,7 +41,7 @@ from llavaq.verify import (
     perplexity_windows,
     read_quantized_output,
 )
-from llavaq.verify_engine import run_vllm_jobs, save_windows, text_scores
+from llavaq.verify.engine import run_vllm_jobs, save_windows, text_scores
 
 REPO = Path(__file__).parents[3]
 VLLM_PY = os.environ.get("LLAVAQ_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")

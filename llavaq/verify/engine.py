@@ -19,12 +19,18 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from llavaq.calib.samples import load_processor
 from llavaq.errors import LlavaqError
+from llavaq.verify.data import load_heldout_text
+from llavaq.verify.emulated import load_float_model
+from llavaq.verify.metrics import FidelityReport, perplexity_windows
+from llavaq.verify.outputs import read_quantized_output
 
 ENGINES = ("emulation", "vllm")
-RUNNER = Path(__file__).parent / "runners" / "vllm_runner.py"
+RUNNER = Path(__file__).parent.parent / "runners" / "vllm_runner.py"
 #: environment for the runner: one process (no engine subprocess), a small KV cache, no hub access
 #: (a max_model_len a job names may pass the config's by one: the scored window's extra generated token)
 RUNNER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
@@ -97,17 +103,6 @@ def verify_vllm(model_path: str | Path, quantized_dir: str | Path, *, text: str 
                 vllm_python: str | Path | None = None, ppl_window: int = 256, max_text_tokens: int = 4096,
                 float_model=None):
     """``verify``'s held-out text numbers with the quantized side run by vLLM (see the module docstring)."""
-    import torch.nn.functional as F
-
-    from llavaq.calib.samples import load_processor
-    from llavaq.verify import (
-        FidelityReport,
-        load_float_model,
-        load_heldout_text,
-        perplexity_windows,
-        read_quantized_output,
-    )
-
     t0 = time.perf_counter()
     py = find_vllm_python(vllm_python)
     q = read_quantized_output(quantized_dir)
@@ -136,25 +131,3 @@ def verify_vllm(model_path: str | Path, quantized_dir: str | Path, *, text: str 
         mode=f"vllm {result.get('vllm', '?')} (held-out text only)", prompts=[], ppl_fp=math.exp(nll_f / s["tokens"]),
         ppl_q=s["ppl"], text_tokens=s["tokens"], text_top1=s["top1"], text_kl=nan, text_cosine=nan, top1=s["top1"],
         kl=nan, cosine=nan, worst_layers=[], quantized_linears=len(q.linears), seconds=time.perf_counter() - t0)
-
-
-def run_verify_engine(model_path: str | Path, quantized: str | Path, *, engine: str, text: str | Path | None = None,
-                      vllm_python: str | Path | None = None, json_out: bool = False,
-                      max_ppl_increase: float | None = None, min_top1: float | None = None, console=None) -> int:
-    """The CLI's ``verify --engine vllm``: print (or ``--json``) the report, apply the thresholds."""
-    from rich.console import Console
-
-    from llavaq.errors import VerificationFailed
-    from llavaq.verify import check_thresholds, print_report
-
-    if engine not in ENGINES:
-        raise LlavaqError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    report = verify_vllm(model_path, quantized, text=text, vllm_python=vllm_python)
-    if json_out:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print_report(report, console or Console())
-    failed = check_thresholds(report, max_ppl_increase, min_top1)
-    if failed:
-        raise VerificationFailed(f"{quantized}: " + "; ".join(failed))
-    return 0

@@ -6,13 +6,14 @@ import io
 import json
 import shutil
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from llavaq import api, tuning
+from llavaq import api, pipeline, tuning
 from llavaq import verify as verify_mod
 from llavaq.algorithms.sensitivity import most_sensitive
 from llavaq.calib.cache import SessionCache
@@ -86,7 +87,7 @@ def impossible(tiny_model, calib_dir, eval_set, tuning_cache, tmp_path_factory):
     """``quantize --recipe auto`` through the CLI with a target nothing can meet (the whole candidate table)."""
     out = tmp_path_factory.mktemp("auto") / "out"
     with pytest.MonkeyPatch.context() as mp:  # a short table: the base cache's candidates and msModelSlim's m2
-        mp.setattr(tuning, "CANDIDATES", SHORT)
+        mp.setattr(tuning.tables, "CANDIDATES", SHORT)
         run = cli("quantize", "--model_path", tiny_model, "--calib_images", calib_dir, "--save_directory", out,
                   "--recipe", "auto", "--max_ppl_increase", "-50", "--min_top1", "1.0", "--cache_dir", tuning_cache,
                   "--device_type", "cpu", "--time_budget", "60", *_cli_eval(eval_set))
@@ -217,17 +218,16 @@ def test_choice_is_the_lowest_kl_among_the_candidates_meeting_the_target(tiny_mo
 
 
 def test_fewer_float_linears_preferred_over_lower_kl():
-    t = tuning._Tuner.__new__(tuning._Tuner)
     a = tuning.TuningRow("a, keep_float 2", "minmax", "fallback", {}, score={"kl": 0.01},
                          float_errors={"x": 0.2, "y": 0.1}, meets=True)
     b = tuning.TuningRow("b", "minmax", "full", {}, score={"kl": 0.02}, meets=True)
     c = tuning.TuningRow("c", "minmax", "full", {}, score={"kl": 0.005}, meets=False)
-    t.rows = [a, b, c]
-    assert t.choose() == (b, True)
+    rows = [a, b, c]
+    assert tuning.choose(rows) == (b, True)
     b.meets = False
-    assert t.choose() == (a, True)
+    assert tuning.choose(rows) == (a, True)
     a.meets = False
-    assert t.choose() == (c, False)
+    assert tuning.choose(rows) == (c, False)
 
 
 # ------------------------------------------------------------------------------------------- fallback
@@ -300,8 +300,8 @@ def test_screening_subset_then_full_scores_for_the_finalists(tiny_model, calib_d
     long_text = tmp_path / "long.txt"
     long_text.write_text(HELDOUT * 6)
     exports = []
-    real = api.export
-    monkeypatch.setattr(api, "export", lambda *a, **kw: exports.append(a[2]) or real(*a, **kw))
+    real = pipeline.export
+    monkeypatch.setattr(pipeline, "export", lambda *a, **kw: exports.append(a[2]) or real(*a, **kw))
     res = api.tune(tiny_model, calib_dir, tmp_path / "out", **{**_eval_args(eval_set), "eval_text": long_text},
                    text_prompts=CALIB_TEXT, cache_dir=tmp_path / "cache", candidates=SHORT,
                    screen=ScreenSpec(image_prompts=1, text_prompts=0, text_tokens=60), finalists=2,
@@ -317,7 +317,7 @@ def test_screening_subset_then_full_scores_for_the_finalists(tiny_model, calib_d
     rtn_full = [r for r in full if r.recipe["weight_method"] == "rtn"]
     assert [r.candidate for r in rtn_full] == [r.candidate for r in sorted(screen, key=lambda r: r.kl)[:2]]
     twins = [r.candidate for r in full if r.recipe["weight_method"] == "gptq"]
-    assert twins == (["none, gptq"] if min(rtn_full, key=tuning._rank).candidate == "none, rtn" else [])
+    assert twins == (["none, gptq"] if min(rtn_full, key=tuning.rank).candidate == "none, rtn" else [])
     # one export per candidate: the choice is written from the scored files
     assert len(exports) == 2 + len(twins) and not any((tmp_path / "cache").glob("*/tuning/scratch/*"))
     assert res.chosen in full
@@ -339,7 +339,7 @@ def test_screen_subset_prefers_distinct_photos(tmp_path):
 # ------------------------------------------------------------------------------------------- time budget
 def test_time_budget_skips_what_does_not_fit(tiny_model, calib_dir, eval_set, tmp_path, monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     real = verify_mod.verify
 
     def slow(*a, **kw):
@@ -442,8 +442,8 @@ def test_candidate_table_probes_capabilities():
 def test_smooth_vo_candidates_are_derived_from_the_base_cache(tiny_model, calib_dir, eval_set, tuning_cache,
                                                               tmp_path):
     # not in the default table (it made every recipe worse on the demo model), but a table may hold it
-    vo = (tuning._cand("m1 α=0.5, v→o, rtn", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.5,
-                       smooth_vo=True, weight_method="rtn"),)
+    vo = (tuning.candidate_spec("m1 α=0.5, v→o, rtn", "minmax", ("smooth_vo",), anti_outlier="m1", alpha=0.5,
+                                smooth_vo=True, weight_method="rtn"),)
     assert tuning.available(vo[0].fields, vo[0].requires, QuantRecipe())
     res = api.tune(tiny_model, calib_dir, tmp_path / "out", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
                    cache_dir=tuning_cache, calibrations=BASE, candidates=vo, max_ppl_increase=1e9, min_top1=0.0)

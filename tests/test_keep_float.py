@@ -130,5 +130,5 @@ def test_unknown_float_linear_fails_before_calibration(tiny_model, calib_dir, tm
 
 
 def test_negative_keep_float_is_refused():
-    with pytest.raises(LlavaqError, match="--keep_float must be >= 0"):
+    with pytest.raises(LlavaqError, match="--keep_float must be an integer >= 0, not -1"):
         QuantRecipe(keep_float=-1)

@@ -144,7 +144,7 @@ def test_quantize_reusing_a_cache_of_other_weights_refused(model, calib_dir, qua
 # ------------------------------------------------------------------------------------- verify's inputs
 def test_verify_refuses_an_output_of_another_model_before_any_forward(quantized, tiny_model_mha, monkeypatch,
                                                                       capsys):
-    import llavaq.verify as v
+    import llavaq.verify.fidelity as v
 
     _, exp = quantized
     rec = json.loads((exp.save_directory / "llavaq_record.json").read_text())
@@ -155,7 +155,7 @@ def test_verify_refuses_an_output_of_another_model_before_any_forward(quantized,
 
 
 def test_verify_force_skips_the_model_check_only(quantized, tiny_model_mha, monkeypatch):
-    import llavaq.verify as v
+    import llavaq.verify.fidelity as v
 
     _, exp = quantized
     monkeypatch.setattr(v, "load_float_model", lambda *a: (_ for _ in ()).throw(RuntimeError("reached")))
@@ -164,7 +164,7 @@ def test_verify_force_skips_the_model_check_only(quantized, tiny_model_mha, monk
 
 
 def test_verify_tokenizer_mismatch_is_one_line_before_any_forward(quantized, tmp_path, monkeypatch, capsys):
-    import llavaq.verify as v
+    import llavaq.verify.fidelity as v
 
     cal, exp = quantized
     out = Path(shutil.copytree(exp.save_directory, tmp_path / "q"))

@@ -87,6 +87,11 @@ class QuantRecipe:
     rotation_seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_calibration()
+        self._check_weights_and_rest()
+
+    def _check_calibration(self) -> None:
+        """The bits, the anti-outlier method and the activation observers (one-line errors)."""
         if self.w_bit != 8 or self.a_bit != 8:
             raise LlavaqError(
                 f"w_bit={self.w_bit} a_bit={self.a_bit} is not supported: llavaq quantizes W8A8 only "
@@ -114,6 +119,9 @@ class QuantRecipe:
             raise LlavaqError(f"--m2_scope must be one of {', '.join(M2_SCOPES)}, not {self.m2_scope!r}")
         if self.float_dtype not in FLOAT_DTYPES:
             raise LlavaqError(f"--float_dtype must be one of {', '.join(FLOAT_DTYPES)}")
+
+    def _check_weights_and_rest(self) -> None:
+        """The weight method, smoothing, fallback and rotation fields (one-line errors)."""
         if self.weight_method not in WEIGHT_METHODS:
             raise LlavaqError(f"--weight_method must be one of {', '.join(WEIGHT_METHODS)}, not {self.weight_method!r}")
         if not 0.0 <= float(self.gptq_damp) <= 1.0:

@@ -4,7 +4,8 @@
   → the shared modules). Nothing imports ``api`` or ``cli``.
 * No module imports a private name (``_x``) from another module.
 * Imports inside functions only of the optional heavy dependencies in :data:`llavaq.files.OPTIONAL_IMPORTS`.
-* The redesigned packages keep their modules and functions short (:data:`SIZE_CHECKED`).
+* Every module stays within 400 lines and every function within 60, but the test-model builders
+  (:data:`SIZE_EXEMPT`).
 
 A new top-level module or package must be given a layer here: the test says so.
 """
@@ -42,8 +43,8 @@ LAYERS: tuple[Layer, ...] = (
           mutual=True),
 )
 
-#: Components whose modules must stay within the size limits.
-SIZE_CHECKED = ("api", "pipeline", "verify", "tuning", "files")
+#: Components exempt from the size limits: the builders of test models (one long declarative function each).
+SIZE_EXEMPT = ("demo_model", "testing")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
@@ -189,7 +190,7 @@ def _too_long(path: Path) -> list[str]:
 
 
 def test_redesigned_packages_stay_small():
-    found = [msg for module, path in MODULES.items() if component(module) in SIZE_CHECKED
+    found = [msg for module, path in MODULES.items() if component(module) not in SIZE_EXEMPT
              for msg in _too_long(path)]
     assert found == []
 

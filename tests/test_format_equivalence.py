@@ -179,11 +179,11 @@ def test_emulated_logits_agree_within_the_rounding_bound(outputs, families, case
 
 # ------------------------------------------------------------------------------------ the grid: every format's
 def test_weight_scales_have_one_dtype_for_every_format():
-    from llavaq.api import _float_dtype, _scale_dtype
+    from llavaq.pipeline.exporting import float_dtype_for, scale_dtype_for
 
     for fmt in FORMATS:  # the float tensors follow the format's consumer, the int8 grid does not
-        assert _scale_dtype("auto", torch.float16, "cpu") == torch.float32
-        assert _float_dtype("auto", get_format(fmt), torch.float16, "cpu") == (
+        assert scale_dtype_for("auto", torch.float16, "cpu") == torch.float32
+        assert float_dtype_for("auto", get_format(fmt), torch.float16, "cpu") == (
             torch.float32 if fmt in ("msmodelslim", "mindie") else torch.float16)
     assert weight_grid_dtype("auto", torch.float16, "npu") == torch.float16  # msModelSlim's NPU run
     assert weight_grid_dtype("auto", torch.bfloat16, "cpu") == torch.float32

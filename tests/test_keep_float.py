@@ -16,7 +16,7 @@ from llavaq.calib.engine import ForwardCounter
 from llavaq.errors import LlavaqError
 from llavaq.formats.names import matching_layouts, module_pattern
 from llavaq.formats.reader import read_quantized
-from llavaq.quant.state import linear_errors, resolve_float_linears
+from llavaq.quant.float_linears import linear_errors, resolve_float_linears
 from llavaq.recipe import QuantRecipe
 
 

@@ -106,13 +106,13 @@ def test_round_robin_devices_give_the_same_output(tiny_model, calib_dir, tmp_pat
     one = tmp_path / "one"
     api.quantize(tiny_model, calib_dir, one, cache_dir=tmp_path / "c1", device_type="cpu")
     seen = []
-    real = CalibrationEngine._run_stage
+    real = CalibrationEngine.run_stage
 
-    def run_stage(self, stage, *args):
+    def spy(self, stage, *args):
         seen.append((stage.name, self.device))
         return real(self, stage, *args)
 
-    monkeypatch.setattr(CalibrationEngine, "_run_stage", run_stage)
+    monkeypatch.setattr(CalibrationEngine, "run_stage", spy)
     monkeypatch.setattr(calibration_mod, "resolve_devices", lambda dt: [torch.device("cpu", 0), torch.device("cpu", 1)])
     two = tmp_path / "two"
     api.quantize(tiny_model, calib_dir, two, cache_dir=tmp_path / "c2", device_type="cpu")

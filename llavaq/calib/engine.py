@@ -121,7 +121,7 @@ class CalibrationEngine(LayerSmoothing):
                 self.device = self.devices[i % len(self.devices)]
                 if i > self._m2_last:  # no later group is searched on sample 0: stop carrying it
                     streams.m2 = streams.feat_m2 = None
-                record = self._run_stage(stage, streams, gen)
+                record = self.run_stage(stage, streams, gen)
                 streams.carry_into(gen)
                 last = i + 1 == len(stages)
                 self.cache.write_stage(stage.name, record, ForwardCounter.count,
@@ -235,7 +235,7 @@ class CalibrationEngine(LayerSmoothing):
         self._trim()  # RSS follows the live tensors, not the number of samples seen (llavaq/memory.py)
         return out
 
-    def _run_stage(self, stage: Stage, s: Streams, gen: Generation) -> dict[str, torch.Tensor]:
+    def run_stage(self, stage: Stage, s: Streams, gen: Generation) -> dict[str, torch.Tensor]:
         """Calibrate one layer over every sample; its outputs go to the streams of ``gen``.
 
         The vision head (SigLIP) runs on the last hidden states and changes no stream: LLaVA never uses

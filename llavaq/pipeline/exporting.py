@@ -18,7 +18,8 @@ from llavaq.formats.base import AtomicOutputDir, FormatWriter
 from llavaq.formats.sharding import GB
 from llavaq.model.llava import LlavaArch
 from llavaq.model.loading import model_for_recipe, open_model
-from llavaq.quant.state import iter_quantized_tensors, resolve_float_linears, weight_grid_dtype
+from llavaq.quant.float_linears import resolve_float_linears
+from llavaq.quant.state import iter_quantized_tensors, weight_grid_dtype
 from llavaq.recipe import QuantRecipe, check_part_file_size
 
 __all__ = ["ExportResult", "check_part_file_size", "export", "float_dtype_for", "recipe_diff", "scale_dtype_for"]

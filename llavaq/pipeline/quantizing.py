@@ -11,7 +11,7 @@ from llavaq.model.loading import model_for_recipe, open_model
 from llavaq.pipeline.calibration import CalibrationResult, calibrate, stream_budget
 from llavaq.pipeline.exporting import ExportResult, export
 from llavaq.progress import Progress
-from llavaq.quant.state import check_float_linears
+from llavaq.quant.float_linears import check_float_linears
 from llavaq.recipe import QuantRecipe, check_part_file_size
 
 

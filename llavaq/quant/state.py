@@ -18,11 +18,10 @@ import torch
 
 from llavaq.algorithms.gptq import GPTQOptions, gptq_codes_shared, prepare_hessian, weighted_error
 from llavaq.algorithms.hessian import InputMoments, smoothed_hessian
-from llavaq.algorithms.sensitivity import most_sensitive, w8a8_relative_error
 from llavaq.algorithms.smoothing import expand_heads, fold_pair, fold_scale, fold_shift
 from llavaq.algorithms.smoothquant import smoothquant_group
 from llavaq.calib.cache import SessionCache
-from llavaq.errors import CacheError, LlavaqError
+from llavaq.errors import CacheError
 from llavaq.model.llava import EMBED, LM_HEAD, LlavaArch, SmoothGroup, Stage
 from llavaq.quant.int8 import activation_qparams, quantize_weight, weight_qparams
 from llavaq.quant.kernel import LinearQuant, pack_deq_scale, quantize_linear, unpack_deq_scale  # noqa: F401  re-exported
@@ -344,67 +343,3 @@ def iter_float_tensors(
                 ws = weight_qparams(t).to(scale_dtype or GRID_DTYPE).float()
                 t = (quantize_weight(t, ws) if m.codes is None else m.codes).float() * ws
             yield name, _handed_out(t, out_dtype, m.fresh)
-
-
-def linear_errors(
-    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False,
-    scale_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """W8A8 relative output error of every Linear of the module preset, on the cached activation rows.
-
-    One pass over the float weights, no forward pass (:mod:`llavaq.algorithms.sensitivity`); with
-    ``weight_method="gptq"`` the Linears carry their GPTQ weights. Linears without cached rows (a cache made
-    with ``activation_sample_tokens=0``) are left out.
-    """
-    ordered = arch.quantized_linears(recipe.modules)
-    quantized = set(ordered)
-    errors: dict[str, float] = {}
-    for st in arch.stages():
-        names = [n for n in ordered if st.owns(n)]
-        if not names:
-            continue
-        record = cache.read_stage(st.name)
-        weights = arch.stage_tensors(st)
-        plan = plan_stage(arch, st, record, recipe, derive, quantized, weights)
-        apply_smoothing(weights, plan)
-        codes = gptq_stage(arch, st, record, plan, weights, names, recipe, scale_dtype or GRID_DTYPE) \
-            if recipe.weight_method == "gptq" else {}
-        rows_key = arch.shared_inputs(st)  # Linears that share an input share one copy of its rows
-        smooth = input_smoothing(plan)
-        for name in names:
-            rows = record.get(f"float.{rows_key[name]}.rows")
-            if rows is None or not rows.numel():
-                continue
-            scale, shift = smooth.get(name, (None, None))
-            act = plan.acts[name]
-            errors[name] = w8a8_relative_error(rows, weights[name + ".weight"], weights.get(name + ".bias"),
-                                               act.input_scale, act.input_offset, scale, shift, codes.get(name))
-    return errors
-
-
-def check_float_linears(arch: LlavaArch, names: tuple[str, ...]) -> None:
-    """One-line error for a ``--float_linears`` name that is not a Linear of the model."""
-    unknown = [n for n in names if n not in arch.linear_names]
-    if unknown:
-        raise LlavaqError(f"--float_linears: no Linear named {unknown[0]!r} in this model "
-                          f"(names look like {arch.linear_names[0]!r})")
-
-
-def resolve_float_linears(
-    arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False,
-    scale_dtype: torch.dtype | None = None,
-) -> tuple[QuantRecipe, dict[str, float]]:
-    """The recipe with ``float_linears`` = the explicit names ∪ the ``keep_float`` most sensitive Linears.
-
-    Idempotent (the top-N are chosen over the whole preset, so resolving twice adds nothing). Returns
-    the measured errors too (empty when ``keep_float`` is 0).
-    """
-    check_float_linears(arch, recipe.float_linears)
-    if recipe.keep_float == 0:
-        return recipe, {}
-    errors = linear_errors(arch, cache, recipe, derive=derive, scale_dtype=scale_dtype)
-    if not errors:
-        raise CacheError("--keep_float needs the cached activation rows, and this cache has none "
-                         "(calibrated with activation_sample_tokens=0)")
-    keep = set(recipe.float_linears) | set(most_sensitive(errors, recipe.keep_float))
-    return recipe.replace(float_linears=tuple(n for n in arch.linear_names if n in keep)), errors

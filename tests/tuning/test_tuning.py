@@ -18,7 +18,7 @@ from llavaq import verify as verify_mod
 from llavaq.algorithms.sensitivity import most_sensitive
 from llavaq.calib.cache import SessionCache
 from llavaq.errors import LlavaqError
-from llavaq.quant.state import linear_errors
+from llavaq.quant.float_linears import linear_errors
 from llavaq.recipe import QuantRecipe
 from llavaq.testing import write_test_images
 from llavaq.tuning import CALIBRATIONS, CANDIDATES, EvalData, ScreenSpec

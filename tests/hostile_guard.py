@@ -58,6 +58,12 @@ class Run:
     out: str
     err: str
 
+    @property
+    def error_line(self) -> str:
+        lines = [ln for ln in self.err.splitlines() if ln.strip()]
+        assert lines, "nothing on stderr"
+        return lines[-1]
+
 
 def cli(capsys, *args) -> Run:
     """``llavaq <args>`` in-process through the real entry point (``llavaq.cli.main``)."""

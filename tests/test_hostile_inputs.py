@@ -18,12 +18,12 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hostile_guard import Run, cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -35,37 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------- helpers
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def error_line(self) -> str:
-        lines = [ln for ln in self.err.splitlines() if ln.strip()]
-        assert lines, "nothing on stderr"
-        return lines[-1]
-
-
-def cli(capsys, *args) -> Run:
-    """``llavaq <args>`` in-process through the real entry point (``llavaq.cli.main``)."""
-    from llavaq.cli import main
-
-    capsys.readouterr()
-    argv = sys.argv
-    sys.argv = ["llavaq", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-    cap = capsys.readouterr()
-    return Run(code, cap.out, cap.err)
-
-
 def sub(*args, env=None, timeout=120) -> Run:
     p = subprocess.run([sys.executable, "-m", "llavaq", *map(str, args)], capture_output=True, text=True,
                        timeout=timeout, cwd=REPO, env=env)

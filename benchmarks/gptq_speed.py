@@ -37,7 +37,7 @@ TITLE = "## GPTQ speed"
 
 def original_gptq_codes(weight: torch.Tensor, scale: torch.Tensor, prepared: PreparedHessian,
                         options: GPTQOptions) -> torch.Tensor:
-    """llavaq's GPTQ before issue 23 (the same as tests/test_gptq_speedpath.py's reference)."""
+    """llavaq's GPTQ before issue 23 (the same as tests/algorithms/test_gptq_speedpath.py's reference)."""
     dtype = prepared.hinv_chol.dtype
     w = weight.to(dtype).clone()
     ws = scale.to(dtype).reshape(-1)

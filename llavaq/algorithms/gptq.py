@@ -100,7 +100,7 @@ def gptq_codes_shared(weights: Sequence[Tensor], scales: Sequence[Tensor], prepa
     transposed matrix ``[in, Σout]``. Per block of columns, the column loop (rounding, error, rank-one
     updates inside the block: elementwise, in the order of the textbook loop) runs over row chunks that stay
     in cache, and the lazy update of the later columns is one in-place matrix product for the whole stack.
-    The codes equal :func:`gptq_codes` of each Linear alone, bit for bit (tests/test_gptq_speedpath.py).
+    The codes equal :func:`gptq_codes` of each Linear alone, bit for bit (tests/algorithms/test_gptq_speedpath.py).
     """
     hinv = prepared.hinv_chol
     dtype, dev = hinv.dtype, hinv.device

@@ -5,7 +5,7 @@ Run ONCE with the msModelSlim virtualenv (never imported by llavaq or the tests)
     /work/venv-msms/bin/python tests/data/make_kernel_refs.py
 
 Writes ``kernel_refs.safetensors`` (inputs + kernel outputs) and ``kernel_refs.json`` (case
-metadata) next to this file.  ``tests/test_kernels.py`` replays the cases with llavaq.
+metadata) next to this file.  ``tests/quant/test_kernels.py`` replays the cases with llavaq.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from llavaq.formats.reader import read_quantized
 from llavaq.testing import build_tiny_llava
 from llavaq.verify import build_quantized_model, load_float_model, read_quantized_output, verify
 
-DATA = Path(__file__).parent / "data" / "llmc"
+DATA = Path(__file__).resolve().parents[1] / "data" / "llmc"
 sys.path.insert(0, str(DATA))
 from make_fixtures import FLOAT_MODEL  # noqa: E402
 

@@ -31,7 +31,7 @@ from llavaq.calib.images import MAX_PIXELS, MAX_SIDE, load_image, load_images
 from llavaq.testing import build_tiny_llava, write_test_images
 
 WEIGHTS = "model.safetensors"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -116,7 +116,7 @@ def test_demo_model_rotated_logits_equal_the_original(demo_build, demo_float):
     rot = rotated_float_model(model, demo_build[0])
     view = rotated_arch(api.open_model(demo_build[0]), 0).ckpt
     assert view.residual.construction == "sylvester 16 x paley2 36" and view.head.construction == "sylvester 64"
-    photo = sorted((Path(__file__).resolve().parents[1] / "calibImages").glob("*.jpg"))[0]
+    photo = sorted((Path(__file__).resolve().parents[2] / "calibImages").glob("*.jpg"))[0]
     for inputs in prompt_inputs(processor, photo):
         assert_same_logits(model, rot, inputs)
 

@@ -15,7 +15,7 @@ from hostile_guard import cli, guard, one_error  # noqa: F401  (guard is a fixtu
 from llavaq.errors import LlavaqError, OutputError
 from llavaq.formats.base import AtomicOutputDir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from llavaq.algorithms.m2 import os_plus_search
 from llavaq.calib.observers import OBSERVERS, make_observer
 from llavaq.quant import int8
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 REFS = load_file(str(DATA / "kernel_refs.safetensors"))
 META = json.loads((DATA / "kernel_refs.json").read_text())
 

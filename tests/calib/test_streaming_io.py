@@ -19,7 +19,7 @@ DTYPES = [torch.int8, torch.int32, torch.int64, torch.float16, torch.float32, to
 def mixed_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
-    names = ["z.weight", "a.bias", "m.scale", "b.0", "b.10", "b.2", "layers.3.q", "layers.12.q", "Émoji.é", "x"]
+    names = ["z.kernel", "a.bias", "m.scale", "b.0", "b.10", "b.2", "layers.3.q", "layers.12.q", "Émoji.é", "x"]
     shapes = [(7, 5), (3,), (4, 1), (), (2, 3, 4), (0,), (9,), (1, 1), (6,), (5, 2)]
     for k, (name, shape) in enumerate(zip(names * 3, shapes * 3, strict=True)):
         dt = DTYPES[(k * 7) % len(DTYPES)]
@@ -94,6 +94,8 @@ def test_checkpoint_positional_reads_equal_safe_open(tmp_path):
     b = dict(list(tensors.items())[12:])
     save_file(a, str(tmp_path / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
     save_file(b, str(tmp_path / "model-00002-of-00002.safetensors"))
+    weight_map = {n: f"model-0000{1 + (n in b)}-of-00002.safetensors" for n in tensors}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     ck = Checkpoint(tmp_path)
     mem = InMemoryCheckpoint(tmp_path)
     n = 0
@@ -111,7 +113,7 @@ def test_checkpoint_positional_reads_equal_safe_open(tmp_path):
                 n += 1
     assert n == len(tensors)
     # every read is a fresh tensor: in-place edits never leak into later reads
-    t = mem.tensor("z.weight", None)
+    t = mem.tensor("z.kernel", None)
     t.zero_()
-    assert torch.equal(mem.tensor("z.weight", None), tensors["z.weight"])
+    assert torch.equal(mem.tensor("z.kernel", None), tensors["z.kernel"])
     ck.close()

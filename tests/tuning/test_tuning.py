@@ -277,7 +277,8 @@ def test_interrupted_tuning_resumes_without_re_scoring(tiny_model, calib_dir, ev
         api.tune(tiny_model, calib_dir, tmp_path / "out", **args)
     assert not (tmp_path / "out").exists()
     session = next(p for p in (tmp_path / "cache").iterdir() if (p / "manifest.json").is_file())
-    assert not (session / "tuning" / "scratch").exists() or not any((session / "tuning" / "scratch").iterdir())
+    scratch = session.parent / f".{session.name}.tuning-scratch"  # beside the session, never inside it
+    assert not scratch.exists() or not any(scratch.iterdir())
     calls.clear()
     monkeypatch.setattr(verify_mod, "verify", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
     res = api.tune(tiny_model, calib_dir, tmp_path / "out", **args)
@@ -319,7 +320,7 @@ def test_screening_subset_then_full_scores_for_the_finalists(tiny_model, calib_d
     twins = [r.candidate for r in full if r.recipe["weight_method"] == "gptq"]
     assert twins == (["none, gptq"] if min(rtn_full, key=tuning.rank).candidate == "none, rtn" else [])
     # one export per candidate: the choice is written from the scored files
-    assert len(exports) == 2 + len(twins) and not any((tmp_path / "cache").glob("*/tuning/scratch/*"))
+    assert len(exports) == 2 + len(twins) and not any((tmp_path / "cache").glob(".*.tuning-scratch/*"))
     assert res.chosen in full
     assert all(r.score["image_positions"] < f.score["image_positions"] for r in screen for f in full)
     assert all(r.score["text_tokens"] < f.score["text_tokens"] for r in screen for f in full)

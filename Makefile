@@ -35,7 +35,7 @@ demo: demo-model
 	$(VENV)/bin/llavaq quantize --model_path $(DEMO_MODEL) --calib_images calibImages --save_directory $(DEMO_OUT) --cache_dir $(DEMO_CACHE) --device_type cpu --overwrite
 	$(VENV)/bin/llavaq inspect $(DEMO_OUT)
 	$(VENV)/bin/llavaq quantize --model_path $(DEMO_MODEL) --calib_images calibImages --save_directory $(DEMO_AUTO) --cache_dir $(DEMO_CACHE) --device_type cpu --overwrite --recipe auto
-	$(PY) -m llavaq.report.compare --model_path $(DEMO_MODEL) --report $(DEMO_REPORT) -- "msModelSlim's recipe=$(DEMO_OUT)" "--recipe auto=$(DEMO_AUTO)"
+	$(PY) -m llavaq.report --model_path $(DEMO_MODEL) --report $(DEMO_REPORT) -- "msModelSlim's recipe=$(DEMO_OUT)" "--recipe auto=$(DEMO_AUTO)"
 
 # docs/report-demo.png: the demo's report page as Debian's chromium draws it (run `make demo` first).
 report-screenshot:

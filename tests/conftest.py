@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +71,23 @@ def demo_float(demo_build):
 
     model = LlavaForConditionalGeneration.from_pretrained(demo_build[0], torch_dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(demo_build[0])
+
+
+# -------------------------------------------------- private copies of the inputs (the hostile tests change them)
+@pytest.fixture
+def model(tiny_model, tmp_path):
+    """A private copy of the tiny model's directory."""
+    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+@pytest.fixture
+def photos(calib_dir, tmp_path):
+    """A private copy of the calibration photos."""
+    return Path(shutil.copytree(calib_dir, tmp_path / "photos"))
+
+
+@pytest.fixture
+def full_cache(quantized, tmp_path):
+    """A private copy of the complete session cache of the tiny model (``quantized``)."""
+    cal, _ = quantized
+    return Path(shutil.copytree(cal.cache.path, tmp_path / "cache" / cal.cache.path.name))

@@ -18,17 +18,6 @@ from llavaq.errors import CacheError
 from llavaq.model.checkpoint import Checkpoint
 
 
-@pytest.fixture
-def model(tiny_model, tmp_path):
-    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
-
-
-@pytest.fixture
-def full_cache(quantized, tmp_path):
-    cal, _ = quantized
-    return Path(shutil.copytree(cal.cache.path, tmp_path / "cache" / cal.cache.path.name))
-
-
 def _flip_bit(c: Path) -> str:
     f = sorted(c.glob("stage-*.safetensors"))[-1]
     b = bytearray(f.read_bytes())

@@ -491,13 +491,6 @@ def test_save_dir_is_a_file(tiny_model, calib_dir, tmp_path, capsys):
     assert save.read_text() == "precious"
 
 
-@pytest.fixture
-def full_cache(quantized, tmp_path):
-    """A private copy of the complete session cache of the tiny model (conftest ``quantized``)."""
-    cal, _ = quantized
-    return Path(shutil.copytree(cal.cache.path, tmp_path / "cache" / cal.cache.path.name))
-
-
 def export_args(model, cache, save, *extra):
     return ("export", "--model_path", model, "--cache", cache, "--save_directory", save, *extra)
 

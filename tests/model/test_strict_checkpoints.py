@@ -18,11 +18,6 @@ from llavaq.model.checkpoint import read_safetensors_header
 W = "model.safetensors"
 
 
-@pytest.fixture
-def model(tiny_model, tmp_path):
-    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
-
-
 def _run(capsys, model: Path, tmp_path: Path, calib_dir: Path):
     return cli(capsys, "quantize", "--model_path", model, "--calib_images", calib_dir, "--save_directory",
                tmp_path / "out", "--device_type", "cpu", "--cache_dir", tmp_path / "cache")

@@ -18,22 +18,6 @@ from llavaq.formats.base import AtomicOutputDir
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def model(tiny_model, tmp_path):
-    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
-
-
-@pytest.fixture
-def photos(calib_dir, tmp_path):
-    return Path(shutil.copytree(calib_dir, tmp_path / "photos"))
-
-
-@pytest.fixture
-def full_cache(quantized, tmp_path):
-    cal, _ = quantized
-    return Path(shutil.copytree(cal.cache.path, tmp_path / "cache" / cal.cache.path.name))
-
-
 def _quantize(model, photos, save, cache, *extra):
     return ("quantize", "--model_path", model, "--calib_images", photos, "--save_directory", save,
             "--device_type", "cpu", "--cache_dir", cache, *extra)

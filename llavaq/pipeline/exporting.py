@@ -43,18 +43,21 @@ class ExportResult:
     gptq_error: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def _device_kind(device_type: str) -> str:
+    """The kind of device the output is for (``auto`` resolved); export itself runs no kernel."""
+    return resolve_devices("auto")[0].type if device_type == "auto" else device_type
+
+
 def float_dtype_for(name: str, fmt: FormatWriter, checkpoint_dtype: torch.dtype, device_type: str) -> torch.dtype:
     """``--float_dtype``; ``auto`` = what the format's consumer gets (msModelSlim: float32 unless on NPU)."""
     if name != "auto":
         return getattr(torch, name)
-    kind = resolve_devices("auto")[0].type if device_type == "auto" else device_type  # export runs no kernel
-    return fmt.default_float_dtype(checkpoint_dtype, kind)
+    return fmt.default_float_dtype(checkpoint_dtype, _device_kind(device_type))
 
 
 def scale_dtype_for(name: str, checkpoint_dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The weight scales' dtype (the int8 grid): the same for every format (issue 30)."""
-    kind = resolve_devices("auto")[0].type if device_type == "auto" else device_type
-    return weight_grid_dtype(name, checkpoint_dtype, kind)
+    return weight_grid_dtype(name, checkpoint_dtype, _device_kind(device_type))
 
 
 def recipe_diff(a: QuantRecipe, b: QuantRecipe) -> str:

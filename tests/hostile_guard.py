@@ -4,8 +4,10 @@ test, and any change fails it; plus the in-process CLI runner and its one-line-e
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,22 +67,28 @@ class Run:
         return lines[-1]
 
 
-def cli(capsys, *args) -> Run:
-    """``llavaq <args>`` in-process through the real entry point (``llavaq.cli.main``)."""
+def run_cli(*args) -> Run:
+    """``llavaq <args>`` in-process through the real entry point (``llavaq.cli.main``), stdout and stderr captured."""
     from llavaq.cli import main
 
-    capsys.readouterr()
+    o, e = io.StringIO(), io.StringIO()
     argv = sys.argv
     sys.argv = ["llavaq", *map(str, args)]
     try:
-        main()
+        with redirect_stdout(o), redirect_stderr(e):
+            main()
         code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except SystemExit as ex:
+        code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
     finally:
         sys.argv = argv
-    cap = capsys.readouterr()
-    return Run(code, cap.out, cap.err)
+    return Run(code, o.getvalue(), e.getvalue())
+
+
+def cli(capsys, *args) -> Run:
+    """:func:`run_cli` inside a test that also captures (``capsys``): what was printed before is dropped."""
+    capsys.readouterr()
+    return run_cli(*args)
 
 
 def one_error(res: Run, *needles: str) -> str:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hostile_guard import Run
+from hostile_guard import run_cli as cli
 
 from llavaq import api, pipeline, tuning
 from llavaq import verify as verify_mod
@@ -28,31 +26,6 @@ CALIB_TEXT = ("USER: Where is the cat? ASSISTANT:", "USER: Describe a rocket lau
 BASE = tuple(c for c in CALIBRATIONS if c.name == "minmax")
 THREE = tuple(c for c in CANDIDATES if c.name in ("m1 α=0.5, rtn", "none, rtn", "none, gptq"))
 SHORT = THREE + tuple(c for c in CANDIDATES if c.name == "m2, rtn (msModelSlim's recipe)")
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def cli(*args) -> Run:
-    """``llavaq <args>`` in-process through the real entry point, stdout and stderr captured."""
-    from llavaq.cli import main
-
-    o, e = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["llavaq", *map(str, args)]
-    try:
-        with redirect_stdout(o), redirect_stderr(e):
-            main()
-        code = 0
-    except SystemExit as ex:
-        code = ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
-    finally:
-        sys.argv = argv
-    return Run(code, o.getvalue(), e.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,9 @@ FLOAT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 #: how calibration photos become RGB (llavaq.calib.images.load_image); the first is the default
 IMAGE_LOADING = ("upright", "msmodelslim")
 ROTATIONS = ("none", "hadamard")
+#: (w_bit, a_bit) pairs some output format carries: W8A8 static, and weight-only W8A16 / W4A16 (a_bit 16 = float
+#: activations)
+BIT_PAIRS = ((8, 8), (8, 16), (4, 16))
 DEFAULT_PROMPT = "USER: <image>\nDescribe this image in detail. ASSISTANT:"
 
 
@@ -37,7 +40,12 @@ class QuantRecipe:
     """How to quantize. Defaults reproduce msModelSlim's LLaVA-1.5 W8A8 case exactly."""
 
     w_bit: int = 8
+    #: 8: static int8 activations (W8A8); 16: float activations, weight-only (W8A16 / W4A16)
     a_bit: int = 8
+    #: weight-only: input columns per weight scale (0 = one per output channel); export-time
+    group_size: int = 0
+    #: weight-only: symmetric weights (True) or asymmetric with a zero point per group (False); export-time
+    w_sym: bool = True
     anti_outlier: str = "m2"
     #: SmoothQuant migration strength for m1: a float in [0, 1] or "auto" (per-group search).
     alpha: float | str = 0.5
@@ -92,11 +100,7 @@ class QuantRecipe:
 
     def _check_calibration(self) -> None:
         """The bits, the anti-outlier method and the activation observers (one-line errors)."""
-        if self.w_bit != 8 or self.a_bit != 8:
-            raise LlavaqError(
-                f"w_bit={self.w_bit} a_bit={self.a_bit} is not supported: llavaq quantizes W8A8 only "
-                "(--w_bit 8 --a_bit 8)"
-            )
+        self._check_bits()
         if self.anti_outlier not in ANTI_OUTLIER_METHODS:
             raise LlavaqError(
                 f"unknown anti-outlier method {self.anti_outlier!r}; choose one of {', '.join(ANTI_OUTLIER_METHODS)}"
@@ -119,6 +123,46 @@ class QuantRecipe:
             raise LlavaqError(f"--m2_scope must be one of {', '.join(M2_SCOPES)}, not {self.m2_scope!r}")
         if self.float_dtype not in FLOAT_DTYPES:
             raise LlavaqError(f"--float_dtype must be one of {', '.join(FLOAT_DTYPES)}")
+
+    def _check_bits(self) -> None:
+        """w_bit / a_bit / group_size / w_sym: only what an output format carries (one-line errors)."""
+        for name in ("w_bit", "a_bit", "group_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise LlavaqError(f"--{name} must be an integer, not {v!r}")
+        if (self.w_bit, self.a_bit) not in BIT_PAIRS:
+            raise LlavaqError(
+                f"--w_bit {self.w_bit} --a_bit {self.a_bit} is not supported: no output format carries it; choose "
+                "W8A8 (--w_bit 8 --a_bit 8), W8A16 (--w_bit 8 --a_bit 16) or W4A16 (--w_bit 4 --a_bit 16)")
+        if self.group_size < 0:
+            raise LlavaqError(f"--group_size must be 0 (per channel) or a positive number of input columns, "
+                              f"not {self.group_size}")
+        if self.a_bit == 8 and (self.group_size or not self.w_sym):
+            raise LlavaqError("W8A8 weights are per-channel and symmetric (msModelSlim's int8 kernel): "
+                              "--group_size and --w_sym false need weight-only --a_bit 16")
+        if self.weight_only:
+            if self.anti_outlier == "m1" or self.smooth_vo:
+                raise LlavaqError(
+                    "--a_bit 16 quantizes no activation, so there is nothing to smooth for: --anti_outlier m1 and "
+                    "--smooth_vo apply to W8A8 only (weight-only recipes use --anti_outlier none)")
+            # the default m2 is W8A8's anti-outlier; weight-only recipes calibrate without smoothing
+            object.__setattr__(self, "anti_outlier", "none")
+
+    @property
+    def weight_only(self) -> bool:
+        """W8A16 / W4A16: weights quantized, activations float."""
+        return self.a_bit == 16
+
+    @property
+    def quant_type(self) -> str:
+        """msModelSlim's name of the quantization: ``W8A8``, ``W8A16`` or ``W4A16``."""
+        return f"W{self.w_bit}A{self.a_bit}"
+
+    def check_group_size(self, linear: str, in_features: int) -> None:
+        """Refuse a ``group_size`` that does not divide a quantized Linear's input columns."""
+        if self.group_size and in_features % self.group_size:
+            raise LlavaqError(f"--group_size {self.group_size} does not divide the {in_features} input columns of "
+                              f"{linear}; choose a divisor, or keep that Linear in float with --float_linears")
 
     def _check_weights_and_rest(self) -> None:
         """The weight method, smoothing, fallback and rotation fields (one-line errors)."""

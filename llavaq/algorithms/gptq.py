@@ -77,14 +77,15 @@ def _cholesky(h: Tensor, upper: bool = False) -> Tensor:
 
 
 @torch.no_grad()
-def gptq_codes(weight: Tensor, scale: Tensor, prepared: PreparedHessian, options: GPTQOptions = GPTQOptions()
-               ) -> Tensor:
+def gptq_codes(weight: Tensor, scale: Tensor, prepared: PreparedHessian, options: GPTQOptions = GPTQOptions(),
+               offset: Tensor | None = None, code_range: tuple[int, int] = (-QMAX, QMAX)) -> Tensor:
     """int8 codes [out, in] of ``weight`` on the grid ``scale`` ([out, 1]) with GPTQ error compensation.
 
     Computed in the dtype and on the device of ``prepared.hinv_chol`` (float32 by default, float64 for
     references); the codes come back on ``weight``'s device.
     """
-    return gptq_codes_shared([weight], [scale], prepared, options)[0]
+    return gptq_codes_shared([weight], [scale], prepared, options, None if offset is None else [offset],
+                             code_range)[0]
 
 
 #: rows of the stacked weight processed together inside a block: [block, rows] float32 stays in a core's L2
@@ -93,7 +94,8 @@ CACHE_BYTES = 1 << 20
 
 @torch.no_grad()
 def gptq_codes_shared(weights: Sequence[Tensor], scales: Sequence[Tensor], prepared: PreparedHessian,
-                      options: GPTQOptions = GPTQOptions()) -> list[Tensor]:
+                      options: GPTQOptions = GPTQOptions(), offsets: Sequence[Tensor] | None = None,
+                      code_range: tuple[int, int] = (-QMAX, QMAX)) -> list[Tensor]:
     """GPTQ codes of several Linears that read the same input (q/k/v, gate/up), processed as one stack.
 
     GPTQ's rows are independent given the shared inverse-Hessian factor, so the Linears are stacked into one
@@ -101,15 +103,23 @@ def gptq_codes_shared(weights: Sequence[Tensor], scales: Sequence[Tensor], prepa
     updates inside the block: elementwise, in the order of the textbook loop) runs over row chunks that stay
     in cache, and the lazy update of the later columns is one in-place matrix product for the whole stack.
     The codes equal :func:`gptq_codes` of each Linear alone, bit for bit (tests/algorithms/test_gptq_speedpath.py).
+
+    Weight-only grids: ``scales`` (and ``offsets``, asymmetric) ``[out, G]`` hold one value per group of
+    ``in/G`` input columns, fixed beforehand from the float weight (GPTQModel's static groups: with act order
+    the columns are processed permuted but keep their own group's scale, so the stored weight needs no
+    ``g_idx``); codes are ``clamp(round(w/s + o), *code_range)`` and the error ``w − (q − o)·s``.
     """
     hinv = prepared.hinv_chol
     dtype, dev = hinv.dtype, hinv.device
     # [in, Σout]: stacked row-major, then one whole transpose (a strided copy into a slice is far slower)
     wt = torch.cat([w.detach().to(dev, dtype) for w in weights]).T.contiguous()
-    ws = torch.cat([s.detach().to(dev, dtype).reshape(-1) for s in scales])
+    ws, off = _column_grid(weights, scales, offsets, dtype, dev)
     wt[prepared.dead] = 0
     if prepared.perm is not None:
         wt = wt[prepared.perm]
+        if ws.dim() == 2:
+            ws = ws[prepared.perm].contiguous()
+            off = None if off is None else off[prepared.perm].contiguous()
     wt = wt.contiguous()
     n_in, n_rows = wt.shape
     codes = torch.empty(n_in, n_rows, dtype=torch.int8, device=dev)
@@ -122,7 +132,8 @@ def gptq_codes_shared(weights: Sequence[Tensor], scales: Sequence[Tensor], prepa
         err = buf.err[: i2 - i1]
         for r0 in range(0, n_rows, chunk):
             r1 = min(r0 + chunk, n_rows)
-            _block_columns(block[:, r0:r1], ws[r0:r1], hblock, buf.q[: i2 - i1, r0:r1], err[:, r0:r1], buf)
+            grid = _grid_slice(ws, off, i1, i2, r0, r1)
+            _block_columns(block[:, r0:r1], grid, hblock, buf.q[: i2 - i1, r0:r1], err[:, r0:r1], buf, code_range)
         codes[i1:i2] = buf.q[: i2 - i1]
         if i2 < n_in:  # lazy BLAS-3 update of the later columns: W[:, i2:] −= E·H⁻¹[i1:i2, i2:]
             wt[i2:].addmm_(hinv[i1:i2, i2:].T, err, alpha=-1)
@@ -134,6 +145,28 @@ def gptq_codes_shared(weights: Sequence[Tensor], scales: Sequence[Tensor], prepa
         out.append(codes[row:row + w.shape[0]].to(w.device))
         row += w.shape[0]
     return out
+
+
+def _column_grid(weights: Sequence[Tensor], scales: Sequence[Tensor], offsets: Sequence[Tensor] | None,
+                 dtype: torch.dtype, dev: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The stack's scales: ``[Σout]`` (one per row, the W8A8 path) or, for groups / zero points, ``[in, Σout]``
+    (one per element, transposed like the stack) with the offsets alike."""
+    if offsets is None and all(s.dim() < 2 or s.shape[1] == 1 for s in scales):
+        return torch.cat([s.detach().to(dev, dtype).reshape(-1) for s in scales]), None
+
+    def columns(ts: Sequence[Tensor]) -> Tensor:
+        return torch.cat([t.detach().to(dev, dtype).reshape(w.shape[0], -1).repeat_interleave(
+            w.shape[1] // t.reshape(w.shape[0], -1).shape[1], dim=1) for t, w in zip(ts, weights, strict=True)]
+                         ).T.contiguous()
+
+    return columns(scales), None if offsets is None else columns(offsets)
+
+
+def _grid_slice(ws: Tensor, off: Tensor | None, i1: int, i2: int, r0: int, r1: int
+                ) -> tuple[Tensor, Tensor | None]:
+    if ws.dim() == 1:
+        return ws[r0:r1], None
+    return ws[i1:i2, r0:r1], None if off is None else off[i1:i2, r0:r1]
 
 
 class _Buffers:
@@ -153,22 +186,33 @@ class _Buffers:
         return self._hrows[1]
 
 
-def _block_columns(block: Tensor, ws: Tensor, hblock: Tensor, q: Tensor, err: Tensor, buf: _Buffers) -> None:
+def _block_columns(block: Tensor, grid: tuple[Tensor, Tensor | None], hblock: Tensor, q: Tensor, err: Tensor,
+                   buf: _Buffers, code_range: tuple[int, int] = (-QMAX, QMAX)) -> None:
     """The column loop of one block on a chunk of rows (``block`` [b, rows], transposed, updated in place).
 
     Per element exactly the textbook loop's float operations: ``q = clamp(round(w/ws), −127, 127)``,
     ``e = (w − q·ws)/[H⁻¹]_ii``, then ``w_k −= e·[H⁻¹]_ik`` for the block's later columns k, one rank-one
-    update per column (a rounded product, then a rounded difference: no fused multiply-add).
+    update per column (a rounded product, then a rounded difference: no fused multiply-add). A per-column grid
+    (``grid`` [b, rows]: groups, zero points) gives ``q = clamp(round(w/s + o))`` and ``e = (w − (q − o)·s)/[H⁻¹]_ii``.
     """
     b, rows = block.shape
     tmp, update = buf.col[:rows], buf.update[:, :rows]
     hrows = buf.hrows(hblock)
+    ws, off = grid
+    lo, hi = code_range
     for i, (col, qi, ei, d) in enumerate(zip(block.unbind(0), q.unbind(0), err.unbind(0), hblock.diagonal().unbind(0),
                                              strict=True)):
-        torch.div(col, ws, out=tmp)
+        wsi = ws if ws.dim() == 1 else ws[i]
+        torch.div(col, wsi, out=tmp)
+        if off is not None:
+            tmp.add_(off[i])
         torch.round(tmp, out=qi)
-        qi.clamp_(-QMAX, QMAX)
-        torch.mul(qi, ws, out=tmp)
+        qi.clamp_(lo, hi)
+        if off is not None:
+            torch.sub(qi, off[i], out=tmp)
+            tmp.mul_(wsi)
+        else:
+            torch.mul(qi, wsi, out=tmp)
         torch.sub(col, tmp, out=ei)
         ei.div_(d)
         if i + 1 < b:

@@ -97,9 +97,17 @@ def _act_order(value: str) -> bool:
     return parse_bool(value, "--gptq_act_order")
 
 
+def _w_sym(value: str) -> bool:
+    return parse_bool(value, "--w_sym")
+
+
 RECIPE_FLAGS: dict[str, RecipeFlag] = {f.field: f for f in (
-    RecipeFlag("w_bit", "Weight bits (only 8 is supported)."),
-    RecipeFlag("a_bit", "Activation bits (only 8 is supported)."),
+    RecipeFlag("w_bit", "Weight bits: 8, or 4 (with --a_bit 16)."),
+    RecipeFlag("a_bit", "Activation bits: 8 (W8A8 static) or 16 (float activations: weight-only W8A16 / W4A16)."),
+    RecipeFlag("group_size", "Weight-only: input columns per weight scale, e.g. 128 (0 = per output channel; "
+               "must divide every quantized Linear's input columns). Export-time."),
+    RecipeFlag("w_sym", "Weight-only: symmetric weights (True) or asymmetric with a zero point per group (False). "
+               "Export-time.", cli_type=str, to_recipe=_w_sym, to_cli=str),
     RecipeFlag("anti_outlier", "m2 (msModelSlim OS+ search), m1 (SmoothQuant), none."),
     RecipeFlag("alpha", "SmoothQuant alpha for m1: a number in [0,1] or 'auto'.", cli_type=str, to_cli=str),
     RecipeFlag("act_method", "Activation observer: 2 = histogram (msModelSlim), 1 = min-max."),
@@ -142,14 +150,16 @@ RECIPE_FLAGS: dict[str, RecipeFlag] = {f.field: f for f in (
 
 #: the recipe fields each command exposes, in ``--help`` order
 COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
-    "quantize": ("w_bit", "a_bit", "anti_outlier", "alpha", "act_method", "modules", "m2_search", "m2_scope",
+    "quantize": ("w_bit", "a_bit", "group_size", "w_sym", "anti_outlier", "alpha", "act_method", "modules",
+                 "m2_search", "m2_scope",
                  "float_dtype", "text_prompts", "image_loading", "keep_float", "float_linears", "smooth_vo",
                  "smooth_stat", "weight_method", "gptq_damp", "gptq_block_size", "gptq_act_order", "gptq_tokens",
                  "rotation", "rotation_seed"),
     "calibrate": ("w_bit", "a_bit", "anti_outlier", "alpha", "act_method", "modules", "m2_search", "m2_scope",
                   "text_prompts", "smooth_vo", "smooth_stat", "weight_method", "gptq_tokens", "image_loading",
                   "rotation", "rotation_seed"),
-    "export": ("anti_outlier", "alpha", "smooth_stat", "float_dtype", "keep_float", "float_linears", "smooth_vo",
+    "export": ("w_bit", "a_bit", "group_size", "w_sym", "anti_outlier", "alpha", "smooth_stat", "float_dtype",
+               "keep_float", "float_linears", "smooth_vo",
                "weight_method", "gptq_damp", "gptq_block_size", "gptq_act_order"),
 }
 
@@ -157,6 +167,13 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
 COMMAND_VARIANTS: dict[tuple[str, str], dict[str, Any]] = {
     ("calibrate", "weight_method"): {"help": "gptq: also record the input moments GPTQ needs, so exports can use "
                                              "--weight_method gptq (and rtn)."},
+    ("export", "w_bit"): {"optional": True, "help": "Weight bits: 8 or 4 (default: as calibrated)."},
+    ("export", "a_bit"): {"optional": True, "help": "8 (W8A8) or 16 (weight-only; from any cache, no smoothing) "
+                                                    "(default: as calibrated)."},
+    ("export", "group_size"): {"optional": True, "help": "Weight-only: input columns per scale, 0 = per channel "
+                                                         "(default: as calibrated)."},
+    ("export", "w_sym"): {"optional": True, "help": "Weight-only: True/False, symmetric weights (default: as "
+                                                    "calibrated)."},
     ("export", "anti_outlier"): {"optional": True, "help": "Derive none/m1 from cached float statistics."},
     ("export", "smooth_stat"): {"optional": True, "help": "Derive m1 with this activation statistic: absmax or "
                                                           "range (default: as calibrated)."},

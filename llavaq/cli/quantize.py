@@ -132,7 +132,10 @@ def _quantize_auto(run: Run, recipe: RecipeArgs, auto: dict[str, Any]) -> None:
     """``quantize --recipe auto``: print the tuning table; exit 1 (best model written) when the target is missed."""
     from llavaq import api  # torch
 
-    QuantRecipe(w_bit=recipe.raw["w_bit"], a_bit=recipe.raw["a_bit"])  # one-line error for anything but W8A8
+    bits = QuantRecipe(w_bit=recipe.raw["w_bit"], a_bit=recipe.raw["a_bit"])  # one-line error for no format's
+    if bits.weight_only:
+        raise LlavaqError("--recipe auto tunes W8A8 recipes; give a weight-only recipe's flags with --recipe "
+                          "msmodelslim")
     html = auto.pop("report")
     if html is not None:
         from llavaq.report import check_report_target

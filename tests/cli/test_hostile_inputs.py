@@ -546,8 +546,11 @@ def test_disk_full_mid_write(existing, tiny_model, full_cache, io_dirs, capsys, 
 
 # --------------------------------------------------------------------------------------------- flags
 FLAG_CASES = {
-    "w_bit_4": (["--w_bit", "4"], ["w_bit=4", "w8a8 only"]),
-    "a_bit_16": (["--a_bit", "16"], ["a_bit=16", "w8a8 only"]),
+    "w4a8": (["--w_bit", "4"], ["--w_bit 4 --a_bit 8", "no output format carries it"]),
+    "w_bit_3": (["--w_bit", "3", "--a_bit", "16"], ["--w_bit 3 --a_bit 16", "W4A16"]),
+    "group_size_w8a8": (["--group_size", "128"], ["per-channel and symmetric", "--a_bit 16"]),
+    "w_sym_maybe": (["--w_sym", "maybe", "--a_bit", "16"], ["--w_sym", "'maybe'"]),
+    "m1_weight_only": (["--a_bit", "16", "--anti_outlier", "m1"], ["nothing to smooth"]),
     "part_file_size_zero": (["--part_file_size", "0"], ["--part_file_size", "positive"]),
     "part_file_size_negative": (["--part_file_size", "-2"], ["--part_file_size", "positive", "-2"]),
     "unknown_device": (["--device_type", "tpu"], ["unknown --device_type 'tpu'", "cpu, cuda, npu"]),

@@ -4,6 +4,13 @@ Files: ``quant_model_weight_w8a8.safetensors`` (or ``-0000i-of-0000N`` shards + 
 ``quant_model_description.json`` (``"version": "1.0.0"`` first) or, for MindIE,
 ``quant_model_description_w8a8.json`` plus ``quantize`` / ``vision_config.quantize`` /
 ``quantization_config`` edits in config.json; tokenizer/processor/generation files copied.
+
+Weight-only (W8A16 / W4A16), as msModelSlim 26.1.0 saves them: ``w8a16`` / ``w4a16`` in the file names and
+``model_quant_type``; per Linear ``weight`` (int8 codes), ``bias`` (FLOAT), ``weight_scale`` and ``weight_offset``
+(``[out, G]``, one per group; the offset is 0 for symmetric weights), tagged ``W8A16`` / ``W4A16``. ascendV1 adds
+``"group_size": N`` after ``model_quant_type`` for group-wise weights and packs int4 codes two to an int8
+(:func:`llavaq.quant.weight_only.pack_int4_msmodelslim`); the MindIE save stores them unpacked and has no
+``group_size`` key.
 """
 
 from __future__ import annotations
@@ -30,23 +37,31 @@ from llavaq.formats.sharding import TensorSpec, write_safetensors
 from llavaq.formats.tensorfiles import TensorFiles
 from llavaq.quant.kernel import unpack_deq_scale
 from llavaq.quant.state import quantized_tensor_specs
+from llavaq.quant.weight_only import pack_int4_msmodelslim, stored_codes, stored_weight_shape
 
 WEIGHT_PREFIX = "quant_model_weight_w8a8"
 #: a quantized Linear's own tensors (besides bias), all required
 LINEAR_PARAMS = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
+#: a weight-only Linear's
+WEIGHT_ONLY_PARAMS = ("weight", "weight_scale", "weight_offset")
+QUANT_TYPES = ("W8A8", "W8A16", "W4A16")
+
+
+def weight_prefix(quant_type: str = "W8A8") -> str:
+    return f"quant_model_weight_{quant_type.lower()}"
 __all__ = ["RECORD", "MindIEFormat", "MsModelSlimFormat", "MsModelSlimView", "write_record"]
 
 
 def quantization_config(ctx: ExportContext) -> dict[str, Any]:
     r = ctx.recipe
     return {
-        "group_size": 0,
+        "group_size": r.group_size,
         "act_method": r.act_method,
         "anti_method": r.anti_outlier if r.anti_outlier != "none" else "",
-        "is_lowbit": False,
+        "is_lowbit": r.group_size > 0,  # msModelSlim's per-group switch: is_lowbit on, open_outlier off
         "mm_tensor": False,
-        "w_sym": True,
-        "open_outlier": True,
+        "w_sym": r.w_sym,
+        "open_outlier": r.group_size == 0,
         "is_dynamic": False,
         "w_bit": r.w_bit,
         "a_bit": r.a_bit,
@@ -79,8 +94,13 @@ def derivation_note(recipe) -> str:
     return f"{smooth}; activation ranges = min-max of the cached float statistics; no forward pass"
 
 
-def description_file_name(mindie: bool) -> str:
-    return "quant_model_description_w8a8.json" if mindie else "quant_model_description.json"
+def description_file_name(mindie: bool, quant_type: str = "W8A8") -> str:
+    return f"quant_model_description_{quant_type.lower()}.json" if mindie else "quant_model_description.json"
+
+
+def mindie_description(path: Path) -> str | None:
+    """The MindIE description file in ``path`` (its name carries the quantization type), None if none."""
+    return next((f for t in QUANT_TYPES if (path / (f := description_file_name(True, t))).is_file()), None)
 
 
 class MsModelSlimView(QuantizedModelView):
@@ -91,16 +111,37 @@ class MsModelSlimView(QuantizedModelView):
     sort_by_model = False
 
     def _open(self) -> tuple[TensorFiles, list[str]]:
-        self.description_file = description_file_name(self.format == "mindie")
+        mindie = self.format == "mindie"
+        self.description_file = (mindie_description(self.path) if mindie else None) or description_file_name(mindie)
         desc = read_json(self.path / self.description_file)
         if not isinstance(desc, dict):
             raise OutputError(f"{self.path / self.description_file}: not a description object")
         self.description = desc
-        quantized = [n[: -len(".weight")] for n, tag in desc.items() if tag == "W8A8" and n.endswith(".weight")]
-        return TensorFiles(self.path, WEIGHT_PREFIX), quantized
+        self.quant_type = str(desc.get("model_quant_type", "W8A8"))
+        if self.quant_type not in QUANT_TYPES:
+            raise OutputError(f"{self.path / self.description_file}: model_quant_type {self.quant_type!r} is not read "
+                              f"by llavaq ({', '.join(QUANT_TYPES)})")
+        self.weight_only = self.quant_type != "W8A8"
+        if self.weight_only:
+            self.required_params = self.linear_params = WEIGHT_ONLY_PARAMS
+        quantized = [n[: -len(".weight")] for n, tag in desc.items()
+                     if tag == self.quant_type and n.endswith(".weight")]
+        return TensorFiles(self.path, weight_prefix(self.quant_type)), quantized
+
+    def _weight_only_linear(self, name: str) -> QuantizedLinearView:
+        """Codes unpacked (ascendV1 packs int4 in pairs: of input columns per channel, of output rows per group)."""
+        ws, wo = self._p(name, "weight_scale"), self._p(name, "weight_offset")
+        bits = int(self.quant_type[1])
+        w = self._p(name, "weight")
+        if bits == 4 and self.format == "msmodelslim" and w.dtype == torch.int8 and w.dim() == 2 and ws.dim() == 2:
+            w = stored_codes(w, 4, ws.shape[1] > 1)
+        return QuantizedLinearView(name, w, ws, torch.ones(1), torch.zeros(1), self._bias(name),
+                                   ws[:, 0].float() if ws.dim() == 2 else ws.float(), None, "none",
+                                   weight_offset=wo, bits=bits)
 
     def linear(self, name: str) -> QuantizedLinearView:
-
+        if self.weight_only:
+            return self._weight_only_linear(name)
         ws = self._p(name, "weight_scale")
         s = self._p(name, "input_scale").float().reshape(1)
         o = self._p(name, "input_offset").float().reshape(1)
@@ -112,12 +153,12 @@ class MsModelSlimView(QuantizedModelView):
         """Description ↔ tensors: every W8A8/FLOAT entry has a tensor with that role, every tensor an entry."""
         problems, f, desc_file = [], self.files, self.description_file
         for n, tag in self.description.items():
-            if n in ("version", "model_quant_type") or tag not in ("W8A8", "FLOAT"):
+            if n in ("version", "model_quant_type", "group_size") or tag not in (self.quant_type, "FLOAT"):
                 continue
             if n not in f:
                 problems.append(f"{desc_file}: {n} has no tensor in the weight files")
             else:
-                want = "W8A8" if (self.is_linear_param(n) and not n.endswith(".bias")) else "FLOAT"
+                want = self.quant_type if (self.is_linear_param(n) and not n.endswith(".bias")) else "FLOAT"
                 if tag != want:
                     problems.append(f"{desc_file}: {n} is tagged {tag}, expected {want}")
         for n in f.names:
@@ -126,10 +167,15 @@ class MsModelSlimView(QuantizedModelView):
         return problems
 
     def _check_input(self, p: list[str], m: str, lv: QuantizedLinearView, ok: bool) -> bool:
+        if self.weight_only:
+            return ok
         return self._check_static_input(p, m, self.files.tensor(f"{m}.input_scale"),
                                         self.files.tensor(f"{m}.input_offset"), ok)
 
     def _check_kernel(self, p: list[str], m: str, lv: QuantizedLinearView, ok: bool) -> None:
+        if self.weight_only:
+            self._check_weight_offset(p, m, lv)
+            return
         f, out = self.files, lv.weight.shape[0]
         dn = f"{m}.deq_scale"
         if self._expect(p, dn, f.tensor(dn), (torch.int64, torch.float32), (out,)) and ok:
@@ -177,26 +223,38 @@ class MsModelSlimFormat(OutputFormat):
         return description_file_name(self.mindie)
 
     def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]:
-        desc: dict[str, str] = {} if self.mindie else {"version": "1.0.0"}
-        desc["model_quant_type"] = "W8A8"
+        qt = ctx.recipe.quant_type
+        desc: dict[str, Any] = {} if self.mindie else {"version": "1.0.0"}
+        desc["model_quant_type"] = qt
+        if ctx.recipe.weight_only and ctx.recipe.group_size and not self.mindie:
+            desc["group_size"] = ctx.recipe.group_size
+        pack = qt == "W4A16" and not self.mindie  # ascendV1 packs int4 codes two to an int8
+        grouped = pack and ctx.recipe.group_size > 0  # (a group as wide as the Linear: packed per channel)
 
         def named():
             for name, t, tag in tensors:
                 desc[name] = tag
+                if pack and tag == qt and name.endswith(".weight"):
+                    t = pack_int4_msmodelslim(t, grouped and t.shape[1] > ctx.recipe.group_size)
                 yield name, t
 
         specs = None
         if ctx.planned_stream == "quantized":  # the stream is iter_quantized_tensors: lay the file out up front
             specs = [TensorSpec(*s) for s in quantized_tensor_specs(ctx.arch, ctx.recipe, float_dtype=ctx.float_dtype,
                                                                         scale_dtype=ctx.scale_dtype)]
-        weight_map = write_safetensors(out_dir, WEIGHT_PREFIX, named(), ctx.part_file_size, specs=specs)
-        write_json(out_dir / self.description_file, desc)
+            if pack:
+                q = {n + ".weight" for n in ctx.arch.quantized_linears(ctx.recipe.modules, ctx.recipe.float_linears)}
+                specs = [TensorSpec(s.name, s.dtype, stored_weight_shape(s.shape, 4, grouped and
+                                                                         s.shape[1] > ctx.recipe.group_size))
+                         if s.name in q else s for s in specs]
+        weight_map = write_safetensors(out_dir, weight_prefix(qt), named(), ctx.part_file_size, specs=specs)
+        write_json(out_dir / description_file_name(self.mindie, qt), desc)
         cfg = dict(ctx.arch.ckpt.config_dict)
         cfg["torch_dtype"] = str(ctx.arch.ckpt.torch_dtype).replace("torch.", "")
         if self.mindie:
-            cfg["quantize"] = "w8a8"
+            cfg["quantize"] = qt.lower()
             vc = dict(cfg.get("vision_config") or {})
-            vc["quantize"] = "w8a8"
+            vc["quantize"] = qt.lower()
             cfg["vision_config"] = vc
             cfg["quantization_config"] = quantization_config(ctx)
         copy_model_files(ctx.model_path, out_dir)
@@ -209,7 +267,7 @@ class MsModelSlimFormat(OutputFormat):
         return {"tensors": len(weight_map), "files": sorted(set(weight_map.values()))}
 
     def detect(self, path: Path) -> bool:
-        return (path / self.description_file).is_file()
+        return mindie_description(path) is not None if self.mindie else (path / self.description_file).is_file()
 
 
 @register_format("mindie")

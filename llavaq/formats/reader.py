@@ -57,6 +57,21 @@ class QuantizedLinearView:
     #: how the kernel quantizes the input: "static" (input_scale/input_offset), "dynamic" (per-token, symmetric,
     #: computed at run time; input_scale = 1 and input_offset = 0 are placeholders) or "none" (weight-only)
     activation: str = "static"
+    #: weight-only: the zero point per group ([out, G] like weight_scale; None = symmetric), dequantized
+    #: ``(W_q − weight_offset)·weight_scale`` with each group of in/G input columns on its own scale
+    weight_offset: torch.Tensor | None = None
+    #: bits of the weight codes (4: int4 values, unpacked to int8 here)
+    bits: int = 8
+
+    @property
+    def groups(self) -> int:
+        """Weight scales per output row (1: per channel)."""
+        return self.weight_scale.shape[1] if self.weight_scale.dim() == 2 else 1
+
+    @property
+    def group_size(self) -> int:
+        """Input columns per weight scale (0: per channel)."""
+        return 0 if self.groups == 1 else self.weight.shape[1] // self.groups
 
 
 def read_json(path: Path) -> Any:
@@ -223,7 +238,8 @@ class QuantizedModelView:
         if fatal:
             return [fatal]
         out = lv.weight.shape[0]
-        ok = self._expect(p, f"{m}.weight_scale", lv.weight_scale, FLOATS, (out, 1))
+        groups = lv.groups if lv.activation == "none" and lv.weight.shape[1] % lv.groups == 0 else 1
+        ok = self._expect(p, f"{m}.weight_scale", lv.weight_scale, FLOATS, (out, groups))
         if ok and not (lv.weight_scale > 0).all():
             p.append(f"{self._where(m + '.weight_scale')} has non-positive scales")
         ok = self._check_input(p, m, lv, ok)
@@ -237,6 +253,11 @@ class QuantizedModelView:
         w, wn = lv.weight, f"{m}.weight"
         if w.dtype != torch.int8 or w.dim() != 2:
             return f"{self._where(wn)} must be int8 [out, in], is {w.dtype} {list(w.shape)}"
+        if lv.activation == "none":
+            lo, hi = -(2 ** (lv.bits - 1)), 2 ** (lv.bits - 1) - 1
+            if int(w.min()) < lo or int(w.max()) > hi:
+                p.append(f"{self._where(wn)} holds codes outside the int{lv.bits} range [{lo}, {hi}]")
+            return None
         if int(w.min()) < -127 and self._strict_weight_range():
             # llavaq and msModelSlim quantize weights symmetrically to [-127, 127]; compressed-tensors' own
             # symmetric range is [-128, 127] (scale = absmax/127.5), so other tools' files may hold -128
@@ -266,6 +287,17 @@ class QuantizedModelView:
 
     def _check_kernel(self, p: list[str], m: str, lv: QuantizedLinearView, ok: bool) -> None:
         """Check kernel-only parameters (msModelSlim's ``deq_scale`` / ``quant_bias``)."""
+
+    def _check_weight_offset(self, p: list[str], m: str, lv: QuantizedLinearView) -> None:
+        """A weight-only zero point: the scale's shape, integer codes in the weight's range."""
+        wo, name = lv.weight_offset, f"{m}.weight_offset"
+        if wo is None or not self._expect(p, name, wo, FLOATS + (torch.int8, torch.int32),
+                                          tuple(lv.weight_scale.shape)):
+            return
+        lo, hi = -(2 ** (lv.bits - 1)), 2 ** (lv.bits - 1) - 1
+        w = wo.double()
+        if not torch.equal(w, w.round()) or float(w.min()) < lo or float(w.max()) > hi:
+            p.append(f"{self._where(name)} is not an integer zero point in [{lo}, {hi}]")
 
 
 def read_quantized(path: str | Path) -> QuantizedModelView:

@@ -12,7 +12,7 @@ import torch
 
 from llavaq.calib.cache import SessionCache
 from llavaq.device import resolve_devices
-from llavaq.errors import CacheError
+from llavaq.errors import CacheError, LlavaqError
 from llavaq.formats import ExportContext, get_format
 from llavaq.formats.base import AtomicOutputDir, FormatWriter
 from llavaq.formats.sharding import GB
@@ -20,9 +20,11 @@ from llavaq.model.llava import LlavaArch
 from llavaq.model.loading import model_for_recipe, open_model
 from llavaq.quant.float_linears import resolve_float_linears
 from llavaq.quant.state import iter_quantized_tensors, weight_grid_dtype
+from llavaq.quant.weight_only import shape_problem
 from llavaq.recipe import QuantRecipe, check_part_file_size
 
-__all__ = ["ExportResult", "check_part_file_size", "export", "float_dtype_for", "recipe_diff", "scale_dtype_for"]
+__all__ = ["ExportResult", "check_part_file_size", "check_weight_only_shapes", "export", "float_dtype_for",
+           "recipe_diff", "scale_dtype_for"]
 
 
 @dataclass
@@ -90,6 +92,17 @@ def export_recipe(cache: SessionCache, recipe: QuantRecipe | None) -> tuple[Quan
     return recipe, derived
 
 
+def check_weight_only_shapes(arch: LlavaArch, recipe: QuantRecipe) -> None:
+    """Refuse a weight-only recipe whose groups or int4 packing do not fit a quantized Linear (one line, naming it)."""
+    if not recipe.weight_only:
+        return
+    for name in arch.quantized_linears(recipe.modules, recipe.float_linears):
+        problem = shape_problem(recipe.w_bit, recipe.group_size, *arch.ckpt.shape(name + ".weight"))
+        if problem:
+            raise LlavaqError(f"{recipe.quant_type} cannot quantize {name}: {problem}; choose another --group_size "
+                              "or keep it in float with --float_linears")
+
+
 def _record(arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, errors: dict[str, float],
             extra_record: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, dict[str, float]] | None]:
     """The keys the export adds to the record, and the GPTQ report it fills (None: round-to-nearest weights)."""
@@ -144,6 +157,7 @@ def export(
     scale_dtype = scale_dtype_for(recipe.float_dtype, ckpt.torch_dtype, device_type)
     arch = model_for_recipe(arch, recipe)
     recipe.check_quantizes(len(arch.quantized_linears(recipe.modules, recipe.float_linears)))
+    check_weight_only_shapes(arch, recipe)
     recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=scale_dtype)
     extra_record, gptq_report = _record(arch, cache, recipe, errors, extra_record)
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,

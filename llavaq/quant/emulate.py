@@ -16,9 +16,13 @@ Dynamic per-token (a reference for what static activations cost)::
 
     s_t = max|x_t| / 127;  x_q = clamp(round(x_t / s_t), -128, 127);  y = s_t·weight_scale·(x_q·W_qᵀ) + b
 
-Weight-only (a reference for what the int8 weights alone cost)::
+Weight-only (W8A16 / W4A16 kernels, and a reference for what the int8 weights of a W8A8 file alone cost)::
 
-    y = x·(W_q·weight_scale)ᵀ + b
+    W = (W_q − weight_offset)·weight_scale    # per group of in/G input columns, in float32
+    y = x·Wᵀ + b
+
+The weight-only kernels dequantize the stored codes with the stored group scales and zero points; the float
+product is the float model's (float32 here), so the emulation is exact up to the order of float sums.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from llavaq.quant.weight_only import dequantize_groups
 
 EPS32 = torch.finfo(torch.float32).eps
 #: Largest K for which a float32 dot product of int8 codes is exact: 128·127·K < 2**24.
@@ -63,6 +69,8 @@ class QuantLinearParams:
     #: what the exported kernel does with the input: "static" (the saved input_scale/offset), "dynamic"
     #: (per-token scales, e.g. llm-compressor's W8A8 preset) or "none" (weight-only); see :func:`kernel_mode`
     activation: str = "static"
+    #: weight-only: zero points per group ([out, G], None = symmetric); weight_scale is [out, G] then
+    weight_offset: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -98,9 +106,16 @@ def int8_linear_dynamic(x: torch.Tensor, p: QuantLinearParams) -> torch.Tensor:
     return y
 
 
-def int8_weight_only_linear(x: torch.Tensor, p: QuantLinearParams) -> torch.Tensor:
-    """The same int8 weights with float activations: what the weights alone cost (a diagnostic)."""
-    w = p.weight.float() * p.weight_scale.float().reshape(-1, 1)
+def weight_only_weight(p: QuantLinearParams) -> torch.Tensor:
+    """``(W_q − weight_offset)·weight_scale`` per group, float32 [out, in]."""
+    ws = p.weight_scale.float().reshape(p.out_features, -1)
+    return dequantize_groups(p.weight, ws, p.weight_offset)
+
+
+def int8_weight_only_linear(x: torch.Tensor, p: QuantLinearParams, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Float activations times the dequantized weight (group scales and zero points): what a W8A16 / W4A16 kernel
+    computes, and, for a W8A8 file, what its int8 weights alone cost (a diagnostic)."""
+    w = weight_only_weight(p) if w is None else w
     y = x.float() @ w.T
     return y + p.bias.float() if p.bias is not None else y
 
@@ -130,13 +145,14 @@ class EmulatedW8A8Linear(nn.Module):
         self._w32 = params.weight.float()  # integer codes as float32 (see exact_int_matmul), once
         self._qb64 = params.quant_bias.double()
         self._deq64 = params.deq_scale.double()
+        self._w_deq = weight_only_weight(params) if mode == "weight_only" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.params
         if self.mode == "dynamic":
             return int8_linear_dynamic(x, p)
         if self.mode == "weight_only":
-            return int8_weight_only_linear(x, p)
+            return int8_weight_only_linear(x, p, self._w_deq)
         xq = quantize_input(x, p.input_scale, p.input_offset)
         acc = exact_int_matmul(xq, self._w32) + self._qb64
         y = (acc * self._deq64).float()

@@ -25,9 +25,16 @@ from llavaq.errors import CacheError
 from llavaq.model.llava import EMBED, LM_HEAD, LlavaArch, SmoothGroup, Stage
 from llavaq.quant.int8 import activation_qparams, quantize_weight, weight_qparams
 from llavaq.quant.kernel import LinearQuant, pack_deq_scale, quantize_linear, unpack_deq_scale  # noqa: F401  re-exported
+from llavaq.quant.weight_only import (
+    code_range,
+    dequantize_groups,
+    quantize_groups,
+    weight_only_grid,
+    weight_only_specs,
+)
 from llavaq.recipe import QuantRecipe
 
-W8A8, FLOAT = "W8A8", "FLOAT"
+W8A8, FLOAT = "W8A8", "FLOAT"  # (weight-only Linears are tagged with the recipe's quant_type: W8A16, W4A16)
 #: the dtype of the weight scales (the int8 grid) when none is given: what every format's default export uses on a
 #: CPU (:func:`weight_grid_dtype`)
 GRID_DTYPE = torch.float32
@@ -153,14 +160,51 @@ def gptq_stage(
         scale, shift = smoothing.get(group[0], (None, None))
         hessians[key] = h = smoothed_hessian(InputMoments.from_tensors(*parts), scale, shift)
         ws = [weights[n + ".weight"] for n in group]
-        scales.update({n: weight_qparams(w).to(scale_dtype).float() for n, w in zip(group, ws, strict=True)})
-        got = gptq_codes_shared(ws, [scales[n] for n in group], prepare_hessian(h, options, device=device), options)
+        scales.update({n: weight_grid(w, recipe, scale_dtype) for n, w in zip(group, ws, strict=True)})
+        offsets = [scales[n][1] for n in group] if recipe.weight_only and not recipe.w_sym else None
+        got = gptq_codes_shared(ws, [scales[n][0] for n in group], prepare_hessian(h, options, device=device),
+                                options, offsets, code_range(recipe.w_bit) if recipe.weight_only else (-127, 127))
         codes.update(zip(group, got, strict=True))
     for name in names if report is not None else ():
-        w, ws, h = weights[name + ".weight"], scales[name], hessians[shared[name]]
-        report[name] = {"rtn": weighted_error(w, quantize_weight(w, ws).float() * ws, h),
-                        "gptq": weighted_error(w, codes[name].float() * ws, h)}
+        w, h = weights[name + ".weight"], hessians[shared[name]]
+        report[name] = {"rtn": weighted_error(w, dequantized(w, recipe, scale_dtype), h),
+                        "gptq": weighted_error(w, dequantized(w, recipe, scale_dtype, codes[name]), h)}
     return {n: codes[n] for n in names}
+
+
+def weight_grid(w: torch.Tensor, recipe: QuantRecipe, scale_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A quantized Linear's weight grid in float32: W8A8's per-row ``absmax/127`` (offset None) or the recipe's
+    weight-only (scale, offset) per group, both on ``scale_dtype`` values."""
+    if not recipe.weight_only:
+        return weight_qparams(w).to(scale_dtype).float(), None
+    ws, wo = weight_only_grid(w, recipe.w_bit, recipe.group_size, recipe.w_sym, scale_dtype)
+    return ws.float(), wo.float()
+
+
+def dequantized(w: torch.Tensor, recipe: QuantRecipe, scale_dtype: torch.dtype, codes: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """The float32 weight the exported codes stand for: round-to-nearest, or the given ``codes``, on the grid."""
+    ws, wo = weight_grid(w, recipe, scale_dtype)
+    if wo is None:
+        return (quantize_weight(w, ws) if codes is None else codes).float() * ws
+    return dequantize_groups(quantize_groups(w, ws, wo, recipe.w_bit) if codes is None else codes, ws, wo)
+
+
+def weight_only_tensors(m: ModuleTensors, recipe: QuantRecipe, grid: torch.Tensor, out_dtype: torch.dtype
+                        ) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """msModelSlim's tensors of a weight-only Linear: weight (int8 codes [out, in], int4 unpacked as its MindIE
+    ``safe_tensor`` save stores them), bias, weight_scale and weight_offset per group (``[out, G]``, ``grid`` dtype),
+    tagged ``W8A16`` / ``W4A16``."""
+    w, b = m.tensors[m.module + ".weight"], m.tensors.get(m.module + ".bias")
+    ws, wo = weight_only_grid(w, recipe.w_bit, recipe.group_size, recipe.w_sym, grid)
+    q = quantize_groups(w, ws.float(), wo.float(), recipe.w_bit) if m.codes is None else m.codes
+    tag = recipe.quant_type
+    yield m.module + ".weight", q.to(torch.int8).contiguous(), tag
+    if b is not None:
+        yield m.module + ".bias", b.to(out_dtype), FLOAT
+    yield m.module + ".weight_scale", ws, tag
+    yield m.module + ".weight_offset", wo, tag
 
 
 def apply_smoothing(weights: dict[str, torch.Tensor], plan: StagePlan) -> None:
@@ -264,6 +308,9 @@ def iter_quantized_tensors(
     grid = scale_dtype or GRID_DTYPE
     for m in iter_modules(arch, cache, recipe, derive=derive, scale_dtype=grid, gptq_report=gptq_report,
                           gptq_device=gptq_device):
+        if m.act is not None and recipe.weight_only:
+            yield from weight_only_tensors(m, recipe, grid, out_dtype)
+            continue
         if m.act is not None:
             w, b = m.tensors[m.module + ".weight"], m.tensors.get(m.module + ".bias")
             lq = quantize_linear(w, b, m.act.input_scale, m.act.input_offset, grid, m.codes)
@@ -297,6 +344,10 @@ def quantized_tensor_specs(
     deq_dtype = torch.float32 if ckpt.torch_dtype == torch.bfloat16 else torch.int64
     specs = []
     for module, _cls, params in arch.parameter_order(m2_wrapped=recipe.anti_outlier == "m2"):
+        if module in quantized and recipe.weight_only:
+            specs += weight_only_specs(module, ckpt.shape(module + ".weight"), "bias" in params, recipe.group_size,
+                                       out_dtype, grid)
+            continue
         if module in quantized:
             shape = ckpt.shape(module + ".weight")
             out = shape[0]
@@ -340,6 +391,5 @@ def iter_float_tensors(
                           derive=derive, scale_dtype=scale_dtype or GRID_DTYPE):
         for name, t in m.tensors.items():
             if dequantize and m.act is not None and name == m.module + ".weight":
-                ws = weight_qparams(t).to(scale_dtype or GRID_DTYPE).float()
-                t = (quantize_weight(t, ws) if m.codes is None else m.codes).float() * ws
+                t = dequantized(t, recipe, scale_dtype or GRID_DTYPE, m.codes)
             yield name, _handed_out(t, out_dtype, m.fresh)

@@ -27,7 +27,8 @@ from torch import Tensor
 EPS = torch.finfo(torch.float32).eps
 
 __all__ = ["code_range", "group_qparams", "quantize_groups", "dequantize_groups", "expand_groups",
-           "pack_int4_msmodelslim", "unpack_int4_msmodelslim", "pack_int32", "unpack_int32"]
+           "pack_int4_msmodelslim", "unpack_int4_msmodelslim", "pack_int32", "unpack_int32", "weight_only_grid",
+           "stored_weight", "stored_weight_shape", "stored_codes", "shape_problem", "weight_only_specs"]
 
 
 def code_range(bits: int) -> tuple[int, int]:
@@ -122,3 +123,51 @@ def unpack_int32(packed: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
     v = (w.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
     q = (v - 2 ** (bits - 1)).reshape(w.shape[0], -1).to(torch.int8)
     return q.T.contiguous() if packed_dim == 0 else q
+
+
+def weight_only_grid(w: Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype
+                     ) -> tuple[Tensor, Tensor]:
+    """(scale, offset) of a weight-only Linear as stored: formed in float32 (msModelSlim's CPU run), the scale cast
+    to ``scale_dtype`` (the grid every format shares), the integer offsets alike; both ``[out, G]``."""
+    s, o = group_qparams(w.float(), bits, group_size, sym)
+    return s.to(scale_dtype), o.to(scale_dtype)
+
+
+def stored_weight(codes: Tensor, bits: int, grouped: bool) -> Tensor:
+    """msModelSlim's ``L.weight`` of a weight-only Linear: the int8 codes, int4 packed in pairs."""
+    return pack_int4_msmodelslim(codes, grouped) if bits == 4 else codes.to(torch.int8).contiguous()
+
+
+def stored_weight_shape(shape: tuple[int, ...], bits: int, grouped: bool) -> tuple[int, int]:
+    out, cols = shape
+    if bits == 8:
+        return out, cols
+    return (out // 2, cols) if grouped else (out, cols // 2)
+
+
+def weight_only_specs(module: str, shape: tuple[int, ...], bias: bool, group_size: int,
+                      float_dtype: torch.dtype, grid: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of a weight-only Linear's tensors, in msModelSlim's order (weight, bias, scale, offset);
+    the weight as int8 codes [out, in] (:func:`stored_weight_shape`: as msModelSlim's ascendV1 file packs int4)."""
+    out, cols = shape
+    groups = (out, cols // group_size if group_size else 1)
+    return ([(module + ".weight", torch.int8, (out, cols))]
+            + ([(module + ".bias", float_dtype, (out,))] if bias else [])
+            + [(module + ".weight_scale", grid, groups), (module + ".weight_offset", grid, groups)])
+
+
+def stored_codes(weight: Tensor, bits: int, grouped: bool) -> Tensor:
+    """The int8 codes [out, in] of msModelSlim's stored ``L.weight`` (int4 unpacked)."""
+    return unpack_int4_msmodelslim(weight, grouped) if bits == 4 else weight
+
+
+def shape_problem(bits: int, group_size: int, out: int, cols: int) -> str | None:
+    """Why a Linear of this shape cannot be stored weight-only (None: it can): groups must divide the input
+    columns; int4 codes pair up (msModelSlim) and fill int32 words of 8 (compressed-tensors)."""
+    if group_size and cols % group_size:
+        return f"--group_size {group_size} does not divide its {cols} input columns"
+    if bits == 4 and (cols % 8 or out % 2):
+        return f"int4 storage needs an even number of output rows and input columns in multiples of 8 ({out}×{cols})"
+    if bits == 8 and cols % 4:
+        return f"int8 weight-only storage packs input columns 4 to an int32 ({cols} columns)"
+    return None

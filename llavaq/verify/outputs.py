@@ -43,5 +43,5 @@ def read_quantized_output(path: str | Path) -> QuantizedCheckpoint:
             post = lv.bias
         linears[lv.name] = QuantLinearParams(lv.weight, lv.weight_scale.float(), lv.input_scale.float(),
                                              lv.input_offset.float(), qb, lv.deq_scale.float(), lv.bias, post,
-                                             lv.activation)
+                                             lv.activation, lv.weight_offset)
     return QuantizedCheckpoint(path, view.format, floats, linears, view.record or {})

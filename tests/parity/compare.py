@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-DESCRIPTION_NAMES = ("quant_model_description.json", "quant_model_description_w8a8.json")
+DESCRIPTION_NAMES = ("quant_model_description.json", "quant_model_description_w8a8.json",
+                     "quant_model_description_w8a16.json", "quant_model_description_w4a16.json")
 QUANT_SUFFIXES = ("weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
 
 

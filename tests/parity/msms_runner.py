@@ -41,6 +41,11 @@ Deliberate deviations from upstream:
   never sees an input and has no ``input_scale``. Disabling it (float, as llavaq keeps it) lets the rest
   of upstream's flow run and be compared.
 
+Weight-only (``--a_bit 16``, issue 28): msModelSlim's data-free weight quantization, as its W8A16 / W4A16 docs
+run it: no anti-outlier, ``QuantConfig(w_bit, a_bit=16, w_sym, mm_tensor=False)`` and, for ``--group_size N``,
+its per-group switches ``is_lowbit=True, open_outlier=False, group_size=N``; ``Calibrator(..., calib_data=None)``.
+The config.json edit for ``--mindie_format`` then says ``w8a16`` / ``w4a16`` with those values.
+
 The last stdout line is a JSON object with timings (seconds) and peak RSS (bytes) of this process.
 """
 
@@ -73,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--dev_type", default="cpu", help="only recorded in quantization_config (runs on CPU)")
     p.add_argument("--disable", action="append", default=[], help="extra disable_names (see above)")
+    p.add_argument("--w_bit", type=int, default=8, choices=[4, 8])
+    p.add_argument("--a_bit", type=int, default=8, choices=[8, 16])
+    p.add_argument("--group_size", type=int, default=0, help="weight-only: per-group (0: per channel)")
+    p.add_argument("--w_sym", default="true", choices=["true", "false"])
     p.add_argument("--processor", default="auto", choices=["auto", "parts"],
                    help="auto: AutoProcessor (upstream); parts: AutoTokenizer + AutoImageProcessor (see above)")
     return p.parse_args(argv)
@@ -100,17 +109,21 @@ def untie_lm_head(model) -> bool:
     return False
 
 
-def write_config_and_copy(model_path: Path, out: Path, orig_dtype: str, mindie: bool, dev_type: str) -> None:
+def write_config_and_copy(model_path: Path, out: Path, orig_dtype: str, mindie: bool, dev_type: str,
+                          args=None) -> None:
     """Equivalent of the example's VlmSafeGenerator (config.json rewrite + json/py copy)."""
     config = json.loads((model_path / "config.json").read_text())
     config["torch_dtype"] = orig_dtype
+    w_bit, a_bit = (args.w_bit, args.a_bit) if args is not None else (8, 8)
+    gs, sym = (args.group_size, args.w_sym == "true") if args is not None else (0, True)
     if mindie:
-        config["quantize"] = "w8a8"
-        config.setdefault("vision_config", {})["quantize"] = "w8a8"
+        qt = f"w{w_bit}a{a_bit}"
+        config["quantize"] = qt
+        config.setdefault("vision_config", {})["quantize"] = qt
         config["quantization_config"] = {
-            "group_size": 0, "act_method": 2, "anti_method": "m2", "is_lowbit": False, "mm_tensor": False,
-            "w_sym": True, "open_outlier": True, "is_dynamic": False, "w_bit": 8, "a_bit": 8,
-            "dev_type": dev_type,
+            "group_size": gs, "act_method": 2, "anti_method": "m2" if a_bit == 8 else "", "is_lowbit": gs > 0,
+            "mm_tensor": False, "w_sym": sym, "open_outlier": gs == 0, "is_dynamic": False, "w_bit": w_bit,
+            "a_bit": a_bit, "dev_type": dev_type,
         }
     cfg_path = out / "config.json"
     cfg_path.write_text(json.dumps(config, indent=4))
@@ -186,13 +199,20 @@ def main(argv=None) -> int:
         os.chdir(scratch)
         try:
             t = time.perf_counter()
-            anti_cfg = AntiOutlierConfig(w_bit=8, a_bit=8, anti_method="m2", dev_type="cpu")
-            AntiOutlier(model, calib_data=calib_data, cfg=anti_cfg).process()
+            if args.a_bit == 8:
+                anti_cfg = AntiOutlierConfig(w_bit=8, a_bit=8, anti_method="m2", dev_type="cpu")
+                AntiOutlier(model, calib_data=calib_data, cfg=anti_cfg).process()
             timings["anti_outlier_s"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            quant_cfg = QuantConfig(w_bit=8, a_bit=8, disable_names=disable_names, dev_type="cpu",
-                                    act_method=2, mm_tensor=False)
+            if args.a_bit == 8:
+                quant_cfg = QuantConfig(w_bit=8, a_bit=8, disable_names=disable_names, dev_type="cpu",
+                                        act_method=2, mm_tensor=False)
+            else:  # weight-only: data-free round-to-nearest
+                groups = dict(is_lowbit=True, open_outlier=False, group_size=args.group_size) if args.group_size else {}
+                quant_cfg = QuantConfig(w_bit=args.w_bit, a_bit=16, disable_names=disable_names, dev_type="cpu",
+                                        w_sym=args.w_sym == "true", mm_tensor=False, **groups)
+                calib_data = None
             calibrator = Calibrator(model, quant_cfg, calib_data=calib_data, disable_level="L0")
             calibrator.run()
             timings["calibrate_s"] = time.perf_counter() - t
@@ -207,7 +227,7 @@ def main(argv=None) -> int:
             timings["save_s"] = time.perf_counter() - t
         finally:
             os.chdir(prev_cwd)
-    write_config_and_copy(model_path, out, orig_dtype, args.mindie_format, args.dev_type)
+    write_config_and_copy(model_path, out, orig_dtype, args.mindie_format, args.dev_type, args)
     timings["total_s"] = time.perf_counter() - t0
     result = {
         "tool": "msmodelslim", "images": [p.name for p in images], "untied_lm_head": untied,

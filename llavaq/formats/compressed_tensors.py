@@ -43,8 +43,11 @@ from llavaq.formats.base import ExportContext, OutputFormat, TensorStream, copy_
 from llavaq.formats.hf import HF_INDEX, HF_PREFIX, write_hf_config, write_hf_safetensors
 from llavaq.formats.msmodelslim import write_record
 from llavaq.formats.names import LAYOUT_NAMES, entry_matches, layouts, matching_layouts, module_pattern, to_internal
+from llavaq.formats.pack_quantized import FORMAT as PACKED
+from llavaq.formats.pack_quantized import PACKED_PARAMS, packed_tensors, unpacked, weight_args
 from llavaq.formats.reader import FLOATS, QuantizedLinearView, QuantizedModelView
 from llavaq.formats.tensorfiles import TensorFiles
+from llavaq.recipe import QuantRecipe
 
 DROPPED = ("weight_offset", "quant_bias", "deq_scale")
 ZP_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64) + FLOATS
@@ -57,24 +60,27 @@ def _args(symmetric: bool, strategy: str) -> dict[str, Any]:
             "observer_kwargs": {}}
 
 
-def compressed_tensors_config(quantized: list[str], float_linears: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` we emit: int8 W8A8 static, channel-wise weights, per-tensor inputs.
+def compressed_tensors_config(quantized: list[str], float_linears: list[str], recipe: QuantRecipe | None = None
+                              ) -> dict[str, Any]:
+    """The ``quantization_config`` we emit: int8 W8A8 static, channel-wise weights, per-tensor inputs; or, for a
+    weight-only recipe, ``pack-quantized`` int4/int8 weights (:mod:`llavaq.formats.pack_quantized`), no activations.
 
     Targets are by class (``Linear``); each float Linear is excluded by a pattern matching every layout.
     """
     del quantized
+    weight_only = recipe is not None and recipe.weight_only
     return {
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
-                "weights": _args(True, "channel"),
-                "input_activations": _args(False, "tensor"),
+                "weights": weight_args(recipe) if weight_only else _args(True, "channel"),
+                "input_activations": None if weight_only else _args(False, "tensor"),
                 "output_activations": None,
             }
         },
         "quant_method": "compressed-tensors",
         "kv_cache_scheme": None,
-        "format": "int-quantized",
+        "format": PACKED if weight_only else "int-quantized",
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "ignore": [module_pattern(n) for n in float_linears],
@@ -84,7 +90,7 @@ def compressed_tensors_config(quantized: list[str], float_linears: list[str]) ->
 class CompressedTensorsView(QuantizedModelView):
     """A compressed-tensors output (ours, llm-compressor's, either transformers key layout), as its config says."""
 
-    linear_params = ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+    linear_params = ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point") + PACKED_PARAMS
 
     def _open(self) -> tuple[TensorFiles, list[str]]:
         # keys of either transformers layout (llm-compressor, transformers >= 4.52) as internal 4.37 names
@@ -96,6 +102,8 @@ class CompressedTensorsView(QuantizedModelView):
     def linear(self, name: str) -> QuantizedLinearView:
         """``input_zero_point`` is the offset (0 when symmetric); no deq_scale stored."""
         scheme = self.ct_config.scheme_for(name)
+        if scheme.bits != 8 or f"{name}.weight_packed" in self.files:
+            return self._packed_linear(name, scheme)
         w = self._p(name, "weight")
         ws = self._p(name, "weight_scale")
         if ws.numel() == 1 and w.dim() == 2:  # per-tensor weight scale: one value for every output channel
@@ -111,6 +119,14 @@ class CompressedTensorsView(QuantizedModelView):
         deq = (s * ws.float()).squeeze(1).float()
         return QuantizedLinearView(name, w, ws, s, o, self._bias(name), deq, None, scheme.activation)
 
+    def _packed_linear(self, name: str, scheme: LinearScheme) -> QuantizedLinearView:
+        ws = self._p(name, "weight_scale")
+        ws = ws.reshape(-1, 1) if ws.dim() == 1 else ws
+        zp = None if scheme.weight_symmetric else self._p(name, "weight_zero_point")
+        codes, offset = unpacked(self._p(name, "weight_packed"), self._p(name, "weight_shape"), ws, zp, scheme.bits)
+        return QuantizedLinearView(name, codes, ws, torch.ones(1), torch.zeros(1), self._bias(name),
+                                   ws[:, 0].float(), None, "none", weight_offset=offset, bits=scheme.bits)
+
     def _check_layout(self) -> list[str]:
         return self.ct_config.problems(self.quantized, self.float_linears)
 
@@ -120,6 +136,9 @@ class CompressedTensorsView(QuantizedModelView):
         except LlavaqError:
             return None  # reported by _check_layout (no config group targets it)
         static = scheme.activation == "static"
+        if scheme.packed:
+            return ("weight_packed", "weight_scale", "weight_shape") + (
+                () if scheme.weight_symmetric else ("weight_zero_point",))
         return ("weight", "weight_scale") + (("input_scale",) if static else ()) + (
             ("input_zero_point",) if static and not scheme.input_symmetric else ())
 
@@ -146,7 +165,9 @@ class CompressedTensorsView(QuantizedModelView):
                     if zv != round(zv) or not -128 <= zv <= 127:
                         p.append(f"{self._where(zn)} = {zv} is not an integer in [-128, 127]")
         wz = f"{m}.weight_zero_point"
-        if wz in f and not torch.all(f.tensor(wz) == 0):
+        if lv.activation == "none" and lv.weight_offset is not None:
+            self._check_weight_offset(p, m, lv)
+        elif wz in f and not torch.all(f.tensor(wz) == 0):
             p.append(f"{self._where(wz)} must be zero (symmetric weights)")
         return ok
 
@@ -160,12 +181,17 @@ class CompressedTensorsFormat(OutputFormat):
     def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]:
         quantized = ctx.arch.quantized_linears(ctx.recipe.modules, ctx.recipe.float_linears)
         qset = set(quantized)
+        held: dict[str, torch.Tensor] = {}
 
         def convert():
             for name, t, _tag in tensors:
                 module, _, suffix = name.rpartition(".")
                 if module not in qset:
                     yield name, t
+                elif ctx.recipe.weight_only and suffix != "bias":  # codes, scale, offset -> pack-quantized
+                    held[suffix] = t
+                    if suffix == "weight_offset":
+                        yield from packed_tensors(module, held.pop("weight"), held.pop("weight_scale"), t, ctx.recipe)
                 elif suffix in DROPPED:
                     continue
                 elif suffix == "input_offset":
@@ -180,7 +206,7 @@ class CompressedTensorsFormat(OutputFormat):
 
         weight_map = write_hf_safetensors(out_dir, convert(), ctx)
         float_linears = [n for n in ctx.arch.linear_names if n not in qset]
-        write_hf_config(out_dir, ctx, compressed_tensors_config(quantized, float_linears))
+        write_hf_config(out_dir, ctx, compressed_tensors_config(quantized, float_linears, ctx.recipe))
         copy_model_files(ctx.model_path, out_dir)
         write_record(out_dir, ctx, self.name)
         return {"tensors": len(weight_map), "files": sorted(set(weight_map.values()))}
@@ -202,7 +228,7 @@ def _read_config(path: Path) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- reading
 #: int8 weight formats whose quantized weight is stored as ``L.weight`` (int8) + ``L.weight_scale``
-READABLE_FORMATS = ("int-quantized", "naive-quantized")
+READABLE_FORMATS = ("int-quantized", "naive-quantized", PACKED)
 
 
 @dataclass(frozen=True)
@@ -217,6 +243,10 @@ class LinearScheme:
     activation: str = "static"
     input_symmetric: bool = False
     weight_strategy: str = "channel"
+    bits: int = 8
+    weight_symmetric: bool = True
+    #: weights stored pack-quantized (``weight_packed`` int32 + ``weight_shape``)
+    packed: bool = False
 
 
 def _unsupported(where: str, what: str) -> OutputError:
@@ -230,16 +260,19 @@ def _scheme(name: str, group: Any, where: str) -> LinearScheme:
     w = group.get("weights")
     if not isinstance(w, dict):
         raise _unsupported(where, f"config group {name} without weight quantization")
-    if (w.get("num_bits"), w.get("type", "int"), w.get("symmetric", True), bool(w.get("dynamic", False))) != (
-            8, "int", True, False) or w.get("strategy") not in ("channel", "tensor"):
-        raise _unsupported(where, f"config group {name}'s weights ({w.get('num_bits')}-bit {w.get('type')} "
-                                  f"{w.get('strategy')}, symmetric={w.get('symmetric')})")
     fmt = group.get("format")
     if fmt is not None and fmt not in READABLE_FORMATS:
         raise _unsupported(where, f"config group {name}'s format {fmt!r}")
     a = group.get("input_activations")
-    if a is None:
-        return LinearScheme(name, "none", True, w["strategy"])
+    if a is None and (w.get("num_bits"), w.get("type", "int"), bool(w.get("dynamic", False))) in (
+            (4, "int", False), (8, "int", False)) and w.get("strategy") in ("channel", "group") and \
+            w.get("actorder") in (None, "weight", "static"):  # weight-only; "group" act order (g_idx) is not read
+        return LinearScheme(name, "none", True, w["strategy"], int(w["num_bits"]), bool(w.get("symmetric", True)),
+                            packed=fmt == PACKED or group.get("packed", False) or int(w["num_bits"]) != 8)
+    if (w.get("num_bits"), w.get("type", "int"), w.get("symmetric", True), bool(w.get("dynamic", False))) != (
+            8, "int", True, False) or w.get("strategy") not in ("channel", "tensor"):
+        raise _unsupported(where, f"config group {name}'s weights ({w.get('num_bits')}-bit {w.get('type')} "
+                                  f"{w.get('strategy')}, symmetric={w.get('symmetric')}, actorder={w.get('actorder')})")
     if not isinstance(a, dict) or (a.get("num_bits"), a.get("type", "int")) != (8, "int"):
         raise _unsupported(where, f"config group {name}'s input activations ({a!r})")
     dynamic = a.get("dynamic", False)

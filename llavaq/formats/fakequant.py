@@ -11,6 +11,9 @@ recorded so ``verify`` / ``inspect`` can re-apply it:
 - ``llavaq_quant_params.st``: the same plus each Linear's ``weight_scale`` [out,1] (float32, as in every
   format) in safetensors layout, so readers recover ``W_q = round(W/ws)`` bit-exactly. The extension is not
   ``.safetensors`` on purpose: loaders that glob ``*.safetensors`` must not pick it up.
+
+Weight-only recipes (W8A16 / W4A16): the weight is ``(W_q − weight_offset)·weight_scale`` per group, and
+``llavaq_quant_params.st`` holds ``weight_scale`` and ``weight_offset`` ``[out, G]``; no activation parameters.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from llavaq.formats.msmodelslim import write_record
 from llavaq.formats.names import to_internal
 from llavaq.formats.reader import FLOATS, QuantizedLinearView, QuantizedModelView
 from llavaq.formats.tensorfiles import TensorFiles
+from llavaq.quant.weight_only import dequantize_groups, expand_groups
 
 PARAMS_FILE = "llavaq_quant_params.st"
 #: a Linear's scales and offsets, stored in ``PARAMS_FILE``
@@ -72,8 +76,25 @@ class FakeQuantView(QuantizedModelView):
             raise OutputError(f"{self.path / PARAMS_FILE}: {name} is missing")
         return self.params[name]
 
+    @property
+    def weight_only(self) -> bool:
+        return any(n.endswith(".weight_offset") for n in self.params)
+
+    def _weight_only_linear(self, name: str) -> QuantizedLinearView:
+        """W_q = round(W/s + o) per group, recovered from the stored (W_q − o)·s."""
+        ws, wo = self._p(name, "weight_scale"), self._p(name, "weight_offset")
+        w = self._p(name, "weight").float()
+        bits = int(((self.record or {}).get("recipe") or {}).get("w_bit", 8))
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        cols = w.shape[1]
+        q = torch.clamp(torch.round(w / expand_groups(ws.float(), cols) + expand_groups(wo.float(), cols)), lo, hi)
+        return QuantizedLinearView(name, q.to(torch.int8), ws, torch.ones(1), torch.zeros(1), self._bias(name),
+                                   ws[:, 0].float(), None, "none", weight_offset=wo, bits=bits)
+
     def linear(self, name: str) -> QuantizedLinearView:
         """W_q recovered from the stored W_q·ws (checked to round-trip exactly by :meth:`check`)."""
+        if self.weight_only:
+            return self._weight_only_linear(name)
         ws = self._p(name, "weight_scale")
         s = self._p(name, "input_scale").float().reshape(1)
         w = torch.clamp(torch.round(self._p(name, "weight").float() / ws.float()), -128, 127).to(torch.int8)
@@ -92,7 +113,8 @@ class FakeQuantView(QuantizedModelView):
 
     def _missing(self, m: str) -> str | None:
         missing = [s for s in self.required_params if f"{m}.{s}" not in self.files]
-        missing += [s for s in SCALE_PARAMS if f"{m}.{s}" not in self.params]
+        missing += [s for s in (("weight_scale", "weight_offset") if self.weight_only else SCALE_PARAMS)
+                    if f"{m}.{s}" not in self.params]
         if missing:
             return f"{m}.{missing[0]} is missing ({PARAMS_FILE if missing[0] != 'weight' else 'weights'})"
         return ""
@@ -102,6 +124,8 @@ class FakeQuantView(QuantizedModelView):
 
     def _check_linear(self, m: str) -> list[str]:
         p = super()._check_linear(m)
+        if self.weight_only:
+            return p
         rec = self.activation_quant.get(m)
         lv_s, lv_o = self.params[f"{m}.input_scale"], self.params[f"{m}.input_offset"]
         if rec is None or rec.get("input_scale") != lv_s.item() or rec.get("input_offset") != lv_o.item():
@@ -115,12 +139,18 @@ class FakeQuantView(QuantizedModelView):
             return f"{self._where(wn)} must be a float matrix, is {wd.dtype} {list(wd.shape)}"
         if not torch.isfinite(wd).all():
             return f"{self._where(wn)} has NaN/Inf"
+        if lv.activation == "none":
+            if not torch.equal(dequantize_groups(lv.weight, lv.weight_scale, lv.weight_offset).to(wd.dtype), wd):
+                p.append(f"{self._where(wn)} is not (W_q − weight_offset)·weight_scale for int{lv.bits} codes W_q")
+            return None
         if not torch.equal(dequantize_weight(lv.weight, lv.weight_scale, wd.dtype), wd) or (
                 wd.float() / lv.weight_scale.float()).abs().max() > 127.5:
             p.append(f"{self._where(wn)} is not W_q·weight_scale for an int8 W_q")
         return None
 
     def _check_input(self, p: list[str], m: str, lv: QuantizedLinearView, ok: bool) -> bool:
+        if lv.activation == "none":
+            return ok
         return self._check_static_input(p, m, self.params[f"{m}.input_scale"], self.params[f"{m}.input_offset"], ok)
 
 
@@ -146,6 +176,12 @@ class FakeQuantFormat(OutputFormat):
                     pending[module] = t
                 elif suffix == "bias":
                     yield name, t
+                elif suffix == "weight_scale" and ctx.recipe.weight_only:
+                    params[name] = t.contiguous()
+                elif suffix == "weight_offset" and ctx.recipe.weight_only:  # after its scale
+                    params[name] = t.contiguous()
+                    w = dequantize_groups(pending.pop(module), params[module + ".weight_scale"], t)
+                    yield module + ".weight", w.to(dtype).contiguous()
                 elif suffix == "weight_scale":
                     params[name] = t.contiguous()
                     yield module + ".weight", dequantize_weight(pending.pop(module), t, dtype).contiguous()
@@ -158,7 +194,9 @@ class FakeQuantFormat(OutputFormat):
         write_hf_config(out_dir, ctx)
         copy_model_files(ctx.model_path, out_dir)
         write_record(out_dir, ctx, self.name, {
-            "weights": "dequantized W_q*ws (int8 per-channel symmetric); scales in " + PARAMS_FILE,
+            "weights": (f"dequantized (W_q - weight_offset)*weight_scale ({ctx.recipe.quant_type}, group_size "
+                        f"{ctx.recipe.group_size})" if ctx.recipe.weight_only else
+                        "dequantized W_q*ws (int8 per-channel symmetric)") + "; scales in " + PARAMS_FILE,
             "activation_quant": acts,
         })
         return {"tensors": len(weight_map), "files": sorted(set(weight_map.values()))}

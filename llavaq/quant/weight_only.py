@@ -97,15 +97,16 @@ def unpack_int4_msmodelslim(packed: Tensor, grouped: bool) -> Tensor:
 
 
 def pack_int32(codes: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
-    """compressed-tensors' ``pack_to_int32``: ``32/bits`` codes per int32 along ``packed_dim`` (a multiple of them
-    required there), each as ``q + 2^(b−1)``, code ``i`` of a word in its bits ``b·i`` upwards."""
+    """compressed-tensors' ``pack_to_int32``: ``32/bits`` codes per int32 along ``packed_dim``, each as
+    ``q + 2^(b−1)``, code ``i`` of a word in its bits ``b·i`` upwards; a last partial word padded with zero bits."""
     per = 32 // bits
     v = codes.to(torch.int64) + 2 ** (bits - 1)
     if packed_dim == 0:
         v = v.T
     rows, cols = v.shape
     if cols % per:
-        raise ValueError(f"{cols} codes per row do not fill int32 words of {per}")
+        v = torch.nn.functional.pad(v, (0, per - cols % per))
+        cols = v.shape[1]
     v = v.reshape(rows, cols // per, per)
     shifts = torch.arange(per, dtype=torch.int64) * bits
     words = (v << shifts).sum(-1)
@@ -113,16 +114,16 @@ def pack_int32(codes: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
     return words.T.contiguous() if packed_dim == 0 else words.contiguous()
 
 
-def unpack_int32(packed: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
-    """int8 codes of :func:`pack_int32`'s output (all of its words used)."""
+def unpack_int32(packed: Tensor, bits: int, packed_dim: int = 1, size: int | None = None) -> Tensor:
+    """int8 codes of :func:`pack_int32`'s output (the first ``size`` along ``packed_dim``; default all)."""
     per = 32 // bits
     w = packed.to(torch.int64) & 0xFFFFFFFF
     if packed_dim == 0:
         w = w.T
     shifts = torch.arange(per, dtype=torch.int64) * bits
     v = (w.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
-    q = (v - 2 ** (bits - 1)).reshape(w.shape[0], -1).to(torch.int8)
-    return q.T.contiguous() if packed_dim == 0 else q
+    q = (v - 2 ** (bits - 1)).reshape(w.shape[0], -1).to(torch.int8)[:, :size]
+    return q.T.contiguous() if packed_dim == 0 else q.contiguous()
 
 
 def weight_only_grid(w: Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype
@@ -163,11 +164,9 @@ def stored_codes(weight: Tensor, bits: int, grouped: bool) -> Tensor:
 
 def shape_problem(bits: int, group_size: int, out: int, cols: int) -> str | None:
     """Why a Linear of this shape cannot be stored weight-only (None: it can): groups must divide the input
-    columns; int4 codes pair up (msModelSlim) and fill int32 words of 8 (compressed-tensors)."""
+    columns; msModelSlim pairs int4 codes (of input columns, or output rows when group-wise)."""
     if group_size and cols % group_size:
         return f"--group_size {group_size} does not divide its {cols} input columns"
-    if bits == 4 and (cols % 8 or out % 2):
-        return f"int4 storage needs an even number of output rows and input columns in multiples of 8 ({out}×{cols})"
-    if bits == 8 and cols % 4:
-        return f"int8 weight-only storage packs input columns 4 to an int32 ({cols} columns)"
+    if bits == 4 and (cols % 2 or out % 2):
+        return f"int4 storage pairs codes and needs even numbers of output rows and input columns ({out}×{cols})"
     return None

@@ -65,6 +65,8 @@ def inspect_output(path: Path) -> dict[str, Any]:
     stats = _record_cache_statistics(cache)
     gptq = rec.get("gptq") if isinstance(rec.get("gptq"), dict) else None
     gptq_errors = (gptq or {}).get("error") or {}
+    wo_errors = (rec.get("weight_only") or {}).get("weight_error") or {} if isinstance(rec.get("weight_only"), dict) \
+        else {}
     problems: list[str] = view.check() + _rotation_problems(view, rec)
     layers = []
     for name in view.quantized:
@@ -75,7 +77,7 @@ def inspect_output(path: Path) -> dict[str, Any]:
                 problems.append(e.message)
             continue
         cs = (stats or {}).get("linears", {}).get(name) if stats and not rec.get("derived_from_cache") else None
-        layers.append(_layer_row(lv, gptq_errors.get(name), cs))
+        layers.append(_layer_row(lv, gptq_errors.get(name), cs, wo_errors.get(name)))
     cfg = view.config or {}
     tuning = _tuning_table(path, problems)
     return {
@@ -114,11 +116,17 @@ def _record_cache_statistics(cache: str | None) -> dict[str, Any] | None:
         return None
 
 
-def _layer_row(lv: Any, err: dict[str, float] | None, cs: dict[str, Any] | None) -> dict[str, Any]:
-    """One quantized Linear's row: scales, GPTQ error, and the cache's clipping ratio / outliers (``cs``)."""
+def _layer_row(lv: Any, err: dict[str, float] | None, cs: dict[str, Any] | None, weight_error: float | None = None
+               ) -> dict[str, Any]:
+    """One quantized Linear's row: scales, bits and group size, GPTQ error, weight-only weight error, and the
+    cache's clipping ratio / outliers (``cs``)."""
     ws = lv.weight_scale.float()
     row = {"name": lv.name, "weight_scale_min": _f(float(ws.min())), "weight_scale_max": _f(float(ws.max())),
-           "input_scale": _f(float(lv.input_scale.item())), "input_offset": _f(float(lv.input_offset.item()))}
+           "input_scale": _f(float(lv.input_scale.item())), "input_offset": _f(float(lv.input_offset.item())),
+           "bits": lv.bits, "group_size": lv.group_size, "zero_point": lv.weight_offset is not None and bool(
+               (lv.weight_offset != 0).any())}
+    if weight_error is not None:
+        row["weight_error"] = _f(weight_error)
     if err:
         row["weight_error_rtn"], row["weight_error_gptq"] = _f(err["rtn"]), _f(err["gptq"])
     if lv.activation != "static":  # per-token scales computed at run time, or float inputs (weight-only)

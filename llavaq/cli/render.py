@@ -177,7 +177,7 @@ def inspect_error_line(console: Console, rep: dict[str, Any]) -> None:
 
 
 _RECIPE_KEYS = ("anti_outlier", "alpha", "act_method", "modules", "m2_search", "weight_method", "float_dtype",
-                "w_bit", "a_bit")
+                "w_bit", "a_bit", "group_size", "w_sym")
 
 
 def _inspect_head(rep: dict[str, Any]) -> Table:
@@ -205,7 +205,8 @@ def _inspect_head(rep: dict[str, Any]) -> Table:
     im = rep.get("input_moments")
     if im and im.get("inputs"):
         head.add_row("input moments (GPTQ)", f"{im['inputs']} Linear inputs, {im['bytes'] / 2**20:.1f} MiB")
-    head.add_row("quantized Linears (W8A8)", str(len(rep["quantized"])))
+    r = rep.get("recipe") if isinstance(rep.get("recipe"), dict) else {}
+    head.add_row(f"quantized Linears (W{r.get('w_bit', 8)}A{r.get('a_bit', 8)})", str(len(rep["quantized"])))
     if "float_modules" in rep:
         fm = rep["float_modules"]
         head.add_row("float modules", f"{len(fm)}: " + ", ".join(sorted({_short(m) for m in fm})))
@@ -215,8 +216,11 @@ def _inspect_head(rep: dict[str, Any]) -> Table:
 def _inspect_layers(layers: list[dict[str, Any]]) -> Table:
     t = Table(title="quantized Linears")
     has_gptq = any("weight_error_gptq" in row for row in layers)
+    weight_only = any(row.get("input_scale") == "float" for row in layers)
     cols = ["Linear", "w_scale min", "w_scale max", "input_scale", "input_offset", "clip ratio", "outliers"]
-    for col in cols + (["weight error rtn → gptq"] if has_gptq else []):
+    extra = (["bits", "group", "zero pt", "‖ΔW‖²/‖W‖²"] if weight_only else []) + (
+        ["weight error rtn → gptq"] if has_gptq else [])
+    for col in cols + extra:
         t.add_column(col, justify="left" if col == "Linear" else "right", no_wrap=col == "Linear")
     for row in layers:
         oc = row.get("outlier_channels")
@@ -224,6 +228,9 @@ def _inspect_layers(layers: list[dict[str, Any]]) -> Table:
                  _num(row.get("input_scale")), _num(row.get("input_offset"), "g"),
                  _num(row.get("clip_ratio"), ".3f"),
                  "–" if oc is None else f"{len(oc)}" + (f" {oc[:4]}" if oc else "")]
+        if weight_only:
+            cells += [str(row.get("bits", 8)), str(row.get("group_size") or "channel"),
+                      "yes" if row.get("zero_point") else "no", _num(row.get("weight_error"), ".2e")]
         if has_gptq:
             cells.append(f"{_num(row.get('weight_error_rtn'), '.2e')} → {_num(row.get('weight_error_gptq'), '.2e')}")
         t.add_row(*cells)

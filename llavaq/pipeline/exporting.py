@@ -105,13 +105,17 @@ def check_weight_only_shapes(arch: LlavaArch, recipe: QuantRecipe) -> None:
 
 def _record(arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, errors: dict[str, float],
             extra_record: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, dict[str, float]] | None]:
-    """The keys the export adds to the record, and the GPTQ report it fills (None: round-to-nearest weights)."""
+    """The keys the export adds to the record, and the GPTQ report it fills (None: round-to-nearest weights);
+    a weight-only recipe's ``weight_only`` entry (bits, group size, symmetry, per-Linear weight error)."""
     extra_record = {"cache": str(cache.path), "model_fingerprint": {**arch.ckpt.fingerprint(), "weights_sha256": str(
         cache.manifest.get("weights_sha256"))}, **(extra_record or {})}
     if recipe.rotation != "none":
         extra_record["rotation"] = arch.ckpt.describe()
     if errors:
         extra_record["linear_errors"] = {n: errors[n] for n in recipe.float_linears if n in errors}
+    if recipe.weight_only:
+        extra_record["weight_only"] = {"quant_type": recipe.quant_type, "w_bit": recipe.w_bit,
+                                       "group_size": recipe.group_size, "w_sym": recipe.w_sym, "weight_error": {}}
     gptq_report: dict[str, dict[str, float]] | None = None
     if recipe.weight_method == "gptq":
         gptq_report = {}
@@ -166,7 +170,8 @@ def export(
     gptq_device = resolve_devices(device_type)[0] if recipe.weight_method == "gptq" else None
     with AtomicOutputDir(Path(save_directory), overwrite, inputs) as tmp:
         tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype,
-                                         scale_dtype=scale_dtype, gptq_report=gptq_report, gptq_device=gptq_device)
+                                         scale_dtype=scale_dtype, gptq_report=gptq_report, gptq_device=gptq_device,
+                                         weight_report=extra_record.get("weight_only", {}).get("weight_error"))
         info = fmt.write(tmp, tensors, ctx)
         cache.check_weights(ckpt.weights_sha256(), Path(model_path))  # every byte, hashed as it was read
         for name, obj in (extra_json or {}).items():

@@ -191,14 +191,16 @@ def dequantized(w: torch.Tensor, recipe: QuantRecipe, scale_dtype: torch.dtype, 
     return dequantize_groups(quantize_groups(w, ws, wo, recipe.w_bit) if codes is None else codes, ws, wo)
 
 
-def weight_only_tensors(m: ModuleTensors, recipe: QuantRecipe, grid: torch.Tensor, out_dtype: torch.dtype
-                        ) -> Iterator[tuple[str, torch.Tensor, str]]:
+def weight_only_tensors(m: ModuleTensors, recipe: QuantRecipe, grid: torch.Tensor, out_dtype: torch.dtype,
+                        report: dict[str, float] | None = None) -> Iterator[tuple[str, torch.Tensor, str]]:
     """msModelSlim's tensors of a weight-only Linear: weight (int8 codes [out, in], int4 unpacked as its MindIE
     ``safe_tensor`` save stores them), bias, weight_scale and weight_offset per group (``[out, G]``, ``grid`` dtype),
     tagged ``W8A16`` / ``W4A16``."""
     w, b = m.tensors[m.module + ".weight"], m.tensors.get(m.module + ".bias")
     ws, wo = weight_only_grid(w, recipe.w_bit, recipe.group_size, recipe.w_sym, grid)
     q = quantize_groups(w, ws.float(), wo.float(), recipe.w_bit) if m.codes is None else m.codes
+    if report is not None:  # ‖W − Ŵ‖² / ‖W‖²
+        report[m.module] = float((dequantize_groups(q, ws, wo) - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
     tag = recipe.quant_type
     yield m.module + ".weight", q.to(torch.int8).contiguous(), tag
     if b is not None:
@@ -295,9 +297,10 @@ def iter_quantized_tensors(
     scale_dtype: torch.dtype | None = None,
     gptq_report: dict[str, dict[str, float]] | None = None,
     gptq_device: torch.device | None = None,
+    weight_report: dict[str, float] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Yield ``(name, tensor, "W8A8"|"FLOAT")`` in msModelSlim's save order (``named_modules`` order); GPTQ
-    runs on ``gptq_device`` (default the CPU).
+    runs on ``gptq_device`` (default the CPU); ``weight_report`` gets each weight-only Linear's relative weight error.
 
     Every tensor is formed in float32; weight scales (and the int8 codes on their grid) in ``scale_dtype``
     (default :data:`GRID_DTYPE`), the same for every format. The one rounding a format may add is the cast of
@@ -309,7 +312,7 @@ def iter_quantized_tensors(
     for m in iter_modules(arch, cache, recipe, derive=derive, scale_dtype=grid, gptq_report=gptq_report,
                           gptq_device=gptq_device):
         if m.act is not None and recipe.weight_only:
-            yield from weight_only_tensors(m, recipe, grid, out_dtype)
+            yield from weight_only_tensors(m, recipe, grid, out_dtype, weight_report)
             continue
         if m.act is not None:
             w, b = m.tensors[m.module + ".weight"], m.tensors.get(m.module + ".bias")

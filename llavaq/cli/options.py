@@ -183,7 +183,8 @@ COMMAND_VARIANTS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 #: the recipe flags ``quantize --recipe auto`` chooses itself (an error when given), in the order checked
-AUTO_CHOSEN = ("anti_outlier", "alpha", "act_method", "m2_search", "keep_float", "float_linears", "weight_method",
+AUTO_CHOSEN = ("group_size", "anti_outlier", "alpha", "act_method", "m2_search", "keep_float", "float_linears",
+               "weight_method",
                "smooth_vo", "gptq_damp", "gptq_block_size", "gptq_act_order", "gptq_tokens")
 
 

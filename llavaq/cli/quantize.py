@@ -132,10 +132,7 @@ def _quantize_auto(run: Run, recipe: RecipeArgs, auto: dict[str, Any]) -> None:
     """``quantize --recipe auto``: print the tuning table; exit 1 (best model written) when the target is missed."""
     from llavaq import api  # torch
 
-    bits = QuantRecipe(w_bit=recipe.raw["w_bit"], a_bit=recipe.raw["a_bit"])  # one-line error for no format's
-    if bits.weight_only:
-        raise LlavaqError("--recipe auto tunes W8A8 recipes; give a weight-only recipe's flags with --recipe "
-                          "msmodelslim")
+    QuantRecipe(w_bit=recipe.raw["w_bit"], a_bit=recipe.raw["a_bit"])  # one-line error for what no format carries
     html = auto.pop("report")
     if html is not None:
         from llavaq.report import check_report_target
@@ -147,6 +144,7 @@ def _quantize_auto(run: Run, recipe: RecipeArgs, auto: dict[str, Any]) -> None:
     device_line(run.device_type)
     with progress() as bars:
         res = api.tune(run.model_path, run.calib_images, run.save_directory, format=run.fmt, **auto,
+                       w_bit=values["w_bit"], a_bit=values["a_bit"],
                        text_prompts=prompts, modules=values["modules"], float_dtype=values["float_dtype"],
                        part_file_size=run.part_file_size, overwrite=run.overwrite, cache_dir=run.cache_dir,
                        device_type=run.device_type, trust_remote_code=run.trust_remote_code, progress=bars,

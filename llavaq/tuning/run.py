@@ -10,8 +10,10 @@ from llavaq.errors import LlavaqError
 from llavaq.files import TUNING_FILE
 from llavaq.formats import get_format
 from llavaq.formats.base import AtomicOutputDir
+from llavaq.model.llava import LlavaArch
 from llavaq.model.loading import open_model
 from llavaq.pipeline import ExportResult
+from llavaq.pipeline.exporting import check_weight_only_shapes
 from llavaq.progress import NullProgress, Progress
 from llavaq.recipe import QuantRecipe, check_part_file_size
 from llavaq.tuning import tables
@@ -61,22 +63,22 @@ def tune(
     max_float_fraction: float = MAX_FLOAT_FRACTION,
     candidates: tuple[CandidateSpec, ...] | None = None,
     calibrations: tuple[CalibrationSpec, ...] | None = None,
+    w_bit: int = 8, a_bit: int = 8,
 ) -> TuningResult:
     """The best W8A8 model that meets ``Δppl ≤ max_ppl_increase`` % and top-1 ≥ ``min_top1`` (package docstring).
 
     ``time_budget``: minutes for the whole run (None: no limit; of the extra calibrations only the cheap ones).
     ``text_prompts``: text-only calibration prompts (default: the shipped ones). ``screen=None`` scores every
     candidate on the whole evaluation set; ``candidates`` / ``calibrations`` replace the :mod:`~llavaq.tuning.tables`
-    (the base calibration among them). The best model is written either way; ``met`` / ``missed`` say how it did.
+    (the base calibration among them; ``a_bit=16``: the weight-only tables). The best model is written either way.
     """
     P, T = _target(max_ppl_increase, min_top1)
     inputs = _inputs(model_path, calib_images, eval_prompts, eval_images, eval_text, cache_dir)
     _check_options(time_budget, part_file_size, max_float_fraction, format, Path(save_directory), overwrite, inputs)
-    candidates = tables.CANDIDATES if candidates is None else tuple(candidates)
-    calibrations = tables.CALIBRATIONS if calibrations is None else tuple(calibrations)
-    arch = open_model(model_path, trust_remote_code=trust_remote_code)
     tp = tuple(text_prompts) if text_prompts is not None else shipped_text_prompts()
-    base = QuantRecipe(modules=modules, float_dtype=float_dtype, text_prompts=tp)
+    base = QuantRecipe(w_bit=w_bit, a_bit=a_bit, modules=modules, float_dtype=float_dtype, text_prompts=tp)
+    arch = open_model(model_path, trust_remote_code=trust_remote_code)
+    candidates, calibrations = _tables(arch, base, candidates, calibrations)
     data = load_eval_data(eval_prompts, eval_images, eval_text, answer_tokens)
     check_disjoint(calib_images, tp, data)
     usable = _usable(calibrations, candidates, base)
@@ -93,6 +95,33 @@ def tune(
         tuner.cleanup()
     return TuningResult(Path(save_directory), chosen, met, missed, tuner.rows, tuner.calibrations, res,
                         tuner.elapsed(), tuner.verify_calls, _target_dict(tuner), tuner.notes)
+
+
+def _tables(arch: LlavaArch, base: QuantRecipe, candidates: tuple[CandidateSpec, ...] | None,
+            calibrations: tuple[CalibrationSpec, ...] | None
+            ) -> tuple[tuple[CandidateSpec, ...], tuple[CalibrationSpec, ...]]:
+    """The candidate and calibration tables (given, or W8A8's / weight-only's), candidates fitting the model."""
+    wo = base.weight_only
+    candidates = (tables.WEIGHT_ONLY_CANDIDATES if wo else tables.CANDIDATES) if candidates is None else tuple(
+        candidates)
+    calibrations = (tables.WEIGHT_ONLY_CALIBRATIONS if wo else tables.CALIBRATIONS) if calibrations is None else \
+        tuple(calibrations)
+    return _fitting(arch, base, candidates), calibrations
+
+
+def _fitting(arch: LlavaArch, base: QuantRecipe, candidates: tuple[CandidateSpec, ...]
+             ) -> tuple[CandidateSpec, ...]:
+    """The candidates whose weight-only group size fits every quantized Linear of the model."""
+    if not base.weight_only:
+        return candidates
+    out = []
+    for c in candidates:
+        try:
+            check_weight_only_shapes(arch, base.replace(group_size=int(dict(c.fields).get("group_size", 0))))
+        except LlavaqError:
+            continue
+        out.append(c)
+    return tuple(out)
 
 
 def _usable(calibrations: tuple[CalibrationSpec, ...], candidates: tuple[CandidateSpec, ...],

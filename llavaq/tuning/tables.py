@@ -99,6 +99,35 @@ CANDIDATES: tuple[CandidateSpec, ...] = (
 )
 
 
+#: ``--recipe auto --w_bit 4|8 --a_bit 16``: weight-only candidates (issue 28). The calibrations are the W8A8 tables'
+#: min-max ones (the same session caches: a_bit is export-time); only their input moments serve here (GPTQ).
+WEIGHT_ONLY_CALIBRATIONS: tuple[CalibrationSpec, ...] = (
+    calibration_spec("hadamard", "Hadamard rotation, input moments", 1.2, ("rotation",),
+                     anti_outlier="none", act_method=1, weight_method="gptq", rotation="hadamard"),
+    calibration_spec("minmax", "float statistics, input moments", 1.0,
+                     anti_outlier="none", act_method=1, weight_method="gptq"),
+)
+#: GPTQ (act order, static groups) before its round-to-nearest twin would be scored, finer groups first; a group
+#: size that does not divide every quantized Linear of the model is left out (SmolLM2's 576 columns: 128 does not).
+WEIGHT_ONLY_CANDIDATES: tuple[CandidateSpec, ...] = (
+    candidate_spec("g128, rtn", "minmax", group_size=128, weight_method="rtn"),
+    candidate_spec("g64, rtn", "minmax", group_size=64, weight_method="rtn"),
+    candidate_spec("channel, rtn", "minmax", group_size=0, weight_method="rtn"),
+    candidate_spec("g128, gptq act order", "minmax", group_size=128, weight_method="gptq", gptq_act_order=True),
+    candidate_spec("g64, gptq act order", "minmax", group_size=64, weight_method="gptq", gptq_act_order=True),
+    candidate_spec("g64, gptq", "minmax", group_size=64, weight_method="gptq", gptq_act_order=False),
+    candidate_spec("channel, gptq act order", "minmax", group_size=0, weight_method="gptq", gptq_act_order=True),
+    candidate_spec("hadamard g128, rtn", "hadamard", ("rotation",), group_size=128, weight_method="rtn"),
+    candidate_spec("hadamard g64, rtn", "hadamard", ("rotation",), group_size=64, weight_method="rtn"),
+    candidate_spec("hadamard g128, gptq act order", "hadamard", ("rotation",), group_size=128,
+                   weight_method="gptq", gptq_act_order=True),
+    candidate_spec("hadamard g64, gptq act order", "hadamard", ("rotation",), group_size=64, weight_method="gptq",
+                   gptq_act_order=True),
+    candidate_spec("hadamard channel, gptq act order", "hadamard", ("rotation",), group_size=0,
+                   weight_method="gptq", gptq_act_order=True),
+)
+
+
 @dataclass(frozen=True)
 class ScreenSpec:
     """The screening subset: a few image prompts (distinct photos first), text prompts, held-out tokens."""

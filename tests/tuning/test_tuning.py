@@ -451,3 +451,21 @@ def test_cheap_calibrations_run_without_a_time_budget(tiny_model, calib_dir, eva
                    max_ppl_increase=1e9, min_top1=0.0)
     assert [c.name for c in res.calibrations] == ["minmax"]
     assert {r.candidate for r in res.rows if r.scored} == {"none, rtn"}
+
+
+def test_weight_only_auto_scores_the_weight_only_table_groups_that_fit(tiny_model, calib_dir, eval_set, tmp_path):
+    """``--recipe auto --w_bit 4 --a_bit 16`` (issue 28): the weight-only table; group sizes that do not divide the
+    tiny model's 48-column vision Linears (128, 64) are left out; the written model is W4A16."""
+    from llavaq.tuning.tables import WEIGHT_ONLY_CALIBRATIONS, WEIGHT_ONLY_CANDIDATES
+
+    cands = tuple(c for c in WEIGHT_ONLY_CANDIDATES if c.calibration == "minmax")
+    assert {dict(c.fields)["group_size"] for c in cands} == {128, 64, 0}
+    res = api.tune(tiny_model, calib_dir, tmp_path / "out", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
+                   cache_dir=tmp_path / "cache", calibrations=tuple(c for c in WEIGHT_ONLY_CALIBRATIONS
+                                                                     if c.name == "minmax"),
+                   candidates=cands, w_bit=4, a_bit=16, max_ppl_increase=1e9, min_top1=0.0)
+    scored = {r.candidate for r in res.rows}
+    assert scored and all(n.startswith("channel") for n in scored), scored
+    rec = json.loads((tmp_path / "out" / "llavaq_record.json").read_text())
+    assert (rec["recipe"]["w_bit"], rec["recipe"]["a_bit"], rec["recipe"]["group_size"]) == (4, 16, 0)
+    assert res.met and rec["weight_only"]["quant_type"] == "W4A16"

@@ -27,6 +27,10 @@ The calibration inputs come from llavaq (``--samples``: a safetensors file writt
   llm-compressor's traced sequential pipeline needs every batch to have the same inputs (a text-only sample
   has no ``pixel_values``).
 
+``--method w4a16`` (issue 28): llm-compressor's W4A16 preset instead (int4 symmetric group-wise weights,
+``--group_size``, no activation quantization, GPTQ with its default act order), no SmoothQuant; saved
+``pack-quantized``.
+
 Output: ``model.save_pretrained(out, save_compressed=True)`` (compressed-tensors ``int-quantized``) + the
 processor files. The last stdout line is a JSON object with timings, versions and the sample order.
 """
@@ -52,12 +56,19 @@ SQ_MAPPINGS = [
 ]
 
 
-def build_recipe(method: str, alpha: float, block_size: int, dampening_frac: float, actorder: str | None):
+def build_recipe(method: str, alpha: float, block_size: int, dampening_frac: float, actorder: str | None,
+                 group_size: int = 128):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
+    if method == "w4a16":  # its W4A16 preset's weights (int4 symmetric, group-wise), float activations
+        scheme = QuantizationScheme(targets=TARGETS, weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size, dynamic=False))
+        kw = {} if actorder is None else {"actorder": None if actorder == "none" else actorder}
+        return [GPTQModifier(config_groups={"group_0": scheme}, block_size=block_size, dampening_frac=dampening_frac,
+                             **kw)]
     scheme = QuantizationScheme(
         targets=TARGETS,
         weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False),
@@ -80,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--samples", required=True, help="safetensors file of calibration samples (see above)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    ap.add_argument("--method", choices=("gptq", "rtn", "w4a16"), default="gptq")
+    ap.add_argument("--group_size", type=int, default=128, help="--method w4a16: columns per scale")
     ap.add_argument("--alpha", type=float, default=0.8, help="SmoothQuant strength (0 = no SmoothQuant)")
     ap.add_argument("--order", choices=("shuffle", "given"), default="shuffle")
     ap.add_argument("--seed", type=int, default=0)
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"inputs_embeds": s["inputs_embeds"], "attention_mask": s["attention_mask"]}
 
     loader = DataLoader(ordered, batch_size=1, shuffle=False, collate_fn=collate)
-    recipe = build_recipe(a.method, a.alpha, a.block_size, a.dampening_frac, a.actorder)
+    recipe = build_recipe(a.method, a.alpha, a.block_size, a.dampening_frac, a.actorder, a.group_size)
     t1 = time.perf_counter()
     oneshot(model=model, recipe=recipe, dataset=loader, sequential_targets=["LlamaDecoderLayer"],
             num_calibration_samples=n)

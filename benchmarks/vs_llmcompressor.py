@@ -107,9 +107,10 @@ def write_samples(model: Path, calib_images: Path, text_prompts: tuple[str, ...]
 
 
 def run_llmc(python: str, model: Path, samples: Path, out: Path, method: str, alpha: float, order: str,
-             seed: int, log: Path) -> dict:
+             seed: int, log: Path, group_size: int = 128) -> dict:
     cmd = [python, str(HERE / "llmc_runner.py"), "--model", str(model), "--samples", str(samples), "--out", str(out),
-           "--method", method, "--alpha", str(alpha), "--order", order, "--seed", str(seed)]
+           "--method", method, "--alpha", str(0 if method == "w4a16" else alpha), "--order", order, "--seed",
+           str(seed), "--group_size", str(group_size)]
     t0 = time.perf_counter()
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -148,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--photos_only", action="store_true", help="calibrate on the photos only (no text prompts)")
     ap.add_argument("--llavaq", action="append", default=None, metavar="LABEL=field=value,...",
                     help="a llavaq recipe to export from the shared cache (repeatable; default: the standard list)")
-    ap.add_argument("--llmc", nargs="*", default=["gptq", "rtn"], choices=("gptq", "rtn"),
-                    help="llm-compressor weight methods to run (SmoothQuant --llmc_alpha first)")
+    ap.add_argument("--llmc", nargs="*", default=["gptq", "rtn"], choices=("gptq", "rtn", "w4a16"),
+                    help="llm-compressor weight methods to run (SmoothQuant --llmc_alpha first; w4a16: its W4A16 "
+                         "GPTQ preset, --llmc_group_size)")
+    ap.add_argument("--llmc_group_size", type=int, default=128, help="w4a16: columns per scale (preset: 128)")
     ap.add_argument("--llmc_alpha", type=float, default=0.8)
     ap.add_argument("--llmc_order", choices=("shuffle", "given"), default="shuffle",
                     help="calibration order for llm-compressor (shuffle: its default sampler, seeded)")
@@ -197,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             info = json.loads((out / "llmc_run.json").read_text())
         else:
             info = run_llmc(a.llmc_python, a.model, samples_file, out, method, a.llmc_alpha, a.llmc_order, a.seed,
-                            work / f"llmc-{method}.log")
+                            work / f"llmc-{method}.log", a.llmc_group_size)
             (out / "llmc_run.json").write_text(json.dumps(info))
         llmc_info[method] = info
-        label = f"SmoothQuant {a.llmc_alpha:g} + {'GPTQ' if method == 'gptq' else 'RTN'}"
+        label = f"SmoothQuant {a.llmc_alpha:g} + {'GPTQ' if method == 'gptq' else 'RTN'}" if method != "w4a16" \
+            else f"W4A16 GPTQ preset, group {a.llmc_group_size}"
         rep = verify(a.model, out, float_model=fp, float_reference=fref, **eval_kw)
         order = "".join("I" if k == "image" else "T" for _, k in info["order"])
         record(Row("llm-compressor", label, info["wall_s"], rep, f"sample order {order}"))

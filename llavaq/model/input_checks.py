@@ -75,8 +75,9 @@ def quantized_kind(path: Path, config: dict[str, Any]) -> str | None:
         except (OSError, ValueError, AttributeError):
             fmt = "W8A8"
         return f"a quantized llavaq output ({fmt} format, llavaq_record.json)"
-    if (path / "quant_model_description_w8a8.json").is_file():
-        return "a MindIE W8A8 quantized model (quant_model_description_w8a8.json)"
+    for qt in ("w8a8", "w8a16", "w4a16"):
+        if (path / f"quant_model_description_{qt}.json").is_file():
+            return f"a MindIE {qt.upper()} quantized model (quant_model_description_{qt}.json)"
     if (path / "quant_model_description.json").is_file():
         return "an msModelSlim quantized model (quant_model_description.json)"
     if (path / "llavaq_quant_params.st").is_file():

@@ -146,9 +146,10 @@ def export(
     scale_dtype = scale_dtype_for(recipe.float_dtype, ckpt.torch_dtype, device_type)
     arch = model_for_recipe(arch, recipe)
     recipe.check_quantizes(len(arch.quantized_linears(recipe.modules, recipe.float_linears)))
+    asked = recipe.float_linears
     recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=scale_dtype)
     extra_record, gptq_report = _record(arch, cache, recipe, errors, extra_record)
-    fused = fused_siblings(arch, recipe, errors)
+    fused = fused_siblings(arch, recipe, errors, asked)
     if fused:
         extra_record["keep_float_fused"] = fused
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,

@@ -75,27 +75,31 @@ def resolve_float_linears(
     arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False,
     scale_dtype: torch.dtype | None = None,
 ) -> tuple[QuantRecipe, dict[str, float]]:
-    """The recipe with ``float_linears`` = the explicit names ∪ the ``keep_float`` most sensitive Linears, each of
-    those with its whole fused group (:func:`fused_groups`: vLLM refuses a q/k/v or gate/up group of mixed
+    """The recipe with ``float_linears`` = the explicit names ∪ the ``keep_float`` most sensitive Linears, each
+    with its whole fused group (:func:`fused_groups`: vLLM refuses a q/k/v or gate/up group of mixed
     schemes), in every format, so that every format of one recipe is one model.
 
     Idempotent (the top-N are chosen over the whole preset, so resolving twice adds nothing). Returns
     the measured errors too (empty when ``keep_float`` is 0).
     """
     check_float_linears(arch, recipe.float_linears)
-    if recipe.keep_float == 0:
-        return recipe, {}
-    errors = linear_errors(arch, cache, recipe, derive=derive, scale_dtype=scale_dtype)
-    if not errors:
+    errors = linear_errors(arch, cache, recipe, derive=derive, scale_dtype=scale_dtype) if recipe.keep_float else {}
+    if recipe.keep_float and not errors:
         raise CacheError("--keep_float needs the cached activation rows, and this cache has none "
                          "(calibrated with activation_sample_tokens=0)")
-    picked = set(most_sensitive(errors, recipe.keep_float))
-    keep = set(recipe.float_linears) | picked | set(whole_fused_groups(arch, picked))
+    picked = set(recipe.float_linears) | set(most_sensitive(errors, recipe.keep_float))
+    keep = picked | set(whole_fused_groups(arch, picked))
+    if keep == set(recipe.float_linears):
+        return recipe, errors
+    if keep >= set(arch.quantized_linears(recipe.modules)):
+        raise LlavaqError("--float_linears / --keep_float keep every quantizable Linear in float once each is kept "
+                          "with its fused group (q/k/v, gate/up): nothing would be quantized; keep fewer")
     return recipe.replace(float_linears=tuple(n for n in arch.linear_names if n in keep)), errors
 
 
-def fused_siblings(arch: LlavaArch, recipe: QuantRecipe, errors: dict[str, float]) -> list[str]:
-    """The Linears a resolved ``--keep_float`` keeps float only because a fused sibling of theirs was chosen."""
-    if not recipe.keep_float or not errors:
-        return []
-    return whole_fused_groups(arch, set(most_sensitive(errors, recipe.keep_float)))
+def fused_siblings(arch: LlavaArch, recipe: QuantRecipe, errors: dict[str, float],
+                   asked: tuple[str, ...] = ()) -> list[str]:
+    """The Linears kept float only because a fused sibling of theirs was asked for (``asked``: the explicit
+    ``--float_linears`` before resolution) or chosen by ``--keep_float``."""
+    picked = set(asked) | set(most_sensitive(errors, recipe.keep_float) if recipe.keep_float else ())
+    return whole_fused_groups(arch, picked)

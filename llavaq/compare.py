@@ -8,8 +8,9 @@ Two outputs carry **the same model** when
 
 - the same Linears are quantized, with identical int8 codes and the same activation mode;
 - scales, offsets, biases and float tensors are equal *up to the one documented rounding*: a format may store a
-  tensor in a lower precision than another (compressed-tensors and fakequant keep float tensors in the checkpoint
-  dtype, msModelSlim's CPU export in float32), and then the lower-precision tensor must be the other one cast once
+  tensor in a lower precision than another (``--float_dtype float16``; with ``auto`` compressed-tensors and
+  fakequant keep only the tensors the recipe left unchanged in the checkpoint dtype, lossless, and msModelSlim's
+  CPU export stores float32), and then the lower-precision tensor must be the other one cast once
   to its dtype (round to nearest even), bit for bit. Two tensors of the same dtype must be equal.
 
 msModelSlim's ``quant_bias`` is compared when both outputs store it (it is derived from the bias and the scales,

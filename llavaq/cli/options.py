@@ -118,7 +118,8 @@ RECIPE_FLAGS: dict[str, RecipeFlag] = {f.field: f for f in (
                "Mistral, Qwen2 and SigLIP layers stay unsmoothed, as there) or all."),
     RecipeFlag("float_dtype", "Dtype of float tensors and weight scales in the output: auto = as the format's "
                "consumer gets them (msmodelslim/mindie: float32 like msModelSlim's CPU run, the checkpoint dtype "
-               "with --device_type npu; HF formats: the checkpoint dtype), or float16 | bfloat16 | float32."),
+               "with --device_type npu; HF formats: the checkpoint dtype where that is lossless, float32 for tensors "
+               "the recipe changed, e.g. smoothed norms), or float16 | bfloat16 | float32 (every float tensor)."),
     RecipeFlag("text_prompts", "JSON list or text file (one per line) of text-only calibration prompts, added "
                "after the image samples.", cli_type=Path, to_recipe=_prompts, to_cli=_left_out),
     RecipeFlag("image_loading", "How calibration photos become RGB: upright (EXIF orientation applied, transparent "

@@ -46,6 +46,10 @@ def export_table(res: Any, gptq_line: str | None, peak_rss_mib: float | None) ->
     t.add_row("float Linears", str(res.float_modules))
     for name, e in res.kept_float.items():
         t.add_row("  kept float", name + (f" (W8A8 rel. error {e:.1e})" if e is not None else ""))
+    fused = getattr(res, "fused_float", [])
+    if fused:
+        t.add_row("  note", f"{len(fused)} of these kept float with a chosen Linear of their fused group (q/k/v, "
+                            "gate/up: vLLM runs each group as one Linear of one scheme)")
     if gptq_line:
         t.add_row("weights", gptq_line)
     t.add_row("tensors", str(res.num_tensors))
@@ -310,7 +314,10 @@ def comparison(res: Any, console: Console, n: int = 10) -> None:
         for name, what, v, ok in rows:
             t.add_row(escape(name), what, f"{v:.3g}", "yes" if ok else "[red]no[/]")
         console.print(t)
-    rounded = f"; {len(res.rounded)} float tensor(s) differ only by the documented rounding" if res.rounded else ""
+    lossy = sum(1 for f in res.floats if f.rounded and f.max_rel)
+    lossless = len(res.rounded) - lossy
+    rounded = (f"; {lossy} float tensor(s) differ only by the documented rounding" if lossy else "") + (
+        f"; {lossless} float tensor(s) stored in a lower precision, with equal values" if lossless else "")
     console.print(f"[green]same model[/]: identical int8 codes and scales{rounded}" if res.same_model else
                   f"[red]different models[/] ({len(bad)} Linear(s), {len(res.structure)} structural, "
                   f"{sum(not f.same for f in res.floats)} float tensor(s))", highlight=False)

@@ -44,6 +44,9 @@ class ExportContext:
     extra_record: dict[str, Any] = field(default_factory=dict)
     #: "quantized" when the tensor stream is ``iter_quantized_tensors`` (writers may plan the layout)
     planned_stream: str | None = None
+    #: float tensors that ``float_dtype`` cannot hold exactly are float32 (``--float_dtype auto`` of a format whose
+    #: ``exact_float_tensors`` is set): their dtypes are known only with their values, so no planned layout
+    exact_floats: bool = False
 
 
 class OutputFormat:
@@ -55,6 +58,9 @@ class OutputFormat:
     description: str = ""
     #: the reader of this format's directories (a ``QuantizedModelView`` subclass)
     view: type[QuantizedModelView]
+    #: ``--float_dtype auto`` stores a float tensor in :meth:`default_float_dtype` only where that cast is lossless
+    #: (tensors the recipe left unchanged), else float32 (issue 30); False: every float tensor in that dtype
+    exact_float_tensors: bool = True
 
     def write(self, out_dir: Path, tensors: TensorStream, ctx: ExportContext) -> dict[str, Any]:
         """Write the tensor stream (msModelSlim names and tags) into ``out_dir``; returns tensors/files counts."""

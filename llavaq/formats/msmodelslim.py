@@ -211,6 +211,8 @@ class MsModelSlimFormat(OutputFormat):
     description = "msModelSlim ascendV1: quant_model_weight_w8a8.safetensors + quant_model_description.json"
     mindie = False
     view = MsModelSlimView
+    #: msModelSlim's own output: every float tensor in one dtype, byte for byte its file
+    exact_float_tensors = False
 
     @staticmethod
     def default_float_dtype(checkpoint_dtype: torch.dtype, device_kind: str) -> torch.dtype:
@@ -239,7 +241,8 @@ class MsModelSlimFormat(OutputFormat):
                 yield name, t
 
         specs = None
-        if ctx.planned_stream == "quantized":  # the stream is iter_quantized_tensors: lay the file out up front
+        # the stream is iter_quantized_tensors with known dtypes: lay the file out up front
+        if ctx.planned_stream == "quantized" and not ctx.exact_floats:
             specs = [TensorSpec(*s) for s in quantized_tensor_specs(ctx.arch, ctx.recipe, float_dtype=ctx.float_dtype,
                                                                         scale_dtype=ctx.scale_dtype)]
             if pack:

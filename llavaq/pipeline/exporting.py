@@ -18,7 +18,7 @@ from llavaq.formats.base import AtomicOutputDir, FormatWriter
 from llavaq.formats.sharding import GB
 from llavaq.model.llava import LlavaArch
 from llavaq.model.loading import model_for_recipe, open_model
-from llavaq.quant.float_linears import resolve_float_linears
+from llavaq.quant.float_linears import fused_siblings, resolve_float_linears
 from llavaq.quant.state import iter_quantized_tensors, weight_grid_dtype
 from llavaq.quant.weight_only import shape_problem
 from llavaq.recipe import QuantRecipe, check_part_file_size
@@ -43,6 +43,8 @@ class ExportResult:
     kept_float: dict[str, float | None] = field(default_factory=dict)
     #: --weight_method gptq: per Linear, relative output error on the calibration inputs, {"rtn": e, "gptq": e}
     gptq_error: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Linears --keep_float kept float with a chosen one because vLLM fuses them (q/k/v, gate/up)
+    fused_float: list[str] = field(default_factory=list)
 
 
 def _device_kind(device_type: str) -> str:
@@ -162,16 +164,22 @@ def export(
     arch = model_for_recipe(arch, recipe)
     recipe.check_quantizes(len(arch.quantized_linears(recipe.modules, recipe.float_linears)))
     check_weight_only_shapes(arch, recipe)
+    asked = recipe.float_linears
     recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=scale_dtype)
     extra_record, gptq_report = _record(arch, cache, recipe, errors, extra_record)
+    fused = fused_siblings(arch, recipe, errors, asked)
+    if fused:
+        extra_record["keep_float_fused"] = fused
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,
                         device_type=device_type, derived=derived, float_dtype=float_dtype, scale_dtype=scale_dtype,
-                        extra_record=extra_record, planned_stream="quantized")
+                        extra_record=extra_record, planned_stream="quantized",
+                        exact_floats=recipe.float_dtype == "auto" and fmt.exact_float_tensors)
     gptq_device = resolve_devices(device_type)[0] if recipe.weight_method == "gptq" else None
     with AtomicOutputDir(Path(save_directory), overwrite, inputs) as tmp:
         tensors = iter_quantized_tensors(arch, cache, recipe, derive=derived, float_dtype=ctx.float_dtype,
                                          scale_dtype=scale_dtype, gptq_report=gptq_report, gptq_device=gptq_device,
-                                         weight_report=extra_record.get("weight_only", {}).get("weight_error"))
+                                         weight_report=extra_record.get("weight_only", {}).get("weight_error"),
+                                         exact_floats=ctx.exact_floats)
         info = fmt.write(tmp, tensors, ctx)
         cache.check_weights(ckpt.weights_sha256(), Path(model_path))  # every byte, hashed as it was read
         for name, obj in (extra_json or {}).items():
@@ -182,4 +190,4 @@ def export(
     nq = len(arch.quantized_linears(recipe.modules, recipe.float_linears))
     return ExportResult(out, format, files, info.get("tensors", 0), size, nq, len(arch.linear_names) - nq,
                         derived, time.perf_counter() - t0, info,
-                        {n: errors.get(n) for n in recipe.float_linears}, gptq_report or {})
+                        {n: errors.get(n) for n in recipe.float_linears}, gptq_report or {}, fused)

@@ -11,7 +11,8 @@ from llavaq.model.llava import LlavaArch
 from llavaq.quant.state import GRID_DTYPE, apply_smoothing, gptq_stage, input_smoothing, plan_stage
 from llavaq.recipe import QuantRecipe
 
-__all__ = ["check_float_linears", "linear_errors", "resolve_float_linears"]
+__all__ = ["check_float_linears", "fused_groups", "fused_siblings", "linear_errors", "resolve_float_linears",
+           "whole_fused_groups"]
 
 
 def linear_errors(
@@ -58,21 +59,47 @@ def check_float_linears(arch: LlavaArch, names: tuple[str, ...]) -> None:
                           f"(names look like {arch.linear_names[0]!r})")
 
 
+def fused_groups(arch: LlavaArch) -> list[tuple[str, ...]]:
+    """The Linears that read one input and that vLLM runs as one fused Linear (q/k/v -> ``qkv_proj``, gate/up ->
+    ``gate_up_proj``; CLIP's and SigLIP's q/k/v too): one quantization scheme per group, or vLLM refuses the file."""
+    return [g.linears for st in arch.stages() for g in arch.smooth_groups(st) if len(g.linears) > 1]
+
+
+def whole_fused_groups(arch: LlavaArch, names: set[str]) -> list[str]:
+    """The Linears to keep float beside ``names`` so that no fused group is split (in ``linear_names`` order)."""
+    extra = {n for g in fused_groups(arch) if names & set(g) for n in g} - names
+    return [n for n in arch.linear_names if n in extra]
+
+
 def resolve_float_linears(
     arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, *, derive: bool = False,
     scale_dtype: torch.dtype | None = None,
 ) -> tuple[QuantRecipe, dict[str, float]]:
-    """The recipe with ``float_linears`` = the explicit names ∪ the ``keep_float`` most sensitive Linears.
+    """The recipe with ``float_linears`` = the explicit names ∪ the ``keep_float`` most sensitive Linears, each
+    with its whole fused group (:func:`fused_groups`: vLLM refuses a q/k/v or gate/up group of mixed
+    schemes), in every format, so that every format of one recipe is one model.
 
     Idempotent (the top-N are chosen over the whole preset, so resolving twice adds nothing). Returns
     the measured errors too (empty when ``keep_float`` is 0).
     """
     check_float_linears(arch, recipe.float_linears)
-    if recipe.keep_float == 0:
-        return recipe, {}
-    errors = linear_errors(arch, cache, recipe, derive=derive, scale_dtype=scale_dtype)
-    if not errors:
+    errors = linear_errors(arch, cache, recipe, derive=derive, scale_dtype=scale_dtype) if recipe.keep_float else {}
+    if recipe.keep_float and not errors:
         raise CacheError("--keep_float needs the cached activation rows, and this cache has none "
                          "(calibrated with activation_sample_tokens=0)")
-    keep = set(recipe.float_linears) | set(most_sensitive(errors, recipe.keep_float))
+    picked = set(recipe.float_linears) | set(most_sensitive(errors, recipe.keep_float))
+    keep = picked | set(whole_fused_groups(arch, picked))
+    if keep == set(recipe.float_linears):
+        return recipe, errors
+    if keep >= set(arch.quantized_linears(recipe.modules)):
+        raise LlavaqError("--float_linears / --keep_float keep every quantizable Linear in float once each is kept "
+                          "with its fused group (q/k/v, gate/up): nothing would be quantized; keep fewer")
     return recipe.replace(float_linears=tuple(n for n in arch.linear_names if n in keep)), errors
+
+
+def fused_siblings(arch: LlavaArch, recipe: QuantRecipe, errors: dict[str, float],
+                   asked: tuple[str, ...] = ()) -> list[str]:
+    """The Linears kept float only because a fused sibling of theirs was asked for (``asked``: the explicit
+    ``--float_linears`` before resolution) or chosen by ``--keep_float``."""
+    picked = set(asked) | set(most_sensitive(errors, recipe.keep_float) if recipe.keep_float else ())
+    return whole_fused_groups(arch, picked)

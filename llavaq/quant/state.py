@@ -239,10 +239,32 @@ class ModuleTensors:
     fresh: bool = False
 
 
-def _handed_out(t: torch.Tensor, dtype: torch.dtype, fresh: bool) -> torch.Tensor:
-    """``t`` in ``dtype``, contiguous, owned by the consumer: copied only if nothing else made it a new tensor
-    (a 152000-entry Qwen2 embedding table is 2.5 GB in float32: no second copy of it)."""
-    out = t.to(dtype).contiguous()
+#: elements compared at a time by :func:`holds_exactly` (a 2.5 GB embedding table needs no float32 twin)
+_CHUNK = 1 << 22
+
+
+def holds_exactly(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value of ``t`` survives a cast to ``dtype`` unchanged (compared a chunk at a time)."""
+    if t.dtype == dtype:
+        return True
+    flat = t.reshape(-1)
+    return all(torch.equal(flat[i:i + _CHUNK].to(dtype).to(t.dtype), flat[i:i + _CHUNK])
+               for i in range(0, flat.numel(), _CHUNK))
+
+
+def storage_dtype(t: torch.Tensor, dtype: torch.dtype, exact: bool) -> torch.dtype:
+    """The dtype a float tensor is stored in: ``dtype``, or with ``exact`` float32 where ``dtype`` cannot hold
+    the float32 value exactly (a norm weight times its smoothing scale, a bias with a folded shift, a rotated
+    table), so that only tensors the recipe left unchanged keep the checkpoint's lower precision (issue 30)."""
+    if exact and t.dtype == torch.float32 and not holds_exactly(t, dtype):
+        return torch.float32
+    return dtype
+
+
+def _handed_out(t: torch.Tensor, dtype: torch.dtype, fresh: bool, exact: bool = False) -> torch.Tensor:
+    """``t`` in ``dtype`` (see :func:`storage_dtype`), contiguous, owned by the consumer: copied only if nothing
+    else made it a new tensor (a 152000-entry Qwen2 embedding table is 2.5 GB in float32: no second copy of it)."""
+    out = t.to(storage_dtype(t, dtype, exact)).contiguous()
     return out if fresh or out is not t else out.clone()
 
 
@@ -298,6 +320,7 @@ def iter_quantized_tensors(
     gptq_report: dict[str, dict[str, float]] | None = None,
     gptq_device: torch.device | None = None,
     weight_report: dict[str, float] | None = None,
+    exact_floats: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
     """Yield ``(name, tensor, "W8A8"|"FLOAT")`` in msModelSlim's save order (``named_modules`` order); GPTQ
     runs on ``gptq_device`` (default the CPU); ``weight_report`` gets each weight-only Linear's relative weight error.
@@ -305,7 +328,9 @@ def iter_quantized_tensors(
     Every tensor is formed in float32; weight scales (and the int8 codes on their grid) in ``scale_dtype``
     (default :data:`GRID_DTYPE`), the same for every format. The one rounding a format may add is the cast of
     a float tensor (norms, embeddings, float Linears, biases) to ``float_dtype`` (default: the checkpoint
-    dtype), done once, here, on the float32 value.
+    dtype), done once, here, on the float32 value. With ``exact_floats`` a float tensor that ``float_dtype`` cannot
+    hold exactly (one the recipe changed: smoothed norms, biases with a folded shift, rotated tables) stays
+    float32 instead (:func:`storage_dtype`): the HF formats' ``--float_dtype auto``.
     """
     out_dtype = float_dtype or arch.ckpt.torch_dtype
     grid = scale_dtype or GRID_DTYPE
@@ -319,7 +344,7 @@ def iter_quantized_tensors(
             lq = quantize_linear(w, b, m.act.input_scale, m.act.input_offset, grid, m.codes)
             yield m.module + ".weight", lq.weight, W8A8
             if lq.bias is not None:
-                yield m.module + ".bias", lq.bias.to(out_dtype), FLOAT
+                yield m.module + ".bias", lq.bias.to(storage_dtype(lq.bias, out_dtype, exact_floats)), FLOAT
             yield m.module + ".weight_scale", lq.weight_scale, W8A8
             yield m.module + ".weight_offset", torch.zeros_like(lq.weight_scale), W8A8
             yield m.module + ".input_scale", lq.input_scale, W8A8
@@ -328,7 +353,7 @@ def iter_quantized_tensors(
             yield m.module + ".deq_scale", pack_deq_scale(lq.deq_scale, arch.ckpt.torch_dtype), W8A8
             continue
         for name, t in m.tensors.items():
-            yield name, _handed_out(t, out_dtype, m.fresh), FLOAT
+            yield name, _handed_out(t, out_dtype, m.fresh, exact_floats), FLOAT
 
 
 def quantized_tensor_specs(

@@ -16,7 +16,7 @@ from llavaq.calib.engine import ForwardCounter
 from llavaq.errors import LlavaqError
 from llavaq.formats.names import matching_layouts, module_pattern
 from llavaq.formats.reader import read_quantized
-from llavaq.quant.float_linears import linear_errors, resolve_float_linears
+from llavaq.quant.float_linears import fused_groups, linear_errors, resolve_float_linears, whole_fused_groups
 from llavaq.recipe import QuantRecipe
 
 
@@ -80,16 +80,33 @@ def test_keep_float_keeps_the_most_sensitive_linears_in_float(kept, quantized, t
     assert set(errors) == set(arch.quantized_linears())  # every quantized Linear has cached rows
     top3 = most_sensitive(errors, 3)
     res = kept["msmodelslim"]
-    assert set(res.kept_float) == set(top3)
-    assert res.quantized == quantized[1].quantized - 3 and res.float_modules == quantized[1].float_modules + 3
+    # each chosen Linear with its whole fused group (q/k/v, gate/up): vLLM runs a group as one Linear
+    kept_set = set(top3) | set(whole_fused_groups(arch, set(top3)))
+    assert set(res.kept_float) == kept_set and res.fused_float == sorted(kept_set - set(top3),
+                                                                         key=arch.linear_names.index)
+    for group in fused_groups(arch):
+        assert len({n in kept_set for n in group}) == 1, group  # whole or not at all
+    n = len(kept_set)
+    assert res.quantized == quantized[1].quantized - n and res.float_modules == quantized[1].float_modules + n
     desc = json.loads((res.save_directory / "quant_model_description.json").read_text())
     tensors = load_file(str(res.save_directory / "quant_model_weight_w8a8.safetensors"))
-    for name in top3:
+    for name in kept_set:
         assert desc[name + ".weight"] == "FLOAT" and tensors[name + ".weight"].is_floating_point()
         assert name + ".input_scale" not in tensors and name + ".deq_scale" not in tensors
     record = json.loads((res.save_directory / "llavaq_record.json").read_text())
-    assert record["recipe"]["keep_float"] == 3 and set(record["recipe"]["float_linears"]) == set(top3)
+    assert record["recipe"]["keep_float"] == 3 and set(record["recipe"]["float_linears"]) == kept_set
+    assert record.get("keep_float_fused", []) == res.fused_float
     assert read_quantized(res.save_directory).check() == []
+
+
+def test_fused_groups_are_qkv_and_gate_up(tiny_model):
+    arch = open_model(tiny_model)
+    leaves = {tuple(n.rpartition(".")[2] for n in g) for g in fused_groups(arch)}
+    assert leaves == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}  # CLIP's q/k/v too; fc1 alone
+    lm, clip = "language_model.model.layers.1.", "vision_tower.vision_model.encoder.layers.0."
+    got = whole_fused_groups(arch, {lm + "mlp.up_proj", clip + "self_attn.k_proj", lm + "mlp.down_proj"})
+    assert sorted(got) == sorted([clip + "self_attn.q_proj", clip + "self_attn.v_proj", lm + "mlp.gate_proj"])
+    assert got == [n for n in arch.linear_names if n in got]
 
 
 def test_keep_float_in_compressed_tensors_ignore(kept):
@@ -110,7 +127,8 @@ def test_resolution_is_idempotent_and_explicit_names_are_kept(quantized, tiny_mo
     once, errors = resolve_float_linears(arch, cal.cache, recipe)
     twice, _ = resolve_float_linears(arch, cal.cache, once)
     assert once.float_linears == twice.float_linears
-    assert set(once.float_linears) == {explicit, *most_sensitive(errors, 2)}
+    top2 = set(most_sensitive(errors, 2))
+    assert set(once.float_linears) == {explicit, *top2, *whole_fused_groups(arch, top2)}
 
 
 def test_unknown_float_linear_is_a_clear_error(quantized, tiny_model, tmp_path):

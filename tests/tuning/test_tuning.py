@@ -16,7 +16,7 @@ from llavaq import verify as verify_mod
 from llavaq.algorithms.sensitivity import most_sensitive
 from llavaq.calib.cache import SessionCache
 from llavaq.errors import LlavaqError
-from llavaq.quant.float_linears import linear_errors
+from llavaq.quant.float_linears import linear_errors, whole_fused_groups
 from llavaq.recipe import QuantRecipe
 from llavaq.testing import write_test_images
 from llavaq.tuning import CALIBRATIONS, CANDIDATES, EvalData, ScreenSpec
@@ -94,9 +94,10 @@ def test_impossible_target_exits_1_with_the_best_model_written_and_the_table_sav
     # every candidate was scored: the base cache's and, within the time budget, msModelSlim's m2 cache's
     assert {c.name for c in SHORT} <= names
     assert [c["name"] for c in doc["calibrations"]] == ["minmax", "m2"]
-    # fallback: the cap (10 % of the 26 quantized Linears: 2) misses too, so nothing smaller is tried
+    # fallback: the cap (10 % of the 26 quantized Linears: 2, each with its vLLM-fused group) misses too, so nothing
+    # smaller is tried
     fb = [r for r in doc["candidates"] if r["stage"] == "fallback"]
-    assert [len(r["float_linears"]) for r in fb] == [2]
+    assert len(fb) == 1 and fb[0]["candidate"].endswith("keep_float 2") and len(fb[0]["float_linears"]) >= 2
     assert any("does not meet the target either" in n for n in doc["notes"])
     assert all(r["meets"] is False for r in doc["candidates"] if r.get("score"))
     # the written model is the best by KL (fewer float Linears on a tie), and says by how much it missed
@@ -213,22 +214,28 @@ def test_fallback_adds_linears_in_sensitivity_order_until_the_target_holds(tiny_
     res = api.tune(tiny_model, calib_dir, tmp_path / "out", **_eval_args(eval_set), text_prompts=CALIB_TEXT,
                    cache_dir=tmp_path / "cache", calibrations=BASE, candidates=one, max_float_fraction=0.2)
     assert res.met
-    # the cap first (20 % of 26 = 5: meets), then halving the interval: 2 misses, 3 meets and is the fewest
+    # the cap first (20 % of 26 = 5: meets), then halving the interval over the N most sensitive; every N keeps
+    # each of its Linears with its vLLM-fused group (q/k/v, gate/up), so a row holds N Linears or more
     fb = [r for r in res.rows if r.stage == "fallback"]
-    assert [len(r.float_linears) for r in fb] == [5, 2, 3]
-    assert [r.meets for r in fb] == [True, False, True]
-    assert res.chosen is fb[-1] and len(res.chosen.float_linears) == 3
-    # sensitivity order: the W8A8 error of each Linear on the cached activation rows, largest first
     cache = SessionCache.load(res.calibrations[0].cache)
     recipe = QuantRecipe(anti_outlier="m1", alpha=0.5, act_method=1, text_prompts=CALIB_TEXT)
-    errors = linear_errors(api.open_model(tiny_model), cache, recipe, derive=True)
-    ranked = most_sensitive(errors, 5)
-    for r in fb:
-        assert r.float_linears == ranked[: len(r.float_linears)]  # a prefix of the sensitivity ranking
+    arch = api.open_model(tiny_model)
+    errors = linear_errors(arch, cache, recipe, derive=True)
+    ranked = most_sensitive(errors, len(errors))
+    top5 = set(ranked[:5]) | set(whole_fused_groups(arch, set(ranked[:5])))
+    assert fb[0].candidate.endswith("keep_float 5") and set(fb[0].float_linears) == top5 and fb[0].meets
+    order = fb[0].float_linears  # the cap row's Linears by error, largest first: the ranking the bisection halves
+    assert order == sorted(top5, key=lambda k: (-errors[k], k))
+    for r in fb[1:]:
+        n = int(r.candidate.rpartition(" ")[2])
+        assert set(r.float_linears) == set(order[:n]) | set(whole_fused_groups(arch, set(order[:n]))), r.candidate
+    assert [r.meets for r in fb] == [len(r.float_linears) >= 3 for r in fb]  # the fake metric: 3 float Linears on
+    passing = [r for r in fb if r.meets]
+    assert res.chosen is min(passing, key=lambda r: len(r.float_linears))
     assert sorted(json.loads((tmp_path / "out" / "llavaq_record.json").read_text())["recipe"]["float_linears"]) \
-        == sorted(ranked[:3])
-    assert [len(c) for c in calls] == [0, 5, 2, 3]
-    assert fb[0].float_errors == pytest.approx({n: errors[n] for n in ranked})
+        == sorted(res.chosen.float_linears)
+    assert [len(c) for c in calls] == [0] + [len(r.float_linears) for r in fb]
+    assert fb[0].float_errors == pytest.approx({n: errors[n] for n in order})
 
 
 # ------------------------------------------------------------------------------------------- resume

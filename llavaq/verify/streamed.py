@@ -14,6 +14,7 @@ layers then read and extend it (greedy generation, :mod:`llavaq.verify.generate`
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llavaq.calib.streams import StreamStore, default_stream_budget
+from llavaq.memory import release_free_memory
 from llavaq.model.llava import LlavaArch, Stage
+
+
+def release_stage_memory() -> None:
+    """After a stage: free what cycles hold, and give the freed heap back to the OS (a stage's weights are
+    tens of MiB blocks; glibc keeps them otherwise, and the peak RSS would grow with the depth)."""
+    gc.collect()
+    release_free_memory()
 
 
 @dataclass
@@ -90,6 +99,8 @@ class StreamedPass:
         finally:
             for hd in handles:
                 hd.remove()
+        del mods, handles
+        release_stage_memory()
 
     @torch.no_grad()
     def run(self, on_logits: Callable[[int, dict[str, Tensor]], None]) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -41,7 +41,6 @@ class TensorFiles:
         self._read_headers(rename or (lambda k: k))
         if self.index_file is not None:
             self._check_index(idx)
-        self._handles: dict[str, Any] = {}
 
     def _read_index(self, index: Path, prefix: str) -> dict:
         """Parse the index json; the shards it lists (present ones) become ``files``."""
@@ -126,12 +125,21 @@ class TensorFiles:
         return self.stored.get(name, name)
 
     def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+        """A fresh tensor read with positional reads, not through a memory map (mapped pages that were touched
+        count in the RSS while the file stays open: see :mod:`llavaq.model.checkpoint`)."""
         if name not in self.where:
             raise OutputError(f"{self.root}: tensor {name} is missing")
-        f = self.where[name]
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = safe_open(str(self.root / f), framework="pt")
-        return h.get_tensor(self.stored[name])
+        path = self.root / self.where[name]
+        info = self.info(name)
+        start, end = info["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                f.seek(8 + n + start)
+                got = f.readinto(memoryview(buf.numpy())) if end > start else 0
+        except (OSError, struct.error) as e:
+            raise OutputError(f"{path}: cannot read tensor {name} ({getattr(e, 'strerror', None) or e})") from None
+        if got != end - start:
+            raise OutputError(f"{path}: file is truncated (tensor {name} ends past the end of file)")
+        return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])

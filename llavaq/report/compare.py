@@ -17,7 +17,7 @@ from typing import Any
 
 from llavaq.errors import LlavaqError
 from llavaq.report.files import RECORD, check_report_target, read_json, write_report
-from llavaq.verify import load_float_model, verify
+from llavaq.verify import verify
 
 
 def _f(x: Any, spec: str) -> str:
@@ -84,8 +84,8 @@ def verify_outputs(model_path: str | Path, outputs: list[Path], report_last: boo
     held-out set), the float side computed once; per-Linear errors measured only for the last one when
     ``report_last`` (its page shows them)."""
 
-    fp, reference = load_float_model(model_path), {}
-    return [verify(model_path, out, float_model=fp, float_reference=reference, worst=1 << 30,
+    reference: dict = {}
+    return [verify(model_path, out, float_reference=reference, worst=1 << 30,
                    layer_errors=report_last and i == len(outputs) - 1, **evaluation).to_dict()
             for i, out in enumerate(outputs)]
 

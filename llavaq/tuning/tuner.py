@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from llavaq import pipeline, verify
-from llavaq.calib.cache import SessionCache
+from llavaq.calib.cache import SessionCache, default_cache_dir
 from llavaq.errors import CacheError
 from llavaq.files import RECORD_FILE, TUNING_FILE
 from llavaq.formats.base import AtomicOutputDir
+from llavaq.model.loading import open_model
 from llavaq.pipeline import ExportResult
 from llavaq.progress import Progress
 from llavaq.recipe import QuantRecipe
@@ -61,8 +62,9 @@ class Tuner:
         self.row_export: dict[int, str] = {}  # id(row) -> export key
         self.exports: dict[str, ScratchExport] = {}  # export key -> the export on disk (kept while it may be needed)
         self.pending: set[str] = set()  # export keys still to be scored in full
-        self._float_model = None
-        self.reference: dict = {}  # the float model's answers and logits, computed once
+        #: the float model's answers and logits, computed once per model and kept in the session cache
+        self.reference = verify.FloatReference(verify.float_side_dir(
+            cache_dir if cache_dir is not None else default_cache_dir(), open_model(model_path).ckpt.fingerprint()))
 
     # -------------------------------------------------------------------------------- time budget
     def elapsed(self) -> float:
@@ -96,11 +98,6 @@ class Tuner:
                                                 cal.reused))
 
     # -------------------------------------------------------------------------------- export + verify
-    def float_model(self):
-        if self._float_model is None:
-            self._float_model = verify.load_float_model(self.model_path)
-        return self._float_model
-
     def export_key(self, calibration: str, recipe: QuantRecipe) -> str:
         return digest([str(self.caches[calibration].path), recipe.to_dict(), self.fmt, self.part_file_size])
 
@@ -141,7 +138,7 @@ class Tuner:
             self.row_export[id(row)] = ekey
             report = verify.verify(self.model_path, exp.path, prompts=data.prompts, text=data.text_path,
                                    answer_tokens=data.answer_tokens, max_text_tokens=data.max_text_tokens,
-                                   float_model=self.float_model(), float_reference=self.reference,
+                                   float_reference=self.reference,
                                    layer_errors=False)
             self.verify_calls += 1
             row.score = score_of(report)

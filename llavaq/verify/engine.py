@@ -24,10 +24,11 @@ from safetensors.torch import save_file
 
 from llavaq.calib.samples import load_processor
 from llavaq.errors import LlavaqError
+from llavaq.model.loading import open_model
 from llavaq.verify.data import load_heldout_text
-from llavaq.verify.emulated import load_float_model
 from llavaq.verify.metrics import FidelityReport, perplexity_windows
 from llavaq.verify.outputs import read_quantized_output
+from llavaq.verify.streamed import float_window_logits, tmp_root
 
 ENGINES = ("emulation", "vllm")
 RUNNER = Path(__file__).parent.parent / "runners" / "vllm_runner.py"
@@ -121,8 +122,8 @@ def verify_vllm(model_path: str | Path, quantized_dir: str | Path, *, text: str 
                "max_model_len": max(w.numel() for w in windows) + 1,
                "windows": str(save_windows(windows, Path(tmp) / "windows.safetensors"))}
         result = run_vllm_jobs([job], tmp, python=py)[0]
-    fp = float_model if float_model is not None else load_float_model(model_path)
-    lfs = [fp(input_ids=w.unsqueeze(0)).logits[0, :-1].double() for w in windows]
+    del float_model  # accepted, not used: the float model is streamed one stage at a time
+    lfs = float_window_logits(open_model(model_path), windows, Path(tmp_root()))
     nll_f = sum(float(F.cross_entropy(lf, w[1:], reduction="sum")) for lf, w in zip(lfs, windows, strict=True))
     s = text_scores(result, lfs, windows)
     nan = float("nan")

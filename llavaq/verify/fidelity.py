@@ -20,15 +20,15 @@ Measured, float (FP) vs quantized (Q):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from llavaq.calib.coverage import range_drivers
 from llavaq.calib.samples import load_processor
+from llavaq.calib.streams import default_stream_budget
 from llavaq.errors import LlavaqError, OutputError
 from llavaq.files import RECORD_FILE
 from llavaq.model.llava import LlavaArch
@@ -36,10 +36,11 @@ from llavaq.model.loading import model_for_recipe, open_model
 from llavaq.recipe import QuantRecipe
 from llavaq.safety import check_output_of_model
 from llavaq.verify.data import EvalPrompt, load_eval_prompts, load_heldout_text
-from llavaq.verify.emulated import build_quantized_model, load_float_model
 from llavaq.verify.layers import LayerErrorHooks
-from llavaq.verify.metrics import FidelityReport, TokenStats, perplexity, prompt_result
+from llavaq.verify.metrics import FidelityReport, perplexity_windows
 from llavaq.verify.outputs import QuantizedCheckpoint, read_quantized_output
+from llavaq.verify.paired import StreamedVerify
+from llavaq.verify.reference import FloatReference, float_side_dir
 
 
 def verify(
@@ -54,43 +55,43 @@ def verify(
     ppl_window: int = 256,
     max_text_tokens: int = 4096,
     worst: int = 10,
-    float_model: nn.Module | None = None,
-    float_reference: dict | None = None,
+    float_reference: MutableMapping | None = None,
+    float_model: Any = None,
     layer_errors: bool = True,
     force: bool = False,
+    stream_budget: int | None = None,
+    cache_dir: str | Path | None = None,
 ) -> FidelityReport:
     """Compare the float model with the quantized output as int8 kernels run it (see module docstring).
 
     ``mode="dynamic"`` replaces the saved static ranges with per-token dynamic int8 activations (what static
     ranges cost); ``mode="weight_only"`` keeps activations float: what the int8 weights alone cost.
-    ``float_reference``: a dict shared between calls with the same ``float_model`` and evaluation inputs (e.g.
-    comparing recipes): the float model's answers and logits are computed once.
+    ``float_reference``: the float side shared between calls on the same model and evaluation inputs (e.g.
+    comparing recipes; a :class:`~llavaq.verify.reference.FloatReference` keeps it in a session cache): the float
+    model's answers and logits are computed once, and a later call streams the quantized model alone.
     ``layer_errors=False`` skips the per-Linear error hooks (same model-level numbers, less time); ``force``
-    compares even an output made from another model.
+    compares even an output made from another model. ``float_model`` is accepted and not used (the float model is
+    streamed from ``model_path``, one stage at a time). ``stream_budget``: bytes of hidden states kept in memory
+    (default: a quarter of the available memory; beyond it they are read back from disk). ``cache_dir`` (without
+    ``float_reference``): keep the float side in that session cache directory (:mod:`llavaq.verify.reference`),
+    so the next call on this model streams the quantized model alone.
     """
+    del float_model
     t0 = time.perf_counter()
     arch = open_model(model_path)
     q = read_quantized_output(quantized_dir)
     check_output_of_model(model_path, arch.ckpt.fingerprint(), quantized_dir, q.record, force)
     eval_prompts, heldout = _eval_inputs(prompts, images, text)
     processor = load_processor(model_path)
-    fp = float_model if float_model is not None else load_float_model(model_path)
-    qm = build_quantized_model(fp, q, mode=mode, absent=arch.is_absent)
-    hooks = LayerErrorHooks(qm, fp, q, arch, reference=_rotated_reference(arch, q)) if layer_errors else None
-    image = (arch.config.image_token_index, arch.image_tokens)
-    acc, image_acc, textq_acc = TokenStats(), TokenStats(), TokenStats()
-    try:
-        results = [prompt_result(fp, qm, processor, p, answer_tokens, image,
-                                 [acc, image_acc if p.image is not None else textq_acc], float_reference)
-                   for p in eval_prompts]
-        ppl_fp, ppl_q, text_n, text_stats = None, None, 0, None
-        if heldout is not None:
-            ppl_fp, ppl_q, text_n, text_stats = perplexity(fp, qm, processor.tokenizer, heldout, ppl_window,
-                                                          max_text_tokens, acc, float_reference)
-    finally:
-        if hooks is not None:
-            hooks.remove()
+    if float_reference is None and cache_dir is not None:
+        float_reference = FloatReference(float_side_dir(cache_dir, arch.ckpt.fingerprint()))
+    run = StreamedVerify(arch, q, mode, processor, {} if float_reference is None else float_reference,
+                         default_stream_budget() if stream_budget is None else stream_budget)
+    hooks = LayerErrorHooks(q, arch, reference=_rotated_reference(arch, q)) if layer_errors else None
+    windows = _windows(processor.tokenizer, heldout, ppl_window, max_text_tokens)
+    results, acc, image_acc, textq_acc, text = run.score(eval_prompts, answer_tokens, windows or [], hooks)
     layers = sorted(hooks.result(), key=lambda e: e.rel_mse, reverse=True) if hooks is not None else []
+    ppl_fp, ppl_q, text_n, text_stats = text.result() if windows else (None, None, 0, None)
     top1, kl, cos = acc.means()
     tt = text_stats.means() if text_stats is not None else (None, None, None)
     (image_top1, image_kl), (textq_top1, textq_kl) = image_acc.top1_kl(), textq_acc.top1_kl()
@@ -102,6 +103,15 @@ def verify(
         image_top1=image_top1, image_kl=image_kl, image_positions=image_acc.n,
         text_prompt_top1=textq_top1, text_prompt_kl=textq_kl, text_prompt_positions=textq_acc.n,
     )
+
+
+def _windows(tokenizer, heldout: str | None, window: int, max_tokens: int) -> list[torch.Tensor] | None:
+    if heldout is None:
+        return None
+    windows = perplexity_windows(tokenizer, heldout, window, max_tokens)
+    if not windows:
+        raise LlavaqError("held-out text is too short for perplexity (needs at least 2 tokens)")
+    return windows
 
 
 def _eval_inputs(prompts: str | Path | list[EvalPrompt] | None, images: str | Path | None,

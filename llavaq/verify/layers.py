@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llavaq.model.llava import LlavaArch
+from llavaq.model.llava import LlavaArch, Stage
 from llavaq.quant.emulate import EmulatedW8A8Linear, quantize_input
 from llavaq.quant.state import group_input_smoothing
 from llavaq.verify.outputs import QuantizedCheckpoint
@@ -34,17 +34,19 @@ class LayerErrorHooks:
     smoothing applied) and the shift off its bias (``z = b − b'·s``).
 
     ``reference`` (tensor name → float tensor) gives the float model the output was quantized from when
-    it is not ``float_model`` itself: for a rotated output, the rotated float model (its norms are 1 and its
+    it is not the checkpoint itself: for a rotated output, the rotated float model (its norms are 1 and its
     Linears read and write the rotated stream), read through :class:`~llavaq.model.rotated.RotatedCheckpoint`.
-    The quantized Linears' reference weights are then held in float32 beside the float model.
+
+    The hooks are attached one stage at a time (:meth:`attach`, layer-streamed ``verify``): the float weights
+    are the float stage's own Linears, or the reference's tensors of that stage.
     """
 
-    def __init__(self, qmodel: nn.Module, float_model: nn.Module, q: QuantizedCheckpoint, arch: LlavaArch,
+    def __init__(self, q: QuantizedCheckpoint, arch: LlavaArch,
                  reference: Callable[[str], torch.Tensor] | None = None) -> None:
         self.stats: dict[str, list[float]] = {}
-        self._handles = []
+        self.reference = reference
         undo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        fparams = _ReferenceParams(float_model, reference)
+        fparams = _ReferenceParams(arch, reference)
         recipe = q.record.get("recipe") or {}
         #: a Linear -> Linear group's source -> (scale, shift) per output row its smoothed output carries
         smoothed_out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -60,15 +62,23 @@ class LayerErrorHooks:
                 undo.update({lin: found for lin in g.linears})
         #: Linear -> (scale, shift) per input column that maps its smoothed input back to the float model's
         self.undo = undo
-        for name, mod in qmodel.named_modules():
-            if isinstance(mod, EmulatedW8A8Linear):
-                flin = float_model.get_submodule(name)
-                w, b = flin.weight, flin.bias
-                if reference is not None:
-                    w = fparams[name + ".weight"]
-                    b = fparams[name + ".bias"] if b is not None else None
-                self._handles.append(mod.register_forward_hook(
-                    self._hook(name, mod, w, b, undo.get(name), smoothed_out.get(name))))
+        self.smoothed_out = smoothed_out
+
+    def attach(self, stage: Stage, qmodule: nn.Module, fmodule: nn.Module) -> list:
+        """Hooks on the emulated Linears of one stage (``fmodule``: the float stage); their handles."""
+        handles = []
+        for local, mod in qmodule.named_modules():
+            if not isinstance(mod, EmulatedW8A8Linear):
+                continue
+            name = stage.prefix + local
+            flin = fmodule.get_submodule(local)
+            w, b = flin.weight, flin.bias
+            if self.reference is not None:
+                w = self.reference(name + ".weight").float()
+                b = self.reference(name + ".bias").float() if b is not None else None
+            handles.append(mod.register_forward_hook(
+                self._hook(name, mod, w, b, self.undo.get(name), self.smoothed_out.get(name))))
+        return handles
 
     def _hook(self, name, mod: EmulatedW8A8Linear, weight: torch.Tensor, bias: torch.Tensor | None, undo,
               smoothed_out=None):
@@ -94,10 +104,6 @@ class LayerErrorHooks:
 
         return hook
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
     def result(self) -> list[LayerError]:
         out = []
         for name, (se, sr, n, clipped, nx) in self.stats.items():
@@ -107,27 +113,24 @@ class LayerErrorHooks:
 
 
 class _ReferenceParams(Mapping):
-    """The float model's parameters (float32) by name, or, with ``reference``, the tensors it gives (read once)."""
+    """The float model's tensors (float32) by name, read from the checkpoint or ``reference`` when asked for."""
 
-    def __init__(self, model: nn.Module, reference: Callable[[str], torch.Tensor] | None) -> None:
-        self._params = dict(model.named_parameters())
+    def __init__(self, arch: LlavaArch, reference: Callable[[str], torch.Tensor] | None) -> None:
+        self._arch = arch
         self._reference = reference
-        self._read: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if self._reference is None:
-            return self._params[name].detach().float()
-        if name not in self._params:
+        if not self._arch.ckpt.has(name):
             raise KeyError(name)
-        if name not in self._read:
-            self._read[name] = self._reference(name).float()
-        return self._read[name]
+        if self._reference is None:
+            return self._arch.ckpt.tensor(name)
+        return self._reference(name).float()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._params)
+        return iter(self._arch.ckpt.names)
 
     def __len__(self) -> int:
-        return len(self._params)
+        return len(self._arch.ckpt.names)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

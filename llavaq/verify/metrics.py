@@ -7,13 +7,13 @@ sequence. Held-out plain text: perplexity FP vs Q, top-1 agreement and KL per to
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from llavaq.calib.images import load_image
 from llavaq.errors import LlavaqError
@@ -104,55 +104,35 @@ class TokenStats:
         return t1, kl
 
 
-def _text_positions(input_ids: torch.Tensor, image_token: int, image_tokens: int, seq_len: int) -> torch.Tensor:
+def text_positions(input_ids: torch.Tensor, image_token: int, image_tokens: int) -> torch.Tensor:
     """Merged-sequence index of every input token: an ``<image>`` token expands to ``image_tokens``
     positions (the tower's patches, less the class token with the "default" feature strategy)."""
     ids = input_ids[0]
-    n_img = int((ids == image_token).sum())
     width = torch.where(ids == image_token, torch.full_like(ids, image_tokens), torch.ones_like(ids))
-    pos = torch.cumsum(width, 0) - 1
-    if int(pos[-1]) + 1 != seq_len:
-        raise LlavaqError(f"the model's output has {seq_len} positions, {n_img} image(s) of {image_tokens} "
-                          f"tokens and {ids.numel() - n_img} text tokens make {int(pos[-1]) + 1}")
-    return pos
+    return torch.cumsum(width, 0) - 1
 
 
-@torch.no_grad()
-def prompt_result(fp: nn.Module, qm: nn.Module, processor, p: EvalPrompt, answer_tokens: int,
-                   image: tuple[int, int], accs: list[TokenStats], reference: dict | None = None) -> PromptResult:
-    """One prompt: FP greedy answer, then FP and Q logits teacher-forced on prompt + answer.
-
-    ``reference`` (optional, shared between calls on the same float model) memoises the float side:
-    the answer and the FP logits at the text positions.
-    """
-    image_token, image_tokens = image
-    tok = processor.tokenizer
+def encode_prompt(processor, p: EvalPrompt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(input_ids, attention_mask, pixel_values or None) of one evaluation prompt."""
     if p.image is not None:
-        img = load_image(p.image)
-        enc = processor(images=img, text=IMAGE_TEMPLATE.format(q=p.question), return_tensors="pt")
-        pixel_values = enc["pixel_values"].float()
-    else:
-        enc = tok(TEXT_TEMPLATE.format(q=p.question), return_tensors="pt")
-        pixel_values = None
-    ids = enc["input_ids"]
-    key = ("prompt", str(p.image), p.question, answer_tokens)
-    if reference is not None and key in reference:
-        answer, lf_tok = reference[key]
-        full = torch.cat([ids, answer], 1)
-    else:
-        gen = fp.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=enc["attention_mask"],
-                          max_new_tokens=answer_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                          bad_words_ids=[[image_token]])
-        answer = gen[:, ids.shape[1]:]
-        full = torch.cat([ids, answer], 1)
-        lf = fp(input_ids=full, pixel_values=pixel_values, attention_mask=torch.ones_like(full)).logits[0]
-        lf_tok = lf[_text_positions(full, image_token, image_tokens, lf.shape[0])]  # one row per input token
-        if reference is not None:
-            reference[key] = (answer, lf_tok)
-    lq = qm(input_ids=full, pixel_values=pixel_values, attention_mask=torch.ones_like(full)).logits[0]
-    lq_tok = lq[_text_positions(full, image_token, image_tokens, lq.shape[0])]
+        enc = processor(images=load_image(p.image), text=IMAGE_TEMPLATE.format(q=p.question), return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"], enc["pixel_values"].float()
+    enc = processor.tokenizer(TEXT_TEMPLATE.format(q=p.question), return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"], None
+
+
+def prompt_key(p: EvalPrompt, answer_tokens: int) -> tuple:
+    """A prompt's key in the float reference (its answer and float logits): the photo by name and content."""
+    photo = hashlib.sha256(p.image.read_bytes()).hexdigest() if p.image is not None else None
+    return ("prompt", str(p.image), photo, p.question, answer_tokens)
+
+
+def score_prompt(p: EvalPrompt, tok, prompt_len: int, answer: torch.Tensor, lf_tok: torch.Tensor,
+                 lq_tok: torch.Tensor, accs: list[TokenStats]) -> PromptResult:
+    """One prompt's numbers from the FP and Q logits at its text positions (one row per input token), teacher-
+    forced on prompt + FP's greedy answer."""
     a = answer.shape[1]
-    ans = slice(ids.shape[1] - 1, full.shape[1] - 1)
+    ans = slice(prompt_len - 1, prompt_len + a - 1)
     one = TokenStats()
     for acc in [one, *accs]:
         acc.add(lf_tok[ans], lq_tok[ans])
@@ -177,28 +157,24 @@ def perplexity_windows(tokenizer, text: str, window: int = 256, max_tokens: int 
     return out
 
 
-@torch.no_grad()
-def perplexity(fp: nn.Module, qm: nn.Module, tokenizer, text: str, window: int, max_tokens: int,
-                acc: TokenStats, reference: dict | None = None) -> tuple[float, float, int, TokenStats]:
-    nll_f = nll_q = 0.0
-    n = 0
-    local = TokenStats()
-    for w in perplexity_windows(tokenizer, text, window, max_tokens):
-        x = w.unsqueeze(0)
-        key = ("text", tuple(x[0].tolist()))
-        if reference is not None and key in reference:
-            lf = reference[key]
-        else:
-            lf = fp(input_ids=x).logits[0, :-1].double()
-            if reference is not None:
-                reference[key] = lf
-        lq = qm(input_ids=x).logits[0, :-1].double()
-        tgt = x[0, 1:]
-        nll_f += float(F.cross_entropy(lf, tgt, reduction="sum"))
-        nll_q += float(F.cross_entropy(lq, tgt, reduction="sum"))
-        n += tgt.numel()
-        local.add(lf, lq)
+class TextScores:
+    """Held-out text: perplexity FP vs Q, pooled over the windows in order (``add`` one window at a time)."""
+
+    def __init__(self) -> None:
+        self.nll_f = self.nll_q = 0.0
+        self.n = 0
+        self.local = TokenStats()
+
+    def add(self, window: torch.Tensor, lf: torch.Tensor, lq: torch.Tensor, acc: TokenStats) -> None:
+        lf, lq = lf.double(), lq.double()
+        tgt = window[1:]
+        self.nll_f += float(F.cross_entropy(lf, tgt, reduction="sum"))
+        self.nll_q += float(F.cross_entropy(lq, tgt, reduction="sum"))
+        self.n += tgt.numel()
+        self.local.add(lf, lq)
         acc.add(lf, lq)
-    if n == 0:
-        raise LlavaqError("held-out text is too short for perplexity (needs at least 2 tokens)")
-    return math.exp(nll_f / n), math.exp(nll_q / n), n, local
+
+    def result(self) -> tuple[float, float, int, TokenStats]:
+        if self.n == 0:
+            raise LlavaqError("held-out text is too short for perplexity (needs at least 2 tokens)")
+        return math.exp(self.nll_f / self.n), math.exp(self.nll_q / self.n), self.n, self.local

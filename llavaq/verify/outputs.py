@@ -1,7 +1,12 @@
-"""Reading a quantized output directory as the integer kernels see it: float tensors + per-Linear int8 params."""
+"""Reading a quantized output directory as the integer kernels see it: float tensors + per-Linear int8 params.
+
+Both are read lazily, one tensor (one Linear) at a time when asked for, and not kept: ``verify`` streams a
+7B output stage by stage and never holds all of it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,20 +14,80 @@ from typing import Any
 import torch
 
 from llavaq.errors import OutputError
-from llavaq.formats.reader import read_quantized
+from llavaq.formats.reader import QuantizedModelView, read_quantized
 from llavaq.quant.emulate import QuantLinearParams
 
 QUANT_SUFFIXES = ("weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
 
 
+class FloatTensors(Mapping):
+    """The output's float tensors by name, read from the files when asked for (not cached)."""
+
+    def __init__(self, view: QuantizedModelView) -> None:
+        self._view = view
+        self._names = set(view.float_names)
+        self._order = list(view.float_names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._view.tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._view.files.shape(name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class QuantLinears(Mapping):
+    """The output's quantized Linears by name, as :class:`QuantLinearParams` read when asked for."""
+
+    def __init__(self, view: QuantizedModelView) -> None:
+        self._view = view
+        self._order = list(view.quantized)
+        self._names = set(self._order)
+
+    def __getitem__(self, name: str) -> QuantLinearParams:
+        if name not in self._names:
+            raise KeyError(name)
+        return linear_params(self._view, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+def linear_params(view: QuantizedModelView, name: str) -> QuantLinearParams:
+    lv = view.linear(name)
+    if lv.quant_bias is not None:  # msModelSlim formats: bias folded into the int32 quant_bias
+        qb, post = lv.quant_bias, None
+    else:  # zero point subtracted in integers, float bias added after rescaling
+        qb = (-lv.input_offset.double() * lv.weight.double().sum(1)).round().to(torch.int32)
+        post = lv.bias
+    return QuantLinearParams(lv.weight, lv.weight_scale.float(), lv.input_scale.float(), lv.input_offset.float(),
+                             qb, lv.deq_scale.float(), lv.bias, post, lv.activation, lv.weight_offset)
+
+
 @dataclass
 class QuantizedCheckpoint:
-    """A quantized output directory: float tensors + per-Linear integer-kernel tensors."""
+    """A quantized output directory: float tensors + per-Linear integer-kernel tensors (both read lazily)."""
 
     path: Path
     format: str
-    float_tensors: dict[str, torch.Tensor]
-    linears: dict[str, QuantLinearParams]
+    float_tensors: Mapping[str, torch.Tensor]
+    linears: Mapping[str, QuantLinearParams]
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -33,15 +98,4 @@ def read_quantized_output(path: str | Path) -> QuantizedCheckpoint:
     if not path.is_dir():
         raise OutputError(f"quantized model directory {path} does not exist")
     view = read_quantized(path)
-    floats = {n: view.tensor(n) for n in view.float_names}
-    linears: dict[str, QuantLinearParams] = {}
-    for lv in view.linears():
-        if lv.quant_bias is not None:  # msModelSlim formats: bias folded into the int32 quant_bias
-            qb, post = lv.quant_bias, None
-        else:  # zero point subtracted in integers, float bias added after rescaling
-            qb = (-lv.input_offset.double() * lv.weight.double().sum(1)).round().to(torch.int32)
-            post = lv.bias
-        linears[lv.name] = QuantLinearParams(lv.weight, lv.weight_scale.float(), lv.input_scale.float(),
-                                             lv.input_offset.float(), qb, lv.deq_scale.float(), lv.bias, post,
-                                             lv.activation, lv.weight_offset)
-    return QuantizedCheckpoint(path, view.format, floats, linears, view.record or {})
+    return QuantizedCheckpoint(path, view.format, FloatTensors(view), QuantLinears(view), view.record or {})

@@ -138,7 +138,7 @@ def test_verify_refuses_an_output_of_another_model_before_any_forward(quantized,
     _, exp = quantized
     rec = json.loads((exp.save_directory / "llavaq_record.json").read_text())
     assert len(rec["model_fingerprint"]["weights_sha256"]) == 64
-    monkeypatch.setattr(v, "load_float_model", lambda *a: pytest.fail("forward pass before the check"))
+    monkeypatch.setattr(v, "StreamedVerify", lambda *a, **k: pytest.fail("forward pass before the check"))
     res = cli(capsys, "verify", "--model_path", tiny_model_mha, "--quantized", exp.save_directory)
     one_error(res, "made from another model", str(tiny_model_mha), "--force")
 
@@ -147,7 +147,7 @@ def test_verify_force_skips_the_model_check_only(quantized, tiny_model_mha, monk
     import llavaq.verify.fidelity as v
 
     _, exp = quantized
-    monkeypatch.setattr(v, "load_float_model", lambda *a: (_ for _ in ()).throw(RuntimeError("reached")))
+    monkeypatch.setattr(v, "StreamedVerify", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("reached")))
     with pytest.raises(RuntimeError, match="reached"):
         v.verify(tiny_model_mha, exp.save_directory, force=True)
 
@@ -163,6 +163,6 @@ def test_verify_tokenizer_mismatch_is_one_line_before_any_forward(quantized, tmp
     data = json.loads(f.read_text())
     data["model_max_length"] = 7
     f.write_text(json.dumps(data))
-    monkeypatch.setattr(v, "load_float_model", lambda *a: pytest.fail("forward pass before the check"))
+    monkeypatch.setattr(v, "StreamedVerify", lambda *a, **k: pytest.fail("forward pass before the check"))
     res = cli(capsys, "verify", "--model_path", cal.cache.manifest["model_path"], "--quantized", out)
     one_error(res, str(f), "tokenizer")

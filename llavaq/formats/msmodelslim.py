@@ -36,7 +36,7 @@ from llavaq.formats.reader import FLOATS, QuantizedLinearView, QuantizedModelVie
 from llavaq.formats.sharding import TensorSpec, write_safetensors
 from llavaq.formats.tensorfiles import TensorFiles
 from llavaq.quant.kernel import unpack_deq_scale
-from llavaq.quant.state import quantized_tensor_specs
+from llavaq.quant.tensor_stream import quantized_tensor_specs
 from llavaq.quant.weight_only import pack_int4_msmodelslim, stored_codes, stored_weight_shape
 
 WEIGHT_PREFIX = "quant_model_weight_w8a8"

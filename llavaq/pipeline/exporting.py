@@ -19,7 +19,8 @@ from llavaq.formats.sharding import GB
 from llavaq.model.llava import LlavaArch
 from llavaq.model.loading import model_for_recipe, open_model
 from llavaq.quant.float_linears import fused_siblings, resolve_float_linears
-from llavaq.quant.state import iter_quantized_tensors, weight_grid_dtype
+from llavaq.quant.state import weight_grid_dtype
+from llavaq.quant.tensor_stream import iter_quantized_tensors
 from llavaq.quant.weight_only import shape_problem
 from llavaq.recipe import QuantRecipe, check_part_file_size
 
@@ -106,13 +107,17 @@ def check_weight_only_shapes(arch: LlavaArch, recipe: QuantRecipe) -> None:
 
 
 def _record(arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, errors: dict[str, float],
-            extra_record: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, dict[str, float]] | None]:
+            extra_record: dict[str, Any] | None, fused: list[str]
+            ) -> tuple[dict[str, Any], dict[str, dict[str, float]] | None]:
     """The keys the export adds to the record, and the GPTQ report it fills (None: round-to-nearest weights);
-    a weight-only recipe's ``weight_only`` entry (bits, group size, symmetry, per-Linear weight error)."""
+    a weight-only recipe's ``weight_only`` entry (bits, group size, symmetry, per-Linear weight error); the
+    Linears kept float only for their fused group (``keep_float_fused``)."""
     extra_record = {"cache": str(cache.path), "model_fingerprint": {**arch.ckpt.fingerprint(), "weights_sha256": str(
         cache.manifest.get("weights_sha256"))}, **(extra_record or {})}
     if recipe.rotation != "none":
         extra_record["rotation"] = arch.ckpt.describe()
+    if fused:
+        extra_record["keep_float_fused"] = fused
     if errors:
         extra_record["linear_errors"] = {n: errors[n] for n in recipe.float_linears if n in errors}
     if recipe.weight_only:
@@ -124,6 +129,15 @@ def _record(arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, errors: d
         extra_record["gptq"] = {"damp": recipe.gptq_damp, "block_size": recipe.gptq_block_size,
                                 "act_order": recipe.gptq_act_order, "error": gptq_report}
     return extra_record, gptq_report
+
+
+def _open_for_cache(model_path: str | Path, cache: SessionCache, trust_remote_code: bool) -> LlavaArch:
+    """The model, once the cache is known to be complete and of this model (sampled weights: the cheap screen)."""
+    arch = open_model(model_path, trust_remote_code=trust_remote_code)
+    cache.check_model(arch.ckpt.fingerprint(), Path(model_path))
+    if not cache.complete:
+        raise CacheError(f"cache {cache.path} is incomplete (calibration was interrupted); run calibrate to resume")
+    return arch
 
 
 def export(
@@ -153,11 +167,8 @@ def export(
     cache = cache if isinstance(cache, SessionCache) else SessionCache.load(cache)
     inputs = [("model directory", model_path), ("session cache", cache.path)]
     AtomicOutputDir.check(Path(save_directory), overwrite, inputs)
-    arch = open_model(model_path, trust_remote_code=trust_remote_code)
+    arch = _open_for_cache(model_path, cache, trust_remote_code)
     ckpt = arch.ckpt
-    cache.check_model(ckpt.fingerprint(), Path(model_path))  # the cheap first screen (sampled weights)
-    if not cache.complete:
-        raise CacheError(f"cache {cache.path} is incomplete (calibration was interrupted); run calibrate to resume")
     recipe, derived = export_recipe(cache, recipe)
     float_dtype = float_dtype_for(recipe.float_dtype, fmt, ckpt.torch_dtype, device_type)
     scale_dtype = scale_dtype_for(recipe.float_dtype, ckpt.torch_dtype, device_type)
@@ -166,10 +177,8 @@ def export(
     check_weight_only_shapes(arch, recipe)
     asked = recipe.float_linears
     recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=scale_dtype)
-    extra_record, gptq_report = _record(arch, cache, recipe, errors, extra_record)
     fused = fused_siblings(arch, recipe, errors, asked)
-    if fused:
-        extra_record["keep_float_fused"] = fused
+    extra_record, gptq_report = _record(arch, cache, recipe, errors, extra_record, fused)
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,
                         device_type=device_type, derived=derived, float_dtype=float_dtype, scale_dtype=scale_dtype,
                         extra_record=extra_record, planned_stream="quantized",

@@ -15,7 +15,8 @@ from llavaq.algorithms.hessian import InputMoments, pack_upper, smoothed_hessian
 from llavaq.calib.engine import ForwardCounter
 from llavaq.errors import CacheError
 from llavaq.quant.int8 import quantize_weight, weight_qparams
-from llavaq.quant.state import iter_float_tensors, plan_stage
+from llavaq.quant.state import plan_stage
+from llavaq.quant.tensor_stream import iter_float_tensors
 from llavaq.recipe import DEFAULT_PROMPT, QuantRecipe
 
 

@@ -10,7 +10,7 @@ from llavaq import api
 from llavaq.algorithms.smoothing import expand_heads, fold_pair, reduce_heads
 from llavaq.calib.engine import ForwardCounter
 from llavaq.errors import LlavaqError
-from llavaq.quant.state import iter_float_tensors
+from llavaq.quant.tensor_stream import iter_float_tensors
 from llavaq.recipe import DEFAULT_PROMPT, QuantRecipe
 from llavaq.verify import load_float_model, read_quantized_output
 

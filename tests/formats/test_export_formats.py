@@ -15,7 +15,7 @@ from llavaq.calib.engine import ForwardCounter
 from llavaq.formats.names import matching_layouts
 from llavaq.formats.reader import read_quantized
 from llavaq.quant.int8 import activation_qparams, fake_quant_activation
-from llavaq.quant.state import iter_float_tensors
+from llavaq.quant.tensor_stream import iter_float_tensors
 from llavaq.recipe import QuantRecipe
 
 FORMATS = ("msmodelslim", "mindie", "compressed-tensors", "fakequant")

@@ -11,7 +11,8 @@ from llavaq.formats import FORMATS, ExportContext, OutputFormat, QuantizedModelV
 from llavaq.formats.base import detect_format
 from llavaq.model.checkpoint import Checkpoint
 from llavaq.model.llava import LlavaArch
-from llavaq.quant.state import iter_quantized_tensors, unpack_deq_scale
+from llavaq.quant.state import unpack_deq_scale
+from llavaq.quant.tensor_stream import iter_quantized_tensors
 from llavaq.recipe import QuantRecipe
 
 NAMES = ("msmodelslim", "mindie", "compressed-tensors", "fakequant")

@@ -27,7 +27,7 @@ from llavaq.errors import ModelError
 from llavaq.inspect import inspect_path
 from llavaq.model.checkpoint import InMemoryCheckpoint
 from llavaq.model.forward import float_forward
-from llavaq.quant.state import iter_float_tensors
+from llavaq.quant.tensor_stream import iter_float_tensors
 from llavaq.recipe import DEFAULT_PROMPT, QuantRecipe
 from llavaq.testing import build_tiny_llava
 from llavaq.verify import verify

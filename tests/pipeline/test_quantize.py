@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from llavaq import api
 from llavaq.calib.samples import build_samples, load_processor
 from llavaq.quant.int8 import fake_quant_activation
-from llavaq.quant.state import iter_float_tensors, unpack_deq_scale
+from llavaq.quant.state import unpack_deq_scale
+from llavaq.quant.tensor_stream import iter_float_tensors
 from llavaq.recipe import DEFAULT_PROMPT, QuantRecipe
 
 SUFFIXES = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")

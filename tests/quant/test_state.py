@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from llavaq.quant import state
-from llavaq.quant.state import holds_exactly, storage_dtype
+from llavaq.quant.tensor_stream import holds_exactly, storage_dtype
 
 
 def test_holds_exactly_per_dtype(monkeypatch):

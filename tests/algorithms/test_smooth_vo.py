@@ -12,7 +12,7 @@ from llavaq.calib.engine import ForwardCounter
 from llavaq.errors import LlavaqError
 from llavaq.quant.tensor_stream import iter_float_tensors
 from llavaq.recipe import DEFAULT_PROMPT, QuantRecipe
-from llavaq.verify import load_float_model, read_quantized_output
+from llavaq.verify import read_quantized_output
 
 LM = "language_model.model.layers."
 
@@ -99,11 +99,10 @@ def test_smooth_vo_derived_from_a_plain_cache_and_verify_undoes_it(vo_runs, tiny
     assert ForwardCounter.count == before and res.derived
     q = read_quantized_output(res.save_directory)
     # verify's per-Linear reference recovers the smoothing of o_proj's input from v_proj's weight scale
-    from llavaq.verify import LayerErrorHooks, build_quantized_model
+    from llavaq.verify import LayerErrorHooks
 
-    fp = load_float_model(tiny_model)
-    hooks = LayerErrorHooks(build_quantized_model(fp, q), fp, q, api.open_model(tiny_model))
     arch = api.open_model(tiny_model)
+    hooks = LayerErrorHooks(q, arch)
     from llavaq.quant.state import plan_stage
 
     st = arch.stage_of(LM + "1.self_attn.o_proj")
@@ -114,7 +113,6 @@ def test_smooth_vo_derived_from_a_plain_cache_and_verify_undoes_it(vo_runs, tiny
     undo_s, undo_z = hooks.undo[LM + "1.self_attn.o_proj"]
     assert z is None and undo_z is None
     assert torch.allclose(undo_s, expand_heads(s, (4, 2, 16)), rtol=2e-3)  # weight scales stored in fp32 here
-    hooks.remove()
 
 
 def test_smooth_vo_needs_an_anti_outlier_method():

@@ -1,4 +1,4 @@
-"""quant/state.py: the dtype a float tensor is stored in (issue 30: lossless casts only)."""
+"""quant/tensor_stream.py: the dtype a float tensor is stored in (issue 30: lossless casts only)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     python benchmarks/vs_llmcompressor.py --model DIR --llmc_python .venv-llmc/bin/python \\
         [--work DIR] [--markdown docs/BENCHMARKS.md] [--llavaq "LABEL=key=value,key=value" ...] \\
-        [--llmc gptq rtn] [--photos_only]
+        [--llmc gptq rtn] [--photos_only] [--eval DIR] [--auto [--auto_time_budget MIN]]
 
 * Calibration inputs (both tools): the photos of ``--calib_images`` with llavaq's prompt
   (``USER: <image>\\nDescribe this image in detail. ASSISTANT:``) and, unless ``--photos_only``, the text-only
@@ -17,6 +17,11 @@
   GPTQ needs), then every recipe of ``--llavaq`` is exported from that cache (no forward pass). A recipe is
   ``LABEL=field=value,field=value`` with :class:`llavaq.QuantRecipe` field names, e.g.
   ``"m1 α 0.8 + GPTQ=anti_outlier=m1,alpha=0.8,weight_method=gptq"``; adding a recipe is one argument.
+* ``--auto``: ``quantize --recipe auto`` on the same photos and prompts (``--modules language_only``, evaluated on
+  the ``--eval`` set, its own session caches under WORK), its choice scored like every row and its whole tuning
+  table kept in the JSON results (the choice is selected on the very set it is then scored on).
+* ``--eval DIR``: the evaluation set (``DIR/prompts.json``, ``DIR/images``, ``DIR/heldout.txt``; default the
+  shipped one), e.g. ``benchmarks/second_model.py``'s.
 * Every output is scored by ``llavaq.verify`` on the shipped held-out set (``llavaq/data/eval/``) against one
   float model and one float reference: held-out paragraph (perplexity, top-1, KL), text-only prompts' answers
   and image prompts' answers apart (top-1, KL each).
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +53,7 @@ from llavaq.calib.images import load_images  # noqa: E402
 from llavaq.calib.prompts import read_text_prompts  # noqa: E402
 from llavaq.calib.samples import image_sample, load_processor, text_samples  # noqa: E402
 from llavaq.recipe import QuantRecipe  # noqa: E402
+from llavaq.safety import TOKENIZER_FILES  # noqa: E402
 from llavaq.verify import FidelityReport, load_float_model, verify  # noqa: E402
 
 DATA = REPO / "llavaq" / "data"
@@ -159,7 +166,15 @@ def main(argv: list[str] | None = None) -> int:
                          "running that method again")
     ap.add_argument("--cache_dir", type=Path, default=None, help="llavaq session caches (default: WORK/cache)")
     ap.add_argument("--markdown", type=Path, default=None, help="write the section into this file")
+    ap.add_argument("--eval", type=Path, default=DATA / "eval", help="evaluation set: prompts.json, images/, "
+                    "heldout.txt (default: the shipped one)")
+    ap.add_argument("--calib_field", action="append", default=[], metavar="field=value",
+                    help="a QuantRecipe field of the shared calibration, e.g. gptq_tokens=balanced (repeatable)")
+    ap.add_argument("--auto", action="store_true", help="also run and score quantize --recipe auto")
+    ap.add_argument("--auto_time_budget", type=float, default=None, help="--time_budget (minutes) for --auto")
     a = ap.parse_args(argv)
+    if a.llavaq == ["none"]:
+        a.llavaq = []
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     if not (a.model / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "llavaq.demo_model", str(a.model)], check=True)
@@ -169,16 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     samples_file = work / "samples.safetensors"
     labels = write_samples(a.model, a.calib_images, text_prompts, samples_file)
     base = QuantRecipe(anti_outlier="none", act_method=1, modules="language_only", text_prompts=text_prompts)
-    recipes = [parse_recipe(s, base) for s in (a.llavaq or DEFAULT_RECIPES)]
+    if a.calib_field:
+        base = parse_recipe("calibration=" + ",".join(a.calib_field), base)[1]
+    recipes = [parse_recipe(s, base) for s in (DEFAULT_RECIPES if a.llavaq is None else a.llavaq)]
     if any(r.weight_method == "gptq" for _, r in recipes):
         base = base.replace(input_moments=True)
-    eval_kw = {"images": DATA / "eval" / "images", "prompts": DATA / "eval" / "prompts.json",
-               "text": DATA / "eval" / "heldout.txt"}
+    eval_kw = {"images": a.eval / "images", "prompts": a.eval / "prompts.json", "text": a.eval / "heldout.txt"}
     fp = load_float_model(a.model)
     fref: dict = {}
     rows: list[Row] = []
     results = work / "vs_llmcompressor.json"
     llmc_info: dict[str, dict] = {}
+    auto_table: list[dict] = []
 
     def record(row: Row) -> None:
         rows.append(row)
@@ -186,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row.tool:14s} {row.label:34s} Δppl {s['dppl']:+6.2f}%  paragraph {s['para_top1']:.4f}/"
               f"{s['para_kl']:.5f}  text answers {s['textq_top1']:.3f}/{s['textq_kl']:.5f}  image answers "
               f"{s['image_top1']:.3f}/{s['image_kl']:.5f}", flush=True)
-        results.write_text(json.dumps({"samples": labels, "llmc": llmc_info, "rows": [
+        results.write_text(json.dumps({"samples": labels, "llmc": llmc_info, "auto": auto_table, "rows": [
             {"tool": r.tool, "label": r.label, "seconds": r.seconds, "note": r.note, **scores(r.report)}
             for r in rows]}, indent=1, default=str))
 
@@ -200,11 +217,26 @@ def main(argv: list[str] | None = None) -> int:
                             work / f"llmc-{method}.log")
             (out / "llmc_run.json").write_text(json.dumps(info))
         llmc_info[method] = info
+        for name in TOKENIZER_FILES:  # transformers 5 re-serialises the same tokenizer: verify compares bytes
+            if (a.model / name).is_file() and (out / name).is_file():
+                shutil.copyfile(a.model / name, out / name)
         label = f"SmoothQuant {a.llmc_alpha:g} + {'GPTQ' if method == 'gptq' else 'RTN'}"
         rep = verify(a.model, out, float_model=fp, float_reference=fref, **eval_kw)
         order = "".join("I" if k == "image" else "T" for _, k in info["order"])
         record(Row("llm-compressor", label, info["wall_s"], rep, f"sample order {order}"))
 
+    if a.auto:
+        t0 = time.perf_counter()
+        res = api.tune(a.model, a.calib_images, work / "auto", modules="language_only", text_prompts=text_prompts,
+                       eval_prompts=eval_kw["prompts"], eval_images=eval_kw["images"], eval_text=eval_kw["text"],
+                       time_budget=a.auto_time_budget, cache_dir=a.cache_dir or work / "cache", overwrite=True)
+        auto_s = time.perf_counter() - t0
+        auto_table[:] = [r.to_dict() for r in res.rows] + [{"notes": res.notes}]
+        rep = verify(a.model, work / "auto", float_model=fp, float_reference=fref, **eval_kw)
+        record(Row("llavaq", f"--recipe auto: {res.chosen.candidate}", auto_s, rep,
+                   f"target {'met' if res.met else 'missed'}; wall incl. calibrations"))
+    if not recipes:
+        return 0
     cal = api.calibrate(a.model, a.calib_images, base, cache_dir=a.cache_dir or work / "cache", device_type="cpu")
     for label, recipe in recipes:
         out = work / "out" / "".join(c if c.isalnum() else "_" for c in label)

@@ -79,7 +79,7 @@ def measure(model_dir: Path, cache_dir: Path, text: str, tokens: int, alpha: flo
     records: dict[str, dict] = {}
     for s, g in groups:
         rec = records.setdefault(s.name, cache.read_stage(s.name))
-        key = g.linears[0][len(s.prefix):]
+        key = g.linears[0]
         mn, mx = rec[f"float.{key}.min"].float(), rec[f"float.{key}.max"].float()
         weights = [model.get_submodule(n).weight.detach().float() for n in g.linears]
         w = torch.cat(weights)

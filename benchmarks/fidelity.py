@@ -31,7 +31,7 @@ from llavaq import api  # noqa: E402
 from llavaq.calib.coverage import range_drivers  # noqa: E402
 from llavaq.calib.prompts import read_text_prompts  # noqa: E402
 from llavaq.recipe import QuantRecipe  # noqa: E402
-from llavaq.verify import load_float_model, verify  # noqa: E402
+from llavaq.verify import verify  # noqa: E402
 
 REPO = HERE.parent
 
@@ -74,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     images, prompts, text = data / "eval" / "images", data / "eval" / "prompts.json", data / "eval" / "heldout.txt"
     text_prompts = read_text_prompts(data / "calib_text.json")
     cache_dir = work / "cache"
-    fp = load_float_model(model)
     fref: dict = {}  # the float model's answers/logits, computed once for all rows
     calib_time: dict[str, float] = {}
     rows: list[Row] = []
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 note = (note + "; " if note else "") + f"{len(res.kept_float)} Linears kept float: " + ", ".join(
                     _short(n) for n in res.kept_float)
         rep = verify(model, out, images=images, prompts=prompts, text=text, answer_tokens=a.answer_tokens,
-                     mode=mode, float_model=fp, float_reference=fref)
+                     mode=mode, float_reference=fref)
         shown = {k: v for k, v in recipe.calibration_dict().items()
                  if k not in ("prompt", "text_prompts", "activation_sample_tokens")}
         rows.append(Row(label, json.dumps({**shown, "weight_method": recipe.weight_method}),

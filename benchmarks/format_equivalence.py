@@ -47,7 +47,7 @@ def export_stage(root: Path, model: Path, tag: str) -> dict:
 
 def verify_stage(root: Path, model: Path, full: bool) -> dict:
     from llavaq.compare import compare_outputs
-    from llavaq.verify import load_float_model, verify
+    from llavaq.verify import verify
 
     out: dict = {}
     for tag in ("old", "new"):
@@ -57,11 +57,11 @@ def verify_stage(root: Path, model: Path, full: bool) -> dict:
             fr = [d.code_fraction for d in c.linears]
             out[f"compare-{tag}"] = {"same_model": c.same_model, "codes_min": min(fr), "codes_max": max(fr),
                                      "scale_rel_max": max(d.scale_rel for d in c.linears), "rounded": len(c.rounded)}
-    fp, refs = load_float_model(model), ({}, {})
+    refs = ({}, {})
     for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "cache"):
         row = {}
         for window, ref, key in ((256, refs[0], "ppl"), (4096, refs[1], "ppl_full"))[: 2 if full else 1]:
-            r = verify(model, d, text=HELDOUT, layer_errors=False, float_model=fp, float_reference=ref,
+            r = verify(model, d, text=HELDOUT, layer_errors=False, float_reference=ref,
                        ppl_window=window)
             row.update({f"{key}_fp": r.ppl_fp, f"{key}_q": r.ppl_q, "tokens": r.text_tokens})
         out[d.name] = row

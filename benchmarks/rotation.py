@@ -29,7 +29,7 @@ from report import machine_line, write_section  # noqa: E402
 from llavaq import api  # noqa: E402
 from llavaq.calib.prompts import read_text_prompts  # noqa: E402
 from llavaq.recipe import QuantRecipe  # noqa: E402
-from llavaq.verify import load_float_model, verify  # noqa: E402
+from llavaq.verify import verify  # noqa: E402
 
 REPO = HERE.parent
 TITLE = "## Fidelity with rotation (`--rotation hadamard`)"
@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     images, prompts, text = data / "eval" / "images", data / "eval" / "prompts.json", data / "eval" / "heldout.txt"
     tp = read_text_prompts(data / "calib_text.json")
     cache_dir = a.work / "cache"
-    fp = load_float_model(model)
     fref: dict = {}
     calib_time: dict[str, float] = {}
     rows: list[Row] = []
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             if res.derived:
                 note = (note + "; " if note else "") + "derived from the cached float statistics"
             outs[label] = (out, recipe, derive_from)
-        rep = verify(model, out, images=images, prompts=prompts, text=text, mode=mode, float_model=fp,
+        rep = verify(model, out, images=images, prompts=prompts, text=text, mode=mode,
                      float_reference=fref)
         calib = None if mode != "static" else calib_time[key]
         rows.append(Row(label, recipe.rotation != "none", calib, exp_s, size, rep, note, derive_from is not None))

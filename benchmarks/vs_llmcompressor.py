@@ -2,7 +2,7 @@
 
     python benchmarks/vs_llmcompressor.py --model DIR --llmc_python .venv-llmc/bin/python \\
         [--work DIR] [--markdown docs/BENCHMARKS.md] [--llavaq "LABEL=key=value,key=value" ...] \\
-        [--llmc gptq rtn] [--photos_only]
+        [--llmc gptq rtn] [--photos_only] [--eval DIR] [--auto [--auto_time_budget MIN]]
 
 * Calibration inputs (both tools): the photos of ``--calib_images`` with llavaq's prompt
   (``USER: <image>\\nDescribe this image in detail. ASSISTANT:``) and, unless ``--photos_only``, the text-only
@@ -17,6 +17,11 @@
   GPTQ needs), then every recipe of ``--llavaq`` is exported from that cache (no forward pass). A recipe is
   ``LABEL=field=value,field=value`` with :class:`llavaq.QuantRecipe` field names, e.g.
   ``"m1 α 0.8 + GPTQ=anti_outlier=m1,alpha=0.8,weight_method=gptq"``; adding a recipe is one argument.
+* ``--auto``: ``quantize --recipe auto`` on the same photos and prompts (``--modules language_only``, evaluated on
+  the ``--eval`` set, its own session caches under WORK), its choice scored like every row and its whole tuning
+  table kept in the JSON results (the choice is selected on the very set it is then scored on).
+* ``--eval DIR``: the evaluation set (``DIR/prompts.json``, ``DIR/images``, ``DIR/heldout.txt``; default the
+  shipped one), e.g. ``benchmarks/second_model.py``'s.
 * Every output is scored by ``llavaq.verify`` on the shipped held-out set (``llavaq/data/eval/``) against one
   float model and one float reference: held-out paragraph (perplexity, top-1, KL), text-only prompts' answers
   and image prompts' answers apart (top-1, KL each).
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +53,8 @@ from llavaq.calib.images import load_images  # noqa: E402
 from llavaq.calib.prompts import read_text_prompts  # noqa: E402
 from llavaq.calib.samples import image_sample, load_processor, text_samples  # noqa: E402
 from llavaq.recipe import QuantRecipe  # noqa: E402
-from llavaq.verify import FidelityReport, load_float_model, verify  # noqa: E402
+from llavaq.safety import TOKENIZER_FILES  # noqa: E402
+from llavaq.verify import FidelityReport, verify  # noqa: E402
 
 DATA = REPO / "llavaq" / "data"
 #: llavaq's recipes in the default run: SmoothQuant min-max (α 0.8 = llm-compressor's, α 0.5, searched per
@@ -130,14 +137,24 @@ class Row:
     tool: str
     label: str
     seconds: float | None
-    report: FidelityReport
+    scores: dict
     note: str = ""
 
 
 def scores(r: FidelityReport) -> dict[str, float | None]:
-    return {"ppl_q": r.ppl_q, "dppl": r.ppl_increase, "para_top1": r.text_top1, "para_kl": r.text_kl,
-            "textq_top1": r.text_prompt_top1, "textq_kl": r.text_prompt_kl, "image_top1": r.image_top1,
-            "image_kl": r.image_kl, "top1": r.top1, "kl": r.kl}
+    return {"ppl_fp": r.ppl_fp, "ppl_q": r.ppl_q, "dppl": r.ppl_increase, "para_top1": r.text_top1,
+            "para_kl": r.text_kl, "textq_top1": r.text_prompt_top1, "textq_kl": r.text_prompt_kl,
+            "image_top1": r.image_top1, "image_kl": r.image_kl, "top1": r.top1, "kl": r.kl,
+            "text_tokens": r.text_tokens}
+
+
+def tuner_scores(s: dict) -> dict[str, float | None]:
+    """A ``--recipe auto`` row's stored score (the same verify on the same set) under :func:`scores`' keys."""
+    keys = {"ppl_fp": "ppl_fp", "ppl_q": "ppl_q", "dppl": "ppl_increase", "para_top1": "text_top1",
+            "para_kl": "text_kl", "textq_top1": "text_prompt_top1", "textq_kl": "text_prompt_kl",
+            "image_top1": "image_top1", "image_kl": "image_kl", "top1": "top1", "kl": "kl",
+            "text_tokens": "text_tokens"}
+    return {k: s.get(v) for k, v in keys.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +179,16 @@ def main(argv: list[str] | None = None) -> int:
                          "running that method again")
     ap.add_argument("--cache_dir", type=Path, default=None, help="llavaq session caches (default: WORK/cache)")
     ap.add_argument("--markdown", type=Path, default=None, help="write the section into this file")
+    ap.add_argument("--eval", type=Path, default=DATA / "eval", help="evaluation set: prompts.json, images/, "
+                    "heldout.txt (default: the shipped one)")
+    ap.add_argument("--calib_field", action="append", default=[], metavar="field=value",
+                    help="a QuantRecipe field of the shared calibration, e.g. gptq_tokens=balanced (repeatable)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of WORK's earlier results, score the rest")
+    ap.add_argument("--auto", action="store_true", help="also run and score quantize --recipe auto")
+    ap.add_argument("--auto_time_budget", type=float, default=None, help="--time_budget (minutes) for --auto")
     a = ap.parse_args(argv)
+    if a.llavaq == ["none"]:
+        a.llavaq = []
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     if not (a.model / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "llavaq.demo_model", str(a.model)], check=True)
@@ -172,29 +198,42 @@ def main(argv: list[str] | None = None) -> int:
     samples_file = work / "samples.safetensors"
     labels = write_samples(a.model, a.calib_images, text_prompts, samples_file)
     base = QuantRecipe(anti_outlier="none", act_method=1, modules="language_only", text_prompts=text_prompts)
-    recipes = [parse_recipe(s, base) for s in (a.llavaq or DEFAULT_RECIPES)]
+    if a.calib_field:
+        base = parse_recipe("calibration=" + ",".join(a.calib_field), base)[1]
+    recipes = [parse_recipe(s, base) for s in (DEFAULT_RECIPES if a.llavaq is None else a.llavaq)]
     if any(r.weight_method == "gptq" for _, r in recipes):
         base = base.replace(input_moments=True)
-    eval_kw = {"images": DATA / "eval" / "images", "prompts": DATA / "eval" / "prompts.json",
-               "text": DATA / "eval" / "heldout.txt"}
-    fp = load_float_model(a.model)
+    eval_kw = {"images": a.eval / "images", "prompts": a.eval / "prompts.json", "text": a.eval / "heldout.txt"}
     fref: dict = {}
     rows: list[Row] = []
     results = work / "vs_llmcompressor.json"
     llmc_info: dict[str, dict] = {}
+    auto_table: list[dict] = []
+    if a.resume and results.is_file():  # rows of an earlier run of this WORK: kept, not scored again
+        old = json.loads(results.read_text())
+        llmc_info.update(old.get("llmc", {}))
+        auto_table[:] = old.get("auto", [])
+        rows += [Row(r["tool"], r["label"], r["seconds"], {k: v for k, v in r.items()
+                                                           if k not in ("tool", "label", "seconds", "note")},
+                     r["note"]) for r in old["rows"]]
+    done = {r.label for r in rows}
 
     def record(row: Row) -> None:
         rows.append(row)
-        s = scores(row.report)
+        s = row.scores
         print(f"{row.tool:14s} {row.label:34s} Δppl {s['dppl']:+6.2f}%  paragraph {s['para_top1']:.4f}/"
               f"{s['para_kl']:.5f}  text answers {s['textq_top1']:.3f}/{s['textq_kl']:.5f}  image answers "
               f"{s['image_top1']:.3f}/{s['image_kl']:.5f}", flush=True)
-        results.write_text(json.dumps({"samples": labels, "llmc": llmc_info, "rows": [
-            {"tool": r.tool, "label": r.label, "seconds": r.seconds, "note": r.note, **scores(r.report)}
+        results.write_text(json.dumps({"samples": labels, "llmc": llmc_info, "auto": auto_table, "rows": [
+            {"tool": r.tool, "label": r.label, "seconds": r.seconds, "note": r.note, **r.scores}
             for r in rows]}, indent=1, default=str))
 
     reuse = dict(x.split("=", 1) for x in a.llmc_out)
     for method in a.llmc:
+        label = f"SmoothQuant {a.llmc_alpha:g} + {'GPTQ' if method == 'gptq' else 'RTN'}" if method != "w4a16" \
+            else f"W4A16 GPTQ preset, group {a.llmc_group_size}"
+        if label in done:
+            continue
         out = Path(reuse.get(method, work / f"llmc-{method}"))
         if method in reuse:
             info = json.loads((out / "llmc_run.json").read_text())
@@ -203,33 +242,50 @@ def main(argv: list[str] | None = None) -> int:
                             work / f"llmc-{method}.log", a.llmc_group_size)
             (out / "llmc_run.json").write_text(json.dumps(info))
         llmc_info[method] = info
-        label = f"SmoothQuant {a.llmc_alpha:g} + {'GPTQ' if method == 'gptq' else 'RTN'}" if method != "w4a16" \
-            else f"W4A16 GPTQ preset, group {a.llmc_group_size}"
-        rep = verify(a.model, out, float_model=fp, float_reference=fref, **eval_kw)
+        for name in TOKENIZER_FILES:  # transformers 5 re-serialises the same tokenizer: verify compares bytes
+            if (a.model / name).is_file() and (out / name).is_file():
+                shutil.copyfile(a.model / name, out / name)
+        rep = verify(a.model, out, float_reference=fref, **eval_kw)
         order = "".join("I" if k == "image" else "T" for _, k in info["order"])
-        record(Row("llm-compressor", label, info["wall_s"], rep, f"sample order {order}"))
+        record(Row("llm-compressor", label, info["wall_s"], scores(rep), f"sample order {order}"))
 
-    cal = api.calibrate(a.model, a.calib_images, base, cache_dir=a.cache_dir or work / "cache", device_type="cpu")
+    recipes = [(label, r) for label, r in recipes if label not in done]
+    if recipes:
+        cal = api.calibrate(a.model, a.calib_images, base, cache_dir=a.cache_dir or work / "cache",
+                            device_type="cpu")
     for label, recipe in recipes:
         out = work / "out" / "".join(c if c.isalnum() else "_" for c in label)
         t0 = time.perf_counter()
         api.export(a.model, cal.cache, out, recipe=recipe, overwrite=True)
         export_s = time.perf_counter() - t0
-        rep = verify(a.model, out, float_model=fp, float_reference=fref, **eval_kw)
-        record(Row("llavaq", label, export_s, rep, "derived from one min-max cache"))
-    md = markdown(rows, a, labels, llmc_info, cal.seconds)
+        rep = verify(a.model, out, float_reference=fref, **eval_kw)
+        record(Row("llavaq", label, export_s, scores(rep), "derived from one min-max cache"))
+        shutil.rmtree(out, ignore_errors=True)
+
+    if a.auto and not any(lb.startswith("--recipe auto") for lb in done):
+        t0 = time.perf_counter()
+        res = api.tune(a.model, a.calib_images, work / "auto", modules="language_only", text_prompts=text_prompts,
+                       eval_prompts=eval_kw["prompts"], eval_images=eval_kw["images"], eval_text=eval_kw["text"],
+                       time_budget=a.auto_time_budget, cache_dir=a.cache_dir or work / "cache", overwrite=True)
+        auto_s = time.perf_counter() - t0
+        auto_table[:] = [r.to_dict() for r in res.rows] + [{"notes": res.notes}]
+        record(Row("llavaq", f"--recipe auto: {res.chosen.candidate}", auto_s, tuner_scores(res.chosen.score),
+                   f"target {'met' if res.met else 'missed'}; wall incl. calibrations; its tuner's score"))
+    if not rows:
+        return 0
+    md = markdown(rows, a, labels, llmc_info)
     print(md)
     if a.markdown:
         write_section(a.markdown, md)
     return 0
 
 
-def markdown(rows: list[Row], a, labels: list[str], llmc_info: dict, calib_s: float) -> str:
+def markdown(rows: list[Row], a, labels: list[str], llmc_info: dict) -> str:
     import datetime
 
     versions = next(iter(llmc_info.values()), {}).get("versions", {})
     n_img = sum(1 for x in labels if not x.startswith("text"))
-    r0 = rows[0].report
+    r0 = rows[0].scores
     lines = [
         "## llavaq vs llm-compressor",
         "",
@@ -241,9 +297,10 @@ def markdown(rows: list[Row], a, labels: list[str], llmc_info: dict, calib_s: fl
         + (f", {len(labels) - n_img} text-only prompts of `llavaq/data/calib_text.json`" if len(labels) > n_img else "")
         + "), quantize the language model's q,k,v,o,gate,up_proj (int8 per-channel symmetric weights, static "
         "per-tensor asymmetric int8 inputs; `--modules language_only`) and are scored by `llavaq verify` "
-        f"(integer-exact kernels) on the shipped held-out set: FP perplexity {r0.ppl_fp:.4f} on {r0.text_tokens} "
+        f"(integer-exact kernels) on the shipped held-out set: FP perplexity {r0.get('ppl_fp') or 0:.4f} on "
+        f"{r0.get('text_tokens')} "
         "held-out tokens; answers teacher-forced from the FP model's greedy answers. llavaq's rows are exported "
-        f"from one `calibrate` ({calib_s:.0f} s; `--anti_outlier none --act_method 1`, input moments for GPTQ) with "
+        "from one `calibrate` (`--anti_outlier none --act_method 1`, input moments for GPTQ) with "
         "no forward pass.",
         "",
         "| tool | recipe | Δppl % | paragraph top-1 | paragraph KL | text answers top-1 | text answers KL | "
@@ -251,7 +308,7 @@ def markdown(rows: list[Row], a, labels: list[str], llmc_info: dict, calib_s: fl
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        s = scores(r.report)
+        s = r.scores
         secs = "" if r.seconds is None else f"{r.seconds:.0f}"
         label = r.label + (f" <br>*{r.note}*" if r.note else "")
         lines.append(f"| {r.tool} | {label} | {s['dppl']:+.2f} | {s['para_top1']:.4f} | {s['para_kl']:.5f} | "

@@ -8,7 +8,8 @@ Orchestration only: calibration, export, scoring and the sensitivity ranking are
 2. One calibration — the base: the first entry of :data:`CALIBRATIONS` this recipe can use (the Hadamard
    rotation with min-max ranges and input moments; without a rotation, e.g. ``--modules with_down_proj``,
    the unrotated min-max one) — serves every candidate of :data:`CANDIDATES` on it without a forward pass:
-   no smoothing / SmoothQuant α / auto-α, with round-to-nearest or GPTQ weights.
+   no smoothing / SmoothQuant α / auto-α (statistic ``max|X|`` or ``max − min``), with round-to-nearest or GPTQ
+   weights.
 3. Each candidate is exported (requested format, into a scratch directory beside the session cache) and scored
    by ``verify``'s integer-exact emulation, the float model's side computed once. Round-to-nearest
    candidates are scored on a subset of the evaluation data (:class:`ScreenSpec`) first, the best

@@ -48,7 +48,7 @@ class TuningRow:
 SCORE_KEYS = ("ppl_fp", "ppl_q", "ppl_increase", "text_tokens", "text_top1", "text_kl", "image_top1", "image_kl",
               "image_positions", "text_prompt_top1", "text_prompt_kl", "text_prompt_positions", "top1", "kl")
 RECIPE_KEYS = ("anti_outlier", "alpha", "act_method", "modules", "m2_search", "weight_method", "keep_float",
-               "rotation", "smooth_vo")
+               "rotation", "smooth_vo", "smooth_stat")
 
 
 def score_of(report: FidelityReport) -> dict[str, Any]:

@@ -77,25 +77,43 @@ CALIBRATIONS: tuple[CalibrationSpec, ...] = (
                      anti_outlier="m2", act_method=2, weight_method="gptq"),
 )
 #: In the order they are scored (the likely best first, so that a tight time budget cuts the others); a GPTQ
-#: candidate after its round-to-nearest twin (step 3). Adding a recipe is one line. ``--smooth_vo`` is not in
-#: the table: on the demo model it made every recipe worse (docs/BENCHMARKS.md, "Fidelity").
+#: candidate after its round-to-nearest twin (step 3). Adding a recipe is one line. The ``range`` rows smooth with
+#: ``--smooth_stat range`` (per-channel max − min, llm-compressor's statistic) from the same min-max cache: with
+#: photos-only calibration (~97 % image rows) it was the better statistic on text (issue 27, docs/BENCHMARKS.md).
+#: ``--smooth_vo`` is not in the table: on the demo model it made every recipe worse (docs/BENCHMARKS.md, "Fidelity").
 CANDIDATES: tuple[CandidateSpec, ...] = (
     candidate_spec("m1 α=auto, rtn", "minmax", anti_outlier="m1", alpha="auto", weight_method="rtn"),
     candidate_spec("m1 α=0.8, rtn", "minmax", anti_outlier="m1", alpha=0.8, weight_method="rtn"),
     candidate_spec("m1 α=0.5, rtn", "minmax", anti_outlier="m1", alpha=0.5, weight_method="rtn"),
+    candidate_spec("m1 α=0.8 range, rtn", "minmax", anti_outlier="m1", alpha=0.8, smooth_stat="range",
+                   weight_method="rtn"),
+    candidate_spec("m1 α=0.5 range, rtn", "minmax", anti_outlier="m1", alpha=0.5, smooth_stat="range",
+                   weight_method="rtn"),
+    candidate_spec("m1 α=auto range, rtn", "minmax", anti_outlier="m1", alpha="auto", smooth_stat="range",
+                   weight_method="rtn"),
     candidate_spec("none, rtn", "minmax", anti_outlier="none", weight_method="rtn"),
     candidate_spec("m1 α=auto, gptq", "minmax", anti_outlier="m1", alpha="auto", weight_method="gptq"),
     candidate_spec("m1 α=0.8, gptq", "minmax", anti_outlier="m1", alpha=0.8, weight_method="gptq"),
     candidate_spec("m1 α=0.5, gptq", "minmax", anti_outlier="m1", alpha=0.5, weight_method="gptq"),
+    candidate_spec("m1 α=0.8 range, gptq", "minmax", anti_outlier="m1", alpha=0.8, smooth_stat="range",
+                   weight_method="gptq"),
+    candidate_spec("m1 α=0.5 range, gptq", "minmax", anti_outlier="m1", alpha=0.5, smooth_stat="range",
+                   weight_method="gptq"),
+    candidate_spec("m1 α=auto range, gptq", "minmax", anti_outlier="m1", alpha="auto", smooth_stat="range",
+                   weight_method="gptq"),
     candidate_spec("none, gptq", "minmax", anti_outlier="none", weight_method="gptq"),
     candidate_spec("m2, rtn (msModelSlim's recipe)", "m2", weight_method="rtn"),
     candidate_spec("m2, gptq", "m2", weight_method="gptq"),
     candidate_spec("hadamard, rtn", "hadamard", ("rotation",), weight_method="rtn"),
     candidate_spec("hadamard + m1 α=0.5, rtn", "hadamard", ("rotation",), anti_outlier="m1", alpha=0.5,
                    weight_method="rtn"),
+    candidate_spec("hadamard + m1 α=0.5 range, rtn", "hadamard", ("rotation", "smooth_stat"), anti_outlier="m1",
+                   alpha=0.5, smooth_stat="range", weight_method="rtn"),
     candidate_spec("hadamard, gptq", "hadamard", ("rotation",), weight_method="gptq"),
     candidate_spec("hadamard + m1 α=0.5, gptq", "hadamard", ("rotation",), anti_outlier="m1", alpha=0.5,
                    weight_method="gptq"),
+    candidate_spec("hadamard + m1 α=0.5 range, gptq", "hadamard", ("rotation", "smooth_stat"), anti_outlier="m1",
+                   alpha=0.5, smooth_stat="range", weight_method="gptq"),
 )
 
 

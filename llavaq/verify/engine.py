@@ -102,7 +102,7 @@ def text_scores(result: dict, float_logits: list[torch.Tensor], windows: list[to
 @torch.no_grad()
 def verify_vllm(model_path: str | Path, quantized_dir: str | Path, *, text: str | Path | None = None,
                 vllm_python: str | Path | None = None, ppl_window: int = 256, max_text_tokens: int = 4096,
-                float_model=None):
+                ) -> FidelityReport:
     """``verify``'s held-out text numbers with the quantized side run by vLLM (see the module docstring)."""
     t0 = time.perf_counter()
     py = find_vllm_python(vllm_python)
@@ -122,7 +122,6 @@ def verify_vllm(model_path: str | Path, quantized_dir: str | Path, *, text: str 
                "max_model_len": max(w.numel() for w in windows) + 1,
                "windows": str(save_windows(windows, Path(tmp) / "windows.safetensors"))}
         result = run_vllm_jobs([job], tmp, python=py)[0]
-    del float_model  # accepted, not used: the float model is streamed one stage at a time
     lfs = float_window_logits(open_model(model_path), windows, Path(tmp_root()))
     nll_f = sum(float(F.cross_entropy(lf, w[1:], reduction="sum")) for lf, w in zip(lfs, windows, strict=True))
     s = text_scores(result, lfs, windows)

@@ -56,7 +56,6 @@ def verify(
     max_text_tokens: int = 4096,
     worst: int = 10,
     float_reference: MutableMapping | None = None,
-    float_model: Any = None,
     layer_errors: bool = True,
     force: bool = False,
     stream_budget: int | None = None,
@@ -70,13 +69,12 @@ def verify(
     comparing recipes; a :class:`~llavaq.verify.reference.FloatReference` keeps it in a session cache): the float
     model's answers and logits are computed once, and a later call streams the quantized model alone.
     ``layer_errors=False`` skips the per-Linear error hooks (same model-level numbers, less time); ``force``
-    compares even an output made from another model. ``float_model`` is accepted and not used (the float model is
-    streamed from ``model_path``, one stage at a time). ``stream_budget``: bytes of hidden states kept in memory
-    (default: a quarter of the available memory; beyond it they are read back from disk). ``cache_dir`` (without
+    compares even an output made from another model. The float model is streamed from ``model_path``, one stage
+    at a time. ``stream_budget``: bytes of hidden states kept in memory (default: a quarter of the available
+    memory; beyond it they are read back from disk). ``cache_dir`` (without
     ``float_reference``): keep the float side in that session cache directory (:mod:`llavaq.verify.reference`),
     so the next call on this model streams the quantized model alone.
     """
-    del float_model
     t0 = time.perf_counter()
     arch = open_model(model_path)
     q = read_quantized_output(quantized_dir)

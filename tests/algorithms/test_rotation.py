@@ -236,17 +236,17 @@ def test_verify_emulates_a_rotated_output(rotated, tiny_model_tied, small_eval):
     from llavaq.verify import build_quantized_model, load_float_model, read_quantized_output, verify
 
     _, res = rotated
-    fp = load_float_model(tiny_model_tied)
     q = read_quantized_output(res.save_directory)
+    fp = load_float_model(tiny_model_tied)
     qm = build_quantized_model(fp, q, mode="weight_only")
     lm = qm.language_model
     assert lm.lm_head.weight.data_ptr() != lm.model.embed_tokens.weight.data_ptr()  # untied where they differ
     assert torch.equal(lm.lm_head.weight, q.float_tensors[HEAD].float())
     assert fp.language_model.lm_head.weight.data_ptr() == fp.language_model.model.embed_tokens.weight.data_ptr()
-    static = verify(tiny_model_tied, res.save_directory, float_model=fp, **small_eval)
+    static = verify(tiny_model_tied, res.save_directory, **small_eval)
     assert static.top1 > 0.6 and static.ppl_increase < 10
     # the per-Linear reference is the rotated float Linear: with float activations only the int8 weights differ
-    wo = verify(tiny_model_tied, res.save_directory, mode="weight_only", float_model=fp, worst=100, **small_eval)
+    wo = verify(tiny_model_tied, res.save_directory, mode="weight_only", worst=100, **small_eval)
     assert wo.top1 > 0.9
     lm_layers = [e for e in wo.worst_layers if e.name.startswith("language_model.")]
     assert len(lm_layers) == 12 and max(e.rel_mse for e in lm_layers) < 1e-3

@@ -476,3 +476,44 @@ def test_weight_only_auto_scores_the_weight_only_table_groups_that_fit(tiny_mode
     rec = json.loads((tmp_path / "out" / "llavaq_record.json").read_text())
     assert (rec["recipe"]["w_bit"], rec["recipe"]["a_bit"], rec["recipe"]["group_size"]) == (4, 16, 0)
     assert res.met and rec["weight_only"]["quant_type"] == "W4A16"
+
+
+# ------------------------------------------------------------------------------------------- range statistic
+def test_candidate_table_has_range_rows_with_gptq_twins():
+    """Issue 27: ``--smooth_stat range`` candidates on the derived calibrations, each with its GPTQ twin."""
+    rng = [c for c in CANDIDATES if dict(c.fields).get("smooth_stat") == "range"]
+    assert {c.calibration for c in rng} == {"minmax", "hadamard"}
+    for c in rng:
+        assert dict(c.fields)["anti_outlier"] == "m1" and "range" in c.name
+        if dict(c.fields)["weight_method"] == "gptq":
+            t = tuning.twin(c, list(CANDIDATES))
+            assert t is not None and dict(next(d for d in CANDIDATES if d.name == t).fields)["smooth_stat"] == "range"
+    alphas = {dict(c.fields)["alpha"] for c in rng if c.calibration == "minmax"}
+    assert alphas == {0.8, 0.5, "auto"}
+    assert all(tuning.available(c.fields, c.requires, QuantRecipe()) for c in rng if c.calibration == "minmax")
+
+
+def test_range_rows_are_scored_from_the_base_cache_and_chosen_by_the_target_rule(tiny_model, calib_dir, eval_set,
+                                                                                tuning_cache, tmp_path):
+    pair = tuple(c for c in CANDIDATES if c.name in ("m1 α=0.8, rtn", "m1 α=0.8 range, rtn"))
+    assert len(pair) == 2
+    args = dict(**_eval_args(eval_set), text_prompts=(), cache_dir=tuning_cache, calibrations=BASE,
+                candidates=pair, screen=None)
+    res = api.tune(tiny_model, calib_dir, tmp_path / "out", **args, max_ppl_increase=1e9, min_top1=0.0)
+    assert [c.name for c in res.calibrations] == ["minmax"]  # one cache (photos only) serves both statistics
+    rows = {r.candidate: r for r in res.rows if r.scored}
+    assert set(rows) == {c.name for c in pair}
+    absmax, rng = rows["m1 α=0.8, rtn"], rows["m1 α=0.8 range, rtn"]
+    assert (absmax.recipe.get("smooth_stat"), rng.recipe["smooth_stat"]) == ("absmax", "range")
+    assert absmax.score["kl"] != rng.score["kl"]  # a different smoothing, so different integers
+    assert res.chosen.candidate == min((absmax, rng), key=lambda r: r.kl).candidate
+    # the shared pass/fail rule: a perplexity limit between the two passes exactly one of them
+    lo, hi = sorted((absmax, rng), key=lambda r: r.score["ppl_increase"])
+    assert lo.score["ppl_increase"] < hi.score["ppl_increase"]
+    limit = (lo.score["ppl_increase"] + hi.score["ppl_increase"]) / 2
+    res = api.tune(tiny_model, calib_dir, tmp_path / "out2", **args, max_ppl_increase=limit, min_top1=0.0)
+    assert res.met and res.chosen.candidate == lo.candidate
+    for r in (r for r in res.rows if r.scored):
+        assert r.status == "resumed" and r.meets == (not tuning.target_gaps(r.score, limit, 0.0))
+    rec = json.loads((tmp_path / "out2" / "llavaq_record.json").read_text())
+    assert rec["recipe"].get("smooth_stat", "absmax") == lo.recipe["smooth_stat"]

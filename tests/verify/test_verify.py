@@ -157,15 +157,14 @@ def test_verify_report_numbers(quantized, tiny_model, eval_set, calib_dir):
 
 
 def test_shared_float_reference_gives_the_same_report(quantized, tiny_model, eval_set, calib_dir):
-    from llavaq.verify import load_float_model
 
     _cal, res = quantized
     kw = dict(images=calib_dir, prompts=eval_set / "prompts.json", text=eval_set / "heldout.txt", answer_tokens=4)
     fresh = verify(tiny_model, res.save_directory, **kw)
-    fp, ref = load_float_model(tiny_model), {}
-    first = verify(tiny_model, res.save_directory, float_model=fp, float_reference=ref, **kw)
+    ref: dict = {}
+    first = verify(tiny_model, res.save_directory, float_reference=ref, **kw)
     n_keys = len(ref)
-    second = verify(tiny_model, res.save_directory, float_model=fp, float_reference=ref, **kw)
+    second = verify(tiny_model, res.save_directory, float_reference=ref, **kw)
     assert n_keys >= 4 and len(ref) == n_keys  # 3 prompts + text windows, computed once
     for r in (first, second):
         assert (r.ppl_fp, r.ppl_q, r.top1, r.kl, r.cosine) == (fresh.ppl_fp, fresh.ppl_q, fresh.top1, fresh.kl,

@@ -183,8 +183,11 @@ def served(calib_dir, request, tmp_path_factory):
 
 
 DEMO_XFAIL = pytest.mark.xfail(reason="measured 2026-12-08 (anti_outlier=none export, 4 windows of 128 tokens): "
-                               "perplexity vLLM 25.6670 vs emulation 25.5683 (+0.386 %) but the same top-1 at only "
-                               "0.877 of positions: not yet explained", strict=False)
+                               "perplexity vLLM 25.6670 vs emulation 25.5683 (+0.386 %), the same top-1 at 0.877 of "
+                               "positions. Not the float path (the float demo model: vLLM float32 vs transformers "
+                               "4.37.2 -0.001 %) nor the file's float tensors (a float32-storage export reads the "
+                               "same): vLLM CPU's int8 path (oneDNN) on this real LM; not localised yet",
+                               strict=False)
 
 
 @pytest.mark.parametrize("name", [e[0] for e in EXPORTS] + [pytest.param("demo/default", marks=DEMO_XFAIL)])
@@ -207,8 +210,10 @@ def test_export_serves_in_vllm_as_verify_emulates(served, name):
 
 
 @pytest.mark.xfail(reason="measured 2026-12-08 (anti_outlier=none export): 1 of 3 image prompts the same, one "
-                          "differs from the first token; suspected: vLLM preprocesses the photo with transformers "
-                          "5.19's processor, verify with 4.37.2's (not yet checked)", strict=False)
+                          "differs from the first token. vLLM's transformers 5.19 CLIPImageProcessor (torchvision "
+                          "backend) gives pixel values one level off 4.37.2's at a few pixels (max 0.015, mean <= "
+                          "6e-5; its PIL backend: identical), the image token count is the same (576); the text "
+                          "gap of the demo test above (vLLM's int8 path) applies to the answers too", strict=False)
 def test_demo_greedy_image_answers_are_the_same(served):
     cases, results, prompts = served
     if "demo/default" not in cases:

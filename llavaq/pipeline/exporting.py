@@ -93,12 +93,17 @@ def export_recipe(cache: SessionCache, recipe: QuantRecipe | None) -> tuple[Quan
 
 
 def _record(arch: LlavaArch, cache: SessionCache, recipe: QuantRecipe, errors: dict[str, float],
-            extra_record: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, dict[str, float]] | None]:
-    """The keys the export adds to the record, and the GPTQ report it fills (None: round-to-nearest weights)."""
+            extra_record: dict[str, Any] | None, asked: tuple[str, ...] = ()
+            ) -> tuple[dict[str, Any], dict[str, dict[str, float]] | None]:
+    """The keys the export adds to the record (``keep_float_fused``: the Linears kept float only with a fused
+    sibling, ``asked`` being the explicit --float_linears), and the GPTQ report it fills (None: round-to-nearest)."""
     extra_record = {"cache": str(cache.path), "model_fingerprint": {**arch.ckpt.fingerprint(), "weights_sha256": str(
         cache.manifest.get("weights_sha256"))}, **(extra_record or {})}
     if recipe.rotation != "none":
         extra_record["rotation"] = arch.ckpt.describe()
+    fused = fused_siblings(arch, recipe, errors, asked)
+    if fused:
+        extra_record["keep_float_fused"] = fused
     if errors:
         extra_record["linear_errors"] = {n: errors[n] for n in recipe.float_linears if n in errors}
     gptq_report: dict[str, dict[str, float]] | None = None
@@ -145,13 +150,9 @@ def export(
     float_dtype = float_dtype_for(recipe.float_dtype, fmt, ckpt.torch_dtype, device_type)
     scale_dtype = scale_dtype_for(recipe.float_dtype, ckpt.torch_dtype, device_type)
     arch = model_for_recipe(arch, recipe)
-    recipe.check_quantizes(len(arch.quantized_linears(recipe.modules, recipe.float_linears)))
-    asked = recipe.float_linears
-    recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=scale_dtype)
-    extra_record, gptq_report = _record(arch, cache, recipe, errors, extra_record)
-    fused = fused_siblings(arch, recipe, errors, asked)
-    if fused:
-        extra_record["keep_float_fused"] = fused
+    resolved, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=scale_dtype)
+    extra_record, gptq_report = _record(arch, cache, resolved, errors, extra_record, recipe.float_linears)
+    recipe = resolved
     ctx = ExportContext(arch, recipe, Path(model_path), int(part_file_size * GB) if part_file_size else None,
                         device_type=device_type, derived=derived, float_dtype=float_dtype, scale_dtype=scale_dtype,
                         extra_record=extra_record, planned_stream="quantized",
@@ -171,4 +172,5 @@ def export(
     nq = len(arch.quantized_linears(recipe.modules, recipe.float_linears))
     return ExportResult(out, format, files, info.get("tensors", 0), size, nq, len(arch.linear_names) - nq,
                         derived, time.perf_counter() - t0, info,
-                        {n: errors.get(n) for n in recipe.float_linears}, gptq_report or {}, fused)
+                        {n: errors.get(n) for n in recipe.float_linears}, gptq_report or {}, extra_record.get(
+                            "keep_float_fused", []))

@@ -173,7 +173,6 @@ def export(
     float_dtype = float_dtype_for(recipe.float_dtype, fmt, ckpt.torch_dtype, device_type)
     scale_dtype = scale_dtype_for(recipe.float_dtype, ckpt.torch_dtype, device_type)
     arch = model_for_recipe(arch, recipe)
-    recipe.check_quantizes(len(arch.quantized_linears(recipe.modules, recipe.float_linears)))
     check_weight_only_shapes(arch, recipe)
     asked = recipe.float_linears
     recipe, errors = resolve_float_linears(arch, cache, recipe, derive=derived, scale_dtype=scale_dtype)

@@ -83,6 +83,7 @@ def resolve_float_linears(
     the measured errors too (empty when ``keep_float`` is 0).
     """
     check_float_linears(arch, recipe.float_linears)
+    recipe.check_quantizes(len(arch.quantized_linears(recipe.modules, recipe.float_linears)))
     errors = linear_errors(arch, cache, recipe, derive=derive, scale_dtype=scale_dtype) if recipe.keep_float else {}
     if recipe.keep_float and not errors:
         raise CacheError("--keep_float needs the cached activation rows, and this cache has none "

@@ -23,16 +23,16 @@ __all__ = ["holds_exactly", "iter_float_tensors", "iter_quantized_tensors", "qua
 
 
 #: elements compared at a time by :func:`holds_exactly` (a 2.5 GB embedding table needs no float32 twin)
-_CHUNK = 1 << 22
+COMPARE_CHUNK = 1 << 22
 
 
-def holds_exactly(t: torch.Tensor, dtype: torch.dtype) -> bool:
+def holds_exactly(t: torch.Tensor, dtype: torch.dtype, chunk: int = COMPARE_CHUNK) -> bool:
     """Whether every value of ``t`` survives a cast to ``dtype`` unchanged (compared a chunk at a time)."""
     if t.dtype == dtype:
         return True
     flat = t.reshape(-1)
-    return all(torch.equal(flat[i:i + _CHUNK].to(dtype).to(t.dtype), flat[i:i + _CHUNK])
-               for i in range(0, flat.numel(), _CHUNK))
+    return all(torch.equal(flat[i:i + chunk].to(dtype).to(t.dtype), flat[i:i + chunk])
+               for i in range(0, flat.numel(), chunk))
 
 
 def storage_dtype(t: torch.Tensor, dtype: torch.dtype, exact: bool) -> torch.dtype:

@@ -236,7 +236,10 @@ def test_keep_float_everything_refused_by_export(model, full_cache, tmp_path, ca
               "--keep_float", "26")
     one_error(res, "--keep_float 26 keeps every one of the 26 quantizable Linears")
     res = cli(capsys, "export", "--model_path", model, "--cache", full_cache, "--save_directory", tmp_path / "o",
-              "--keep_float", "25")
+              "--keep_float", "25")  # the 26th is fused with one of the 25 (q/k/v or gate/up): kept float too
+    one_error(res, "keep every quantizable Linear in float once each is kept with its fused group")
+    res = cli(capsys, "export", "--model_path", model, "--cache", full_cache, "--save_directory", tmp_path / "o",
+              "--keep_float", "10")
     assert res.code == 0, res.err
 
 

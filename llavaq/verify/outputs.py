@@ -20,53 +20,53 @@ from llavaq.quant.emulate import QuantLinearParams
 QUANT_SUFFIXES = ("weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
 
 
-class FloatTensors(Mapping):
+class _LazyByName(Mapping):
+    """A read-only mapping over the names of one output's tensors or Linears, each read when asked for."""
+
+    def __init__(self, view: QuantizedModelView, names: list[str]) -> None:
+        self._view = view
+        self._order = names
+        self._names = set(names)
+
+    def _read(self, name: str) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class FloatTensors(_LazyByName):
     """The output's float tensors by name, read from the files when asked for (not cached)."""
 
     def __init__(self, view: QuantizedModelView) -> None:
-        self._view = view
-        self._names = set(view.float_names)
-        self._order = list(view.float_names)
+        super().__init__(view, list(view.float_names))
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
+    def _read(self, name: str) -> torch.Tensor:
         return self._view.tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._view.files.shape(name))
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._order)
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-
-class QuantLinears(Mapping):
+class QuantLinears(_LazyByName):
     """The output's quantized Linears by name, as :class:`QuantLinearParams` read when asked for."""
 
     def __init__(self, view: QuantizedModelView) -> None:
-        self._view = view
-        self._order = list(view.quantized)
-        self._names = set(self._order)
+        super().__init__(view, list(view.quantized))
 
-    def __getitem__(self, name: str) -> QuantLinearParams:
-        if name not in self._names:
-            raise KeyError(name)
+    def _read(self, name: str) -> QuantLinearParams:
         return linear_params(self._view, name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._order)
-
-    def __len__(self) -> int:
-        return len(self._order)
 
 
 def linear_params(view: QuantizedModelView, name: str) -> QuantLinearParams:
